@@ -1,0 +1,47 @@
+# The two commands the README gives: `make train` and `make test`.
+# Everything else here is plumbing that keeps them working on a fresh machine with only Python + pip.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# Which torch to install, in one overridable place. Without an NVIDIA GPU we pin the CPU build
+# (on this project's machines torch==2.13.0 is a local CPU wheel); with one, any torch >= 2.4.
+# Override: `make train TORCH_SPEC='torch==2.11.0' TORCH_INDEX='--index-url <your index>'`.
+TORCH_SPEC  ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch>=2.4,torch==2.13.0)
+TORCH_INDEX ?=
+CONFIG ?= configs/tiny.yaml
+ARGS   ?=
+
+.PHONY: train test lint format clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+# Stamp files: reinstall only when pyproject.toml changes.
+$(VENV)/.installed: pyproject.toml | $(PY)
+	$(PY) -m pip install -q $(TORCH_INDEX) "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(PY)
+	$(PY) -m pip install -q $(TORCH_INDEX) "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@ $(VENV)/.installed
+
+train: $(VENV)/.installed
+	$(VENV)/bin/leanlm train $(CONFIG) $(ARGS)
+
+test: $(VENV)/.installed-dev
+	$(PY) -m pytest -q $(ARGS)
+
+lint: $(VENV)/.installed-dev
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+
+format: $(VENV)/.installed-dev
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

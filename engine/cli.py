@@ -1,0 +1,157 @@
+"""``leanlm`` command line: train, eval, generate, keys.
+
+User mistakes (``LeanLMError``) print one line and exit 2; internal bugs keep their traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+USAGE_EXAMPLES = """examples:
+  leanlm train configs/tiny.yaml
+  leanlm train configs/llama_60m.yaml data.source=hf:allenai/c4:en data.tokenizer=t5.model train.steps=10000
+  leanlm train configs/tiny.yaml train.out_dir=runs/tiny train.resume=auto
+  leanlm eval runs/tiny/checkpoints/step-00000300
+  leanlm generate runs/tiny/checkpoints/step-00000300 --prompt "def main("
+  leanlm keys
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="leanlm", description="Memory-efficient LLaMA pretraining.",
+                                epilog=USAGE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a model from a YAML preset plus key=value overrides")
+    t.add_argument("config", help="YAML preset, e.g. configs/tiny.yaml")
+    t.add_argument("overrides", nargs="*", help="dotted overrides such as optim.lr=3e-4 train.steps=2000")
+    e = sub.add_parser("eval", help="held-out loss and perplexity of a checkpoint")
+    e.add_argument("checkpoint", help="a checkpoint folder (…/checkpoints/step-XXXXXXXX) or a run folder (newest)")
+    e.add_argument("overrides", nargs="*", help="data.* / eval.* overrides, e.g. data.source=PATH eval.tokens=100000")
+    g = sub.add_parser("generate", help="sample text from a checkpoint")
+    g.add_argument("checkpoint", help="a checkpoint folder or a run folder (newest checkpoint)")
+    g.add_argument("--prompt", default="", help="text to continue")
+    g.add_argument("--max-new-tokens", type=int, default=200)
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=50)
+    g.add_argument("--seed", type=int, default=0)
+    sub.add_parser("keys", help="list every config key with its default and meaning")
+    return p
+
+
+def _checkpoint_path(spec: str) -> Path:
+    from leanlm.engine import checkpoint as ckpt
+    from leanlm.engine.errors import CheckpointError
+
+    path = Path(spec)
+    if (path / "manifest.json").is_file():
+        ckpt.verify(path)
+        return path
+    found = ckpt.resolve_resume(path, "auto") if path.is_dir() else None
+    if found is None:
+        raise CheckpointError(f"{spec!r} is neither a checkpoint folder nor a run folder with a valid checkpoint")
+    return found
+
+
+def _load(spec: str, overrides: list[str]):
+    """(config, model, tokenizer, checkpoint path, device) from a checkpoint, with config overrides.
+
+    The config's ``data.tokenizer`` is pointed at the checkpoint's own tokenizer, so data is always
+    tokenized the way the model was trained.
+    """
+    from leanlm.engine import checkpoint as ckpt
+    from leanlm.engine.config import build_config, merge, parse_overrides, read_yaml
+    from leanlm.engine.errors import ConfigError
+    from leanlm.engine.tokenizer import Tokenizer
+    from leanlm.engine.trainer import build_model, pick_device
+
+    path = _checkpoint_path(spec)
+    over = parse_overrides(overrides)
+    if set(over) - {"data", "eval", "train"} or set(over.get("train", {})) - {"device", "threads"}:
+        raise ConfigError("only data.*, eval.*, train.device and train.threads can be overridden here")
+    cfg = build_config(merge(read_yaml(path / "config.yaml"), over))
+    cfg.data.tokenizer = str(path / "tokenizer.model")
+    device = pick_device(cfg.train.device)
+    tok = Tokenizer.load(path / "tokenizer.model")
+    model = build_model(cfg, tok.vocab_size, device)
+    ckpt.load_model_state(model, ckpt.load_file(path, "model", device), str(path))
+    return cfg, model, tok, path, device
+
+
+def cmd_train(args) -> int:
+    from leanlm.engine.config import load_config
+    from leanlm.engine.trainer import train
+
+    cfg = load_config(args.config, args.overrides)
+    res = train(cfg)
+    from leanlm.engine import distributed as dist
+
+    if dist.is_main():
+        if res.interrupted:
+            print(f"leanlm: interrupted at step {res.step}; checkpoint {res.checkpoint}; continue with train.resume=auto")
+            return 0
+        if res.final is not None:
+            print(f"leanlm: done: {res.step} steps, {res.tokens_seen:,} tokens in {res.wall_s:.0f}s ({res.tokens_per_s:,.0f} tokens/s)")
+            print(f"leanlm: held-out loss {res.final.loss:.4f}, perplexity {res.final.ppl:.2f} "
+                  f"(unigram baseline of the same tokenizer: {res.unigram_ppl:.2f}) on {res.final.tokens:,} tokens")
+        print(f"leanlm: logs {res.run_dir}/metrics.jsonl and {res.run_dir}/tb (tensorboard --logdir {res.run_dir}/tb); checkpoint {res.checkpoint}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import math
+
+    from leanlm.engine.data import build_corpus
+    from leanlm.engine.evaluate import evaluate, unigram_loss
+    from leanlm.engine.trainer import autocast_for
+
+    cfg, model, _, path, device = _load(args.checkpoint, args.overrides)
+    if cfg.train.threads:
+        import torch
+
+        torch.set_num_threads(cfg.train.threads)
+    corpus = build_corpus(cfg, path)
+    res = evaluate(model, corpus.val_tokens, cfg.train.seq_len, cfg.eval.batch_size, device, autocast_for(cfg.train.precision, device))
+    uni = math.exp(unigram_loss(corpus.train_counts, corpus.val_tokens, cfg.train.seq_len))
+    print(f"{path}: held-out loss {res.loss:.4f}, perplexity {res.ppl:.2f} on {res.tokens:,} tokens "
+          f"(unigram baseline perplexity {uni:.2f}; data {cfg.data.source})")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from leanlm.engine.generate import sample
+
+    _, model, tok, _, _ = _load(args.checkpoint, [])
+    print(sample(model, tok, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed))
+    return 0
+
+
+def cmd_keys(args) -> int:
+    from leanlm.engine.config import describe_keys
+
+    rows = describe_keys()
+    width = max(len(k) for k, _, _ in rows)
+    for key, default, help_ in rows:
+        print(f"{key:<{width}}  {default:<14}  {help_}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from leanlm.engine.errors import LeanLMError
+
+    warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
+    try:
+        return {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "keys": cmd_keys}[args.command](args)
+    except LeanLMError as e:
+        print(f"leanlm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("leanlm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

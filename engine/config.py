@@ -1,0 +1,405 @@
+"""Typed run configuration: one small dataclass per component, validated once.
+
+A run's config comes from a YAML preset (``configs/*.yaml``, which may ``extends:`` another
+preset) plus dotted command-line overrides (``optim.lr=3e-4 train.steps=2000``). ``load_config``
+merges them, coerces every value to its field's type and validates the whole thing, raising one
+``ConfigError`` that lists every problem (unknown keys get a "did you mean" suggestion).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from leanlm.engine.errors import ConfigError
+
+
+def _f(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A dataclass field with a one-line help text (shown by ``leanlm keys``) and choices."""
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """LLaMA decoder shape. Named sizes live in ``configs/llama_*.yaml``."""
+
+    d_model: int = _f(256, "hidden size")
+    n_layers: int = _f(4, "number of transformer blocks")
+    n_heads: int = _f(4, "attention heads (head dim = d_model / n_heads)")
+    ffn_dim: int = _f(688, "SwiGLU hidden size")
+    vocab_size: int = _f(0, "vocabulary size; 0 = the tokenizer's (must be >= it when set)")
+    rope_theta: float = _f(10000.0, "rotary embedding base")
+    norm_eps: float = _f(1e-6, "RMSNorm epsilon")
+    init_std: float = _f(0.02, "std of the normal init of every weight matrix")
+    activation_checkpointing: bool = _f(False, "recompute each block in backward to save memory")
+
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Where text comes from and how it becomes packed token sequences."""
+
+    source: str = _f(
+        "stdlib",
+        "stdlib | a file or folder (.txt/.jsonl/.parquet) | hf:NAME[:CONFIG] (HF datasets, streamed)",
+    )
+    text_field: str = _f("text", "field holding the text in .jsonl/.parquet/HF records")
+    hf_split: str = _f("train", "HF split used for training")
+    hf_val_split: str = _f(
+        "validation", "HF split used for held-out eval; empty = hold out by document hash"
+    )
+    hf_data_files: list = _f([], "data_files for HF builders such as hf:json or hf:parquet")
+    val_fraction: float = _f(0.02, "fraction of documents (by stable hash) held out for eval")
+    tokenizer: str = _f("", "sentencepiece .model to load; empty = train one on the train split")
+    vocab_size: int = _f(4096, "vocabulary size when training a tokenizer")
+    tokenizer_sample_mb: float = _f(8.0, "MB of training text used to train the tokenizer")
+    cache_dir: str = _f("", "token/tokenizer cache; empty = $LEANLM_CACHE or ~/.cache/leanlm")
+    shuffle: bool = _f(True, "shuffle sequence order each epoch (file sources)")
+    hf_shuffle_buffer: int = _f(10000, "shuffle buffer for streamed HF datasets; 0 = off")
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """Optimizer and learning-rate schedule."""
+
+    name: str = _f("adamw", "optimizer", choices=("adamw",))
+    lr: float = _f(1e-3, "peak learning rate")
+    betas: list = _f([0.9, 0.95], "Adam betas [beta1, beta2]")
+    eps: float = _f(1e-8, "Adam epsilon")
+    weight_decay: float = _f(0.1, "decoupled weight decay (not applied to norms or 1-D tensors)")
+    schedule: str = _f("cosine", "lr schedule after warmup", choices=("cosine", "linear", "constant"))
+    warmup_steps: int = _f(100, "linear warmup steps")
+    min_lr_ratio: float = _f(0.1, "final lr as a fraction of the peak (cosine/linear)")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """The loop: how long, how big, where outputs go."""
+
+    steps: int = _f(1000, "optimizer steps")
+    batch_size: int = _f(32, "global batch in sequences per optimizer step (all ranks, all micro-batches)")
+    micro_batch_size: int = _f(0, "sequences per forward per rank; 0 = batch_size / world size")
+    seq_len: int = _f(256, "tokens per sequence")
+    grad_clip: float = _f(1.0, "max global gradient norm; 0 = no clipping")
+    seed: int = _f(0, "seed for init, data order and every subspace choice")
+    out_dir: str = _f("runs/default", "run folder: logs, checkpoints, config, tokenizer")
+    resume: str = _f("none", "none | auto (newest valid checkpoint in out_dir) | a checkpoint path")
+    device: str = _f("auto", "auto | cpu | cuda | cuda:N")
+    precision: str = _f("auto", "auto (bf16 autocast on CUDA) | fp32 | bf16", choices=("auto", "fp32", "bf16"))
+    threads: int = _f(0, "torch CPU threads; 0 = torch's default")
+    compile: bool = _f(False, "torch.compile the model")
+
+    def grad_accum_steps(self, world_size: int) -> int:
+        """Micro-batches per optimizer step on each rank."""
+        return self.batch_size // (self.micro_batch(world_size) * world_size)
+
+    def micro_batch(self, world_size: int) -> int:
+        return self.micro_batch_size or self.batch_size // world_size
+
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    """Held-out evaluation on a fixed token set."""
+
+    every: int = _f(100, "evaluate every N steps (and at the end); 0 = only at the end")
+    tokens: int = _f(65536, "held-out tokens evaluated (a fixed set, the same every time)")
+    batch_size: int = _f(8, "sequences per eval forward")
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    """When checkpoints are written and how many are kept."""
+
+    every: int = _f(0, "save every N steps (and at the end); 0 = only at the end")
+    keep: int = _f(3, "keep the newest K checkpoints; 0 = keep all")
+
+
+@dataclass(kw_only=True)
+class LogConfig:
+    """Metrics outputs."""
+
+    every: int = _f(10, "log train scalars every N steps")
+    tensorboard: bool = _f(True, "write TensorBoard event files to <out_dir>/tb")
+    progress: bool = _f(True, "tqdm progress bar on the main rank")
+
+
+@dataclass(kw_only=True)
+class DistributedConfig:
+    """Multi-process training under torchrun."""
+
+    backend: str = _f("auto", "auto (none for 1 process, ddp otherwise) | none | ddp", choices=("auto", "none", "ddp"))
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """The whole run: one section per component."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+
+_SECTION_TYPES = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+    "checkpoint": CheckpointConfig,
+    "log": LogConfig,
+    "distributed": DistributedConfig,
+}
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _suggest(name: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a preset, resolving ``extends: other.yaml`` (relative to the file) recursively."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} not found; pass a path such as configs/tiny.yaml")
+    if path.resolve() in _seen:
+        raise ConfigError(f"config {str(path)!r} extends itself through {[str(p) for p in _seen]}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {str(path)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {str(path)!r} must be a mapping of sections, got {type(raw).__name__}")
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    base = read_yaml(path.parent / parent, (*_seen, path.resolve()))
+    return merge(base, raw)
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge ``over`` into a copy of ``base`` (sections merge key by key)."""
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["optim.lr=3e-4", "train.steps=10"]`` -> nested dict of raw strings."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.steps=100)")
+        section, _, name = key.strip().partition(".")
+        out.setdefault(section, {})[name] = value
+    return out
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Coerce a YAML or command-line value to the field type; raise ValueError with a reason."""
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "yes", "1", "on"):
+            return True
+        if isinstance(value, str) and value.strip().lower() in ("false", "no", "0", "off"):
+            return False
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ValueError(f"{key}={value!r}: expected true or false")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ValueError(f"{key}={value!r}: expected an integer")
+        try:
+            f = float(value)
+            if not f.is_integer():
+                raise ValueError
+            return int(f)
+        except (TypeError, ValueError):
+            raise ValueError(f"{key}={value!r}: expected an integer") from None
+    if tp is float:
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{key}={value!r}: expected a number") from None
+        if not math.isfinite(f):
+            raise ValueError(f"{key}={value!r}: expected a finite number")
+        return f
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ValueError(f"{key}={value!r}: expected a string")
+        return "" if value is None else str(value)
+    if tp is list:
+        if isinstance(value, str):
+            s = value.strip()
+            if s.startswith("["):
+                value = yaml.safe_load(s)
+            else:
+                value = [v.strip() for v in s.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{key}={value!r}: expected a list (YAML list or comma-separated)")
+        return list(value)
+    raise TypeError(f"unsupported config field type {tp!r} for {key}")
+
+
+def _field_type(cls: type, name: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    tp = hints[name]
+    if isinstance(tp, types.GenericAlias):
+        tp = typing.get_origin(tp)
+    return tp
+
+
+def build_config(raw: dict[str, Any]) -> RunConfig:
+    """Turn a nested mapping into a validated ``RunConfig``; report every problem at once."""
+    problems: list[str] = []
+    sections: dict[str, Any] = {}
+    for sname, values in raw.items():
+        if sname not in _SECTION_TYPES:
+            problems.append(f"unknown section '{sname}'{_suggest(sname, list(_SECTION_TYPES))}")
+            continue
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            problems.append(f"section '{sname}' must be a mapping, got {values!r}")
+            continue
+        cls = _SECTION_TYPES[sname]
+        names = [f.name for f in dataclasses.fields(cls)]
+        kwargs = {}
+        for k, v in values.items():
+            if k not in names:
+                problems.append(f"unknown key '{sname}.{k}'{_suggest(k, names)}")
+                continue
+            try:
+                kwargs[k] = _coerce(v, _field_type(cls, k), f"{sname}.{k}")
+            except ValueError as e:
+                problems.append(str(e))
+        sections[sname] = kwargs
+    cfg = RunConfig(**{s: _SECTION_TYPES[s](**sections.get(s, {})) for s in _SECTION_TYPES})
+    problems += validate(cfg)
+    if problems:
+        raise ConfigError("invalid config: " + "; ".join(problems))
+    return cfg
+
+
+def validate(cfg: RunConfig) -> list[str]:
+    """Value and cross-field checks. Returns the list of problems (empty when valid)."""
+    p: list[str] = []
+    for sname, cls in _SECTION_TYPES.items():
+        section = getattr(cfg, sname)
+        for f in dataclasses.fields(cls):
+            choices = f.metadata.get("choices")
+            value = getattr(section, f.name)
+            if choices and value not in choices:
+                p.append(f"{sname}.{f.name}={value!r}: must be one of {', '.join(choices)}{_suggest(str(value), list(choices))}")
+
+    def positive(key: str, value: float, allow_zero: bool = False) -> None:
+        if value < 0 or (value == 0 and not allow_zero):
+            p.append(f"{key}={value}: must be {'>= 0' if allow_zero else '> 0'}")
+
+    m, t, o, d = cfg.model, cfg.train, cfg.optim, cfg.data
+    for key in ("d_model", "n_layers", "n_heads", "ffn_dim"):
+        positive(f"model.{key}", getattr(m, key))
+    positive("model.vocab_size", m.vocab_size, allow_zero=True)
+    if m.n_heads > 0 and m.d_model % m.n_heads:
+        p.append(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}")
+    elif m.n_heads > 0 and m.head_dim() % 2:
+        p.append(f"head dim {m.head_dim()} (model.d_model / model.n_heads) must be even for rotary embeddings")
+    for key in ("steps", "batch_size", "seq_len"):
+        positive(f"train.{key}", getattr(t, key))
+    positive("train.micro_batch_size", t.micro_batch_size, allow_zero=True)
+    positive("train.grad_clip", t.grad_clip, allow_zero=True)
+    if t.micro_batch_size and t.batch_size % t.micro_batch_size:
+        p.append(f"train.batch_size={t.batch_size} is not a multiple of train.micro_batch_size={t.micro_batch_size}")
+    if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
+        p.append(f"train.device={t.device!r}: must be auto, cpu, cuda or cuda:N")
+    if not t.out_dir:
+        p.append("train.out_dir is empty: name a run folder such as runs/my_run")
+    positive("optim.lr", o.lr)
+    positive("optim.eps", o.eps)
+    positive("optim.weight_decay", o.weight_decay, allow_zero=True)
+    positive("optim.warmup_steps", o.warmup_steps, allow_zero=True)
+    if len(o.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in o.betas):
+        p.append(f"optim.betas={o.betas!r}: must be two numbers in [0, 1)")
+    if not 0 <= o.min_lr_ratio <= 1:
+        p.append(f"optim.min_lr_ratio={o.min_lr_ratio}: must be in [0, 1]")
+    if not 0 <= d.val_fraction < 1:
+        p.append(f"data.val_fraction={d.val_fraction}: must be in [0, 1)")
+    if not d.tokenizer and d.vocab_size < 300:
+        p.append(f"data.vocab_size={d.vocab_size}: must be >= 300 (byte fallback needs 256 byte pieces)")
+    if m.vocab_size and not d.tokenizer and m.vocab_size < d.vocab_size:
+        p.append(f"model.vocab_size={m.vocab_size} is smaller than data.vocab_size={d.vocab_size}")
+    if d.tokenizer_sample_mb <= 0:
+        p.append(f"data.tokenizer_sample_mb={d.tokenizer_sample_mb}: must be > 0")
+    positive("eval.every", cfg.eval.every, allow_zero=True)
+    positive("eval.tokens", cfg.eval.tokens)
+    positive("eval.batch_size", cfg.eval.batch_size)
+    positive("checkpoint.every", cfg.checkpoint.every, allow_zero=True)
+    positive("checkpoint.keep", cfg.checkpoint.keep, allow_zero=True)
+    positive("log.every", cfg.log.every)
+    return p
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Preset file (optional) + dotted overrides -> validated ``RunConfig``."""
+    raw = read_yaml(path) if path else {}
+    return build_config(merge(raw, parse_overrides(overrides or [])))
+
+
+def check_world(cfg: RunConfig, world_size: int) -> None:
+    """Checks that need the world size (known only once the process group exists)."""
+    t = cfg.train
+    micro = t.micro_batch(world_size)
+    if micro == 0 or t.batch_size % (micro * world_size):
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} must be a multiple of micro_batch_size ({micro}) x "
+            f"world size ({world_size}); adjust train.batch_size or train.micro_batch_size"
+        )
+
+
+def save_yaml(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def describe_keys() -> list[tuple[str, str, str]]:
+    """(dotted key, default, help) for every config key, for ``leanlm keys`` and the README."""
+    rows = []
+    for sname, cls in _SECTION_TYPES.items():
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            help_ = f.metadata.get("help", "")
+            if f.metadata.get("choices"):
+                help_ += f" [{'|'.join(f.metadata['choices'])}]"
+            rows.append((f"{sname}.{f.name}", repr(default), help_))
+    return rows

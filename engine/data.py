@@ -1,0 +1,337 @@
+"""Text -> sentencepiece tokens -> packed fixed-length sequences, resumable and rank-disjoint.
+
+Documents are framed ``[bos] text [eos]`` and concatenated; sequences are windows of
+``seq_len + 1`` tokens (input = window[:-1], target = window[1:]), so no token is padding.
+
+* File sources (``stdlib``, local files): tokenized once into a memory-mapped ``uint16/uint32``
+  array in the cache. The training order is a seeded permutation of windows per epoch; the stream's
+  whole state is one integer, the number of sequences consumed globally, so resume continues with
+  the next unseen sequence on any world size. Step ``s``, micro-batch ``j``, rank ``r`` reads
+  global positions ``p0 + (j * world + r) * micro + [0, micro)``: ranks are disjoint.
+* HF sources stream: each rank reads its shard (``split_dataset_by_node``) through a token buffer;
+  the state is the dataset's own ``state_dict()`` plus the buffer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from leanlm.engine import distributed as dist
+from leanlm.engine.config import RunConfig
+from leanlm.engine.errors import DataError
+from leanlm.engine.sources import FileSource, hf_stream, is_validation, path_source, stdlib_source
+from leanlm.engine.tokenizer import Tokenizer, train_tokenizer
+
+ENCODE_BATCH_DOCS = 512
+
+
+def cache_root(cfg: RunConfig) -> Path:
+    root = cfg.data.cache_dir or os.environ.get("LEANLM_CACHE") or Path.home() / ".cache" / "leanlm"
+    return Path(root).expanduser()
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- training streams
+
+
+class TrainStream(Protocol):
+    """What the trainer needs from a data source: this rank's micro-batches for one step."""
+
+    def next_step(self) -> list[torch.Tensor]: ...  # each (micro, seq_len + 1) int64
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class PackedTokens:
+    """Shuffled fixed-length windows over a token array; state = global sequences consumed."""
+
+    def __init__(
+        self, tokens: np.ndarray, seq_len: int, batch_size: int, micro: int, rank: int, world: int,
+        seed: int, shuffle: bool = True,
+    ) -> None:
+        self.tokens, self.seq_len = tokens, seq_len
+        self.n = (len(tokens) - 1) // seq_len
+        if self.n < 1:
+            raise DataError(
+                f"training split has {len(tokens)} tokens, fewer than one sequence of "
+                f"train.seq_len+1={seq_len + 1}; lower train.seq_len or add data"
+            )
+        self.batch_size, self.micro, self.rank, self.world = batch_size, micro, rank, world
+        self.seed, self.shuffle = seed, shuffle
+        self.position = 0
+        self._perm_epoch, self._perm = -1, np.arange(0)
+
+    @property
+    def epoch(self) -> int:
+        return self.position // self.n
+
+    def _window(self, p: int) -> int:
+        epoch, i = divmod(p, self.n)
+        if not self.shuffle:
+            return i
+        if epoch != self._perm_epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            self._perm_epoch = epoch
+        return int(self._perm[i])
+
+    def rows(self, positions: range) -> torch.Tensor:
+        """The windows at these global positions: (len(positions), seq_len + 1) int64."""
+        T = self.seq_len
+        out = np.stack([self.tokens[(w := self._window(p)) * T : w * T + T + 1] for p in positions])
+        return torch.from_numpy(out.astype(np.int64))
+
+    def next_step(self) -> list[torch.Tensor]:
+        p0, m, W = self.position, self.micro, self.world
+        accum = self.batch_size // (m * W)
+        batches = [self.rows(range(p0 + (j * W + self.rank) * m, p0 + (j * W + self.rank + 1) * m)) for j in range(accum)]
+        self.position += self.batch_size
+        return batches
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": "packed_tokens", "position": self.position, "n": self.n, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("kind") != "packed_tokens" or state.get("n") != self.n:
+            raise DataError(
+                f"the checkpoint's data position is for a different corpus ({state.get('n')} sequences, "
+                f"now {self.n}); resume with the same data.source, tokenizer and train.seq_len"
+            )
+        self.position = int(state["position"])
+
+
+class StreamedTokens:
+    """Packs a streamed HF dataset into windows through a token buffer (this rank's shard)."""
+
+    def __init__(self, make_dataset, tok: Tokenizer, text_field: str, holdout: float, seq_len: int,
+                 batch_size: int, micro: int, world: int) -> None:
+        self.make_dataset, self.tok, self.text_field, self.holdout = make_dataset, tok, text_field, holdout
+        self.seq_len, self.micro, self.accum = seq_len, micro, batch_size // (micro * world)
+        self.epoch, self.buffer = 0, []
+        self.ds = make_dataset(0)
+        self._it = None
+
+    def _docs(self):
+        while True:
+            for rec in self.ds:
+                text = rec.get(self.text_field)
+                if isinstance(text, str) and text.strip() and not (self.holdout and is_validation(text, self.holdout)):
+                    yield text
+            self.epoch += 1
+            self.ds = self.make_dataset(self.epoch)
+
+    def _take(self, n: int) -> list[int]:
+        if self._it is None:
+            self._it = self._docs()
+        while len(self.buffer) < n:
+            self.buffer += self.tok.encode(next(self._it), bos=True, eos=True)
+        out, self.buffer = self.buffer[:n], self.buffer[n - 1 :]  # windows overlap by one token
+        return out
+
+    def next_step(self) -> list[torch.Tensor]:
+        T = self.seq_len
+        return [torch.tensor([self._take(T + 1) for _ in range(self.micro)], dtype=torch.int64) for _ in range(self.accum)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": "streamed", "epoch": self.epoch, "hf": self.ds.state_dict(), "buffer": list(self.buffer)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("kind") != "streamed":
+            raise DataError("the checkpoint's data position is for a file source, not a streamed HF dataset")
+        self.epoch, self.buffer = int(state["epoch"]), list(state["buffer"])
+        self.ds = self.make_dataset(self.epoch)
+        self.ds.load_state_dict(state["hf"])
+        self._it = None
+
+
+# ----------------------------------------------------------------------------- corpus
+
+
+@dataclass
+class Corpus:
+    """Everything the trainer needs from the data side."""
+
+    tokenizer: Tokenizer
+    train: TrainStream
+    val_tokens: np.ndarray  # fixed held-out token set, (n,) int
+    train_counts: np.ndarray  # unigram counts over (a sample of) the training split, (vocab,)
+    description: str
+
+
+def _tokenizer_for(cfg: RunConfig, run_dir: Path, sample_texts) -> Tokenizer:
+    """data.tokenizer if given; else the run's own (resume); else train one (cached by content)."""
+    if cfg.data.tokenizer:
+        return Tokenizer.load(cfg.data.tokenizer)
+    own = run_dir / "tokenizer.model"
+    if own.is_file():
+        return Tokenizer.load(own)
+    texts = list(sample_texts())
+    if not texts:
+        raise DataError(f"data.source={cfg.data.source!r}: no training text to train a tokenizer on")
+    return train_tokenizer(texts, cfg.data.vocab_size)
+
+
+def _file_sample(source: FileSource, fraction: float, budget_bytes: float):
+    """A hash-chosen, unbiased sample of training documents of about ``budget_bytes``."""
+    total = sum(f.stat().st_size for f in source.files) or 1
+    keep = min(1.0, budget_bytes / total)
+
+    def gen():
+        for key, text in source.documents():
+            if not is_validation(key, fraction) and is_validation("tok:" + key, keep):
+                yield text
+
+    return gen
+
+
+def _tokenize_files(source: FileSource, tok: Tokenizer, fraction: float, folder: Path) -> None:
+    """Write train.bin / val.bin (concatenated framed documents) and meta.json into ``folder``."""
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    dtype = token_dtype(tok.vocab_size)
+    counts = {"train": 0, "val": 0}
+    docs = {"train": 0, "val": 0}
+    with open(tmp / "train.bin", "wb") as ftrain, open(tmp / "val.bin", "wb") as fval:
+        files = {"train": ftrain, "val": fval}
+        batch: list[tuple[str, str]] = []
+
+        def flush() -> None:
+            for (split, _), ids in zip(batch, tok.encode_documents([t for _, t in batch]), strict=True):
+                np.asarray(ids, dtype=dtype).tofile(files[split])
+                counts[split] += len(ids)
+                docs[split] += 1
+            batch.clear()
+
+        for key, text in source.documents():
+            batch.append(("val" if is_validation(key, fraction) else "train", text))
+            if len(batch) >= ENCODE_BATCH_DOCS:
+                flush()
+        flush()
+    source.warn_skipped()
+    if counts["train"] == 0:
+        raise DataError(f"data.source under {source.root}: the corpus is empty (no readable UTF-8 text)")
+    meta = {"dtype": dtype.name, "tokens": counts, "documents": docs, "tokenizer": tok.sha(), "skipped": source.skipped}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    if folder.exists():  # another process won the race; keep theirs
+        for p in tmp.iterdir():
+            p.unlink()
+        tmp.rmdir()
+    else:
+        os.replace(tmp, folder)
+
+
+def _file_corpus(cfg: RunConfig, source: FileSource, run_dir: Path, rank: int, world: int) -> Corpus:
+    d, t = cfg.data, cfg.train
+    if dist.is_main():
+        tok = _tokenizer_for(cfg, run_dir, _file_sample(source, d.val_fraction, d.tokenizer_sample_mb * 1e6))
+        key = hashlib.sha256(f"{source.fingerprint()}|{d.val_fraction}|{tok.sha()}".encode()).hexdigest()[:20]
+        folder = cache_root(cfg) / "tokens" / key
+        if not (folder / "meta.json").is_file():
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            _tokenize_files(source, tok, d.val_fraction, folder)
+        dist.broadcast_object(str(folder))
+        dist.broadcast_object(tok.proto)
+    else:
+        folder = Path(dist.broadcast_object(None))
+        tok = Tokenizer(dist.broadcast_object(None))
+    meta = json.loads((folder / "meta.json").read_text())
+    dtype = np.dtype(meta["dtype"])
+    train = np.memmap(folder / "train.bin", dtype=dtype, mode="r")
+    val = np.memmap(folder / "val.bin", dtype=dtype, mode="r") if meta["tokens"]["val"] else np.zeros(0, dtype)
+    micro = t.micro_batch(world)
+    stream = PackedTokens(train, t.seq_len, t.batch_size, micro, rank, world, t.seed, d.shuffle)
+    sample = train[: 50_000_000]
+    counts = np.bincount(sample, minlength=tok.vocab_size)
+    desc = (
+        f"{d.source}: {meta['documents']['train']} train / {meta['documents']['val']} held-out documents, "
+        f"{meta['tokens']['train']:,} / {meta['tokens']['val']:,} tokens (cache {folder})"
+    )
+    return Corpus(tok, stream, _held_out(val, cfg), counts, desc)
+
+
+def _held_out(val: np.ndarray, cfg: RunConfig) -> np.ndarray:
+    """The first eval.tokens (+1 for the last target) held-out tokens: a fixed set."""
+    want = cfg.eval.tokens + 1
+    if len(val) < cfg.train.seq_len + 1:
+        raise DataError(
+            f"the held-out split has {len(val)} tokens, fewer than one sequence (train.seq_len+1="
+            f"{cfg.train.seq_len + 1}); raise data.val_fraction or give an HF validation split"
+        )
+    if len(val) < want:
+        warnings.warn(f"data: held-out split has {len(val) - 1} tokens, fewer than eval.tokens={cfg.eval.tokens}; using all", stacklevel=2)
+    return np.asarray(val[:want]).astype(np.int64)
+
+
+def _hf_corpus(cfg: RunConfig, run_dir: Path, rank: int, world: int) -> Corpus:
+    from datasets.distributed import split_dataset_by_node
+
+    d, t = cfg.data, cfg.train
+    holdout = 0.0 if d.hf_val_split else d.val_fraction
+
+    def make_train(epoch: int):
+        ds = hf_stream(d.source, d.hf_split, d.hf_data_files)
+        if d.hf_shuffle_buffer:
+            ds = ds.shuffle(seed=t.seed, buffer_size=d.hf_shuffle_buffer)
+        ds.set_epoch(epoch)
+        return split_dataset_by_node(ds, rank=rank, world_size=world) if world > 1 else ds
+
+    def texts(split: str, want_val: bool, budget: float):
+        def gen():
+            n = 0
+            for rec in hf_stream(d.source, split, d.hf_data_files):
+                text = rec.get(d.text_field)
+                if not isinstance(text, str) or not text.strip():
+                    continue
+                if holdout and is_validation(text, holdout) != want_val:
+                    continue
+                yield text
+                n += len(text.encode("utf-8"))
+                if n >= budget:
+                    return
+        return gen
+
+    budget = d.tokenizer_sample_mb * 1e6
+    tok = _tokenizer_for(cfg, run_dir, texts(d.hf_split, False, budget))
+    val_split = d.hf_val_split or d.hf_split
+    val: list[int] = []
+    for text in texts(val_split, True, float("inf"))():
+        val += tok.encode(text, bos=True, eos=True)
+        if len(val) > cfg.eval.tokens:
+            break
+    counts = np.zeros(tok.vocab_size, dtype=np.int64)
+    for text in texts(d.hf_split, False, min(budget, 4e6))():
+        counts += np.bincount(tok.encode(text), minlength=tok.vocab_size)
+    if counts.sum() == 0:
+        raise DataError(f"data.source={d.source!r}: split {d.hf_split!r} has no text in field '{d.text_field}'")
+    stream = StreamedTokens(make_train, tok, d.text_field, holdout, t.seq_len, t.batch_size, t.micro_batch(world), world)
+    desc = f"{d.source} (streamed; train split {d.hf_split!r}, held-out {val_split!r}{' by hash' if holdout else ''})"
+    return Corpus(tok, stream, _held_out(np.asarray(val), cfg), counts, desc)
+
+
+def build_corpus(cfg: RunConfig, run_dir: Path) -> Corpus:
+    """Source -> tokenizer -> this rank's training stream and the fixed held-out tokens."""
+    rank, world = dist.rank(), dist.world_size()
+    spec = cfg.data.source
+    if spec.startswith("hf:"):
+        return _hf_corpus(cfg, run_dir, rank, world)
+    source = stdlib_source() if spec == "stdlib" else path_source(spec, cfg.data.text_field)
+    return _file_corpus(cfg, source, run_dir, rank, world)

@@ -1,0 +1,62 @@
+"""Held-out evaluation: mean token loss and perplexity on a fixed token set, plus a unigram baseline."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from leanlm.engine import distributed as dist
+
+
+@dataclass
+class EvalResult:
+    loss: float  # mean token cross-entropy (nats)
+    ppl: float  # exp(loss)
+    tokens: int  # targets scored
+
+
+def eval_windows(val_tokens: np.ndarray, seq_len: int) -> torch.Tensor:
+    """The fixed held-out set as non-overlapping windows: (n, seq_len + 1)."""
+    n = (len(val_tokens) - 1) // seq_len
+    idx = torch.arange(n)[:, None] * seq_len + torch.arange(seq_len + 1)[None, :]
+    return torch.from_numpy(np.asarray(val_tokens, dtype=np.int64))[idx]
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    val_tokens: np.ndarray,
+    seq_len: int,
+    batch_size: int,
+    device: torch.device,
+    autocast: contextlib.AbstractContextManager | None = None,
+) -> EvalResult:
+    """Sum of token losses / number of tokens over the fixed set; windows are split across ranks."""
+    was_training = model.training
+    model.eval()
+    windows = eval_windows(val_tokens, seq_len)[dist.rank() :: dist.world_size()]
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # [loss sum, token count]
+    for i in range(0, len(windows), batch_size):
+        batch = windows[i : i + batch_size].to(device)
+        with autocast or contextlib.nullcontext():
+            logits = model(batch[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum")
+        sums[0] += loss.double()
+        sums[1] += batch[:, 1:].numel()
+    dist.all_reduce_sum(sums)
+    model.train(was_training)
+    loss = (sums[0] / sums[1].clamp_min(1)).item()
+    return EvalResult(loss=loss, ppl=math.exp(min(loss, 700.0)), tokens=int(sums[1].item()))
+
+
+def unigram_loss(train_counts: np.ndarray, val_tokens: np.ndarray, seq_len: int) -> float:
+    """Held-out loss of an add-one-smoothed unigram model fit on training counts, on the same targets."""
+    targets = eval_windows(val_tokens, seq_len)[:, 1:].flatten().numpy()
+    probs = (train_counts.astype(np.float64) + 1.0) / (train_counts.sum() + len(train_counts))
+    return float(-np.log(probs[targets]).mean())

@@ -1,0 +1,69 @@
+"""Run metrics: TensorBoard event files and ``metrics.jsonl`` with the same scalars, main rank only.
+
+(Named ``metrics`` rather than ``logging`` so it can never shadow the standard library module.)
+Tags follow DESIGN.md: ``train/loss``, ``train/grad_norm``, ``val/loss``, ``val/ppl``, ``optim/lr``,
+``perf/tokens_per_s``, ``perf/mfu`` (CUDA), ``mem/peak_gib``, ``reweight/*``.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Dense bf16 peak FLOP/s by device name substring, for MFU (datasheet numbers, no sparsity).
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak allocated GPU memory, or the process's peak resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+class MetricsLogger:
+    """Writes scalars to TensorBoard and ``metrics.jsonl``; a no-op on non-main ranks."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = True) -> None:
+        self.enabled = enabled
+        self.writer = None
+        self.jsonl = None
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)  # line-buffered: survives crashes
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tb"), max_queue=100)
+
+    def log(self, step: int, scalars: dict[str, float], **extra: Any) -> None:
+        if not self.enabled:
+            return
+        for tag, value in scalars.items():
+            if self.writer is not None:
+                self.writer.add_scalar(tag, value, step)
+        self.jsonl.write(json.dumps({"step": step, **extra, **scalars}) + "\n")
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.jsonl is not None:
+            self.jsonl.close()

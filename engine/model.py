@@ -1,0 +1,167 @@
+"""LLaMA decoder: RMSNorm, rotary embeddings, SwiGLU, causal SDPA, untied embeddings, no biases.
+
+Linear layers carry the names ``q_proj k_proj v_proj o_proj gate_proj up_proj down_proj`` so that
+optimizers and converters (FRUGAL's param groups, LOST's ``convert``) can find them by name, as
+they would in a Hugging Face LLaMA.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from leanlm.engine.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in float32 for stability under bf16 autocast."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (..., dim)
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def rope_tables(head_dim: int, seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables of shape (seq_len, head_dim / 2) in float32."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[2i], x[2i+1]) by position-dependent angles (the LLaMA interleaved layout).
+
+    x: (B, H, T, hd); cos, sin: (T, hd/2).
+    """
+    xf = x.float().unflatten(-1, (-1, 2))  # (B, H, T, hd/2, 2)
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d, self.n_heads = cfg.d_model, cfg.n_heads
+        self.head_dim = cfg.head_dim()
+        self.q_proj = nn.Linear(d, d, bias=False)
+        self.k_proj = nn.Linear(d, d, bias=False)
+        self.v_proj = nn.Linear(d, d, bias=False)
+        self.o_proj = nn.Linear(d, d, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # x: (B, T, d) -> q, k, v: (B, H, T, hd)
+        B, T, _ = x.shape
+        q, k, v = (
+            proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+            for proj in (self.q_proj, self.k_proj, self.v_proj)
+        )
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LLaMA(nn.Module):
+    """Decoder-only LM. ``forward(tokens)`` returns logits (B, T, vocab)."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, max_seq_len: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        self.max_seq_len = max_seq_len
+        self.embed_tokens = nn.Embedding(vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)
+        # RoPE tables are derived, not learned: non-persistent so checkpoints hold weights only.
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """normal(0, init_std) for every weight matrix and embedding; ones for norms."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+        self._build_rope(self.embed_tokens.weight.device)
+
+    def _build_rope(self, device: torch.device) -> None:
+        if device.type == "meta":
+            return
+        cos, sin = rope_tables(self.cfg.head_dim(), self.max_seq_len, self.cfg.rope_theta, device)
+        self.rope_cos, self.rope_sin = cos, sin
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        # tokens: (B, T) int64 -> logits: (B, T, V)
+        T = tokens.shape[1]
+        if T > self.max_seq_len:
+            raise ValueError(f"sequence of {T} tokens exceeds the model's max_seq_len {self.max_seq_len}")
+        if self.rope_cos.numel() == 0 or self.rope_cos.device != tokens.device:
+            self._build_rope(tokens.device)
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        x = self.embed_tokens(tokens)
+        for layer in self.layers:
+            if self.cfg.activation_checkpointing and self.training:
+                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin)
+        return self.lm_head(self.norm(x))
+
+
+def count_parameters(model: nn.Module, non_embedding: bool = False) -> int:
+    """Total parameters; ``non_embedding`` excludes the input embedding and the output head."""
+    total = sum(p.numel() for p in model.parameters())
+    if non_embedding and isinstance(model, LLaMA):
+        total -= model.embed_tokens.weight.numel() + model.lm_head.weight.numel()
+    return total
+
+
+def flops_per_token(cfg: ModelConfig, vocab_size: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x (matmul parameters) + attention scores (Chinchilla appendix F).
+
+    Attention QK^T and AV cost 2 x 2 x T x d per layer forward (causal halving not counted, as in
+    PaLM/nanoGPT MFU accounting); training is 3x forward.
+    """
+    d, L, f = cfg.d_model, cfg.n_layers, cfg.ffn_dim
+    matmul_params = L * (4 * d * d + 3 * d * f) + d * vocab_size  # lm_head; embedding is a lookup
+    return 6.0 * matmul_params + 3.0 * 4.0 * L * seq_len * d
+

@@ -1,0 +1,226 @@
+"""The training loop: when things happen (eval, checkpoints, logging); the math is in ``step``.
+
+``train(cfg)`` builds, in order: process group, data (tokenizer + packed stream + held-out set),
+model, optimizer and schedule, resume state, logging; then runs the loop below. SIGTERM/SIGINT
+finish the current step, save a checkpoint and return; a NaN/Inf loss stops the run with an error
+(the last good checkpoint stays on disk).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from leanlm.engine import checkpoint as ckpt
+from leanlm.engine import distributed as dist
+from leanlm.engine.config import RunConfig, check_world, load_config, save_yaml
+from leanlm.engine.data import Corpus, build_corpus
+from leanlm.engine.errors import CheckpointError, ConfigError, TrainingError
+from leanlm.engine.evaluate import EvalResult, evaluate, unigram_loss
+from leanlm.engine.metrics import MetricsLogger, peak_flops, peak_memory_gib
+from leanlm.engine.model import LLaMA, count_parameters, flops_per_token
+from leanlm.engine.schedule import build_scheduler
+from leanlm.engine.step import train_step
+from leanlm.optim import build_optimizer
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    tokens_seen: int
+    losses: list[float] = field(default_factory=list)  # training loss of each step run in this call
+    final: EvalResult | None = None
+    unigram_ppl: float = math.nan
+    checkpoint: Path | None = None
+    interrupted: bool = False
+    wall_s: float = 0.0
+    tokens_per_s: float = 0.0
+
+
+def pick_device(spec: str) -> torch.device:
+    if spec == "auto":
+        spec = f"cuda:{dist.local_rank()}" if torch.cuda.is_available() else "cpu"
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={spec!r} but CUDA is not available; use train.device=cpu")
+    return torch.device(spec)
+
+
+def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager | None:
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return None
+
+
+def build_model(cfg: RunConfig, tokenizer_vocab: int, device: torch.device | str = "cpu") -> LLaMA:
+    vocab = cfg.model.vocab_size or tokenizer_vocab
+    if vocab < tokenizer_vocab:
+        raise ConfigError(f"model.vocab_size={vocab} is smaller than the tokenizer's {tokenizer_vocab}; raise it or set 0")
+    with torch.device(device):
+        return LLaMA(cfg.model, vocab, cfg.train.seq_len)
+
+
+class StopFlag:
+    """SIGTERM/SIGINT set a flag; the loop saves and exits at the end of the current step."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._old: dict[int, object] = {}
+
+    def __enter__(self) -> StopFlag:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(ValueError):  # not the main thread
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame) -> None:
+        self.signal = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _check_resume_config(cfg: RunConfig, path: Path) -> None:
+    saved = load_config(path / "config.yaml")
+    if saved.model != cfg.model:
+        diff = [k for k, v in vars(cfg.model).items() if getattr(saved.model, k) != v]
+        raise CheckpointError(
+            f"{path}: model config differs from the checkpoint's in {', '.join('model.' + k for k in diff)}; "
+            "resume with the same model settings"
+        )
+
+
+def train(cfg: RunConfig, stop_at: int | None = None) -> TrainResult:
+    """Train as ``cfg`` says. ``stop_at``: save and return after this step (for tests and resumable jobs)."""
+    device = pick_device(cfg.train.device)
+    dist.init(device)
+    try:
+        return _train(cfg, device, stop_at)
+    finally:
+        dist.shutdown()
+
+
+def _train(cfg: RunConfig, device: torch.device, stop_at: int | None) -> TrainResult:
+    t, main = cfg.train, dist.is_main()
+    backend = dist.resolve_backend(cfg.distributed.backend)
+    check_world(cfg, dist.world_size())
+    run_dir = Path(t.out_dir)
+    resume_from = ckpt.resolve_resume(run_dir, t.resume)
+    if resume_from is None and ckpt.list_checkpoints(run_dir) and t.resume != "auto":
+        raise ConfigError(f"train.out_dir={t.out_dir!r} already holds checkpoints; pass train.resume=auto to continue it or pick a new train.out_dir")
+    if resume_from is not None:
+        _check_resume_config(cfg, resume_from)
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    torch.manual_seed(t.seed)
+
+    corpus: Corpus = build_corpus(cfg, run_dir)
+    model = build_model(cfg, corpus.tokenizer.vocab_size, device)
+    optimizer = build_optimizer(cfg.optim.name, model.named_parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+    scheduler = build_scheduler(optimizer, cfg.optim, t.steps)
+    step, tokens_seen = 0, 0
+    if resume_from is not None:
+        ckpt.load_model_state(model, ckpt.load_file(resume_from, "model", device), str(resume_from))
+        optimizer.load_state_dict(ckpt.load_file(resume_from, "optim", device))
+        state = ckpt.load_file(resume_from, "train")
+        scheduler.load_state_dict(state["scheduler"])
+        corpus.train.load_state_dict(state["data"])
+        torch.set_rng_state(state["rng_cpu"])
+        if device.type == "cuda" and state.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(state["rng_cuda"], device)
+        step, tokens_seen = int(state["step"]), int(state["tokens_seen"])
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_yaml(cfg, run_dir / "config.yaml")
+        corpus.tokenizer.save(run_dir / "tokenizer.model")
+
+    net = dist.wrap_model(model, backend, device)
+    if t.compile:
+        net = torch.compile(net)
+    autocast = autocast_for(t.precision, device)
+    logger = MetricsLogger(run_dir, main, cfg.log.tensorboard)
+    fpt = flops_per_token(cfg.model, model.vocab_size, t.seq_len)
+    peak = peak_flops(device)
+    unigram = unigram_loss(corpus.train_counts, corpus.val_tokens, t.seq_len)
+    if main:
+        print(
+            f"leanlm: {count_parameters(model) / 1e6:.2f}M parameters ({count_parameters(model, True) / 1e6:.2f}M non-embedding), "
+            f"vocab {model.vocab_size}, {t.tokens_per_step():,} tokens/step x {t.steps} steps = {t.tokens_per_step() * t.steps:,} tokens, "
+            f"grad accum {t.grad_accum_steps(dist.world_size())} x world {dist.world_size()}, device {device}\n"
+            f"leanlm: data {corpus.description}\n"
+            f"leanlm: run folder {run_dir}" + (f", resuming from {resume_from} (step {step})" if resume_from else "")
+        )
+
+    def do_eval(at: int) -> EvalResult:
+        res = evaluate(net, corpus.val_tokens, t.seq_len, cfg.eval.batch_size, device, autocast)
+        logger.log(at, {"val/loss": res.loss, "val/ppl": res.ppl}, tokens_seen=tokens_seen)
+        return res
+
+    def do_save(at: int) -> Path | None:
+        if not main:
+            return None
+        train_state = {
+            "step": at, "tokens_seen": tokens_seen, "scheduler": scheduler.state_dict(), "data": corpus.train.state_dict(),
+            "rng_cpu": torch.get_rng_state(), "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        }
+        files = {"config.yaml": (run_dir / "config.yaml").read_bytes(), "tokenizer.model": corpus.tokenizer.proto}
+        tensors = {"model": model.state_dict(), "optim": optimizer.state_dict(), "train": train_state}
+        return ckpt.save_checkpoint(run_dir, at, tensors, files, keep=cfg.checkpoint.keep)
+
+    result = TrainResult(run_dir=run_dir, step=step, tokens_seen=tokens_seen, unigram_ppl=math.exp(unigram))
+    last_ckpt: Path | None = resume_from
+    bar = tqdm(total=t.steps, initial=step, disable=not (main and cfg.log.progress), dynamic_ncols=True, unit="step")
+    start = window_start = time.perf_counter()
+    window_tokens = 0
+    net.train()
+    with StopFlag() as stop:
+        while step < t.steps:
+            res = train_step(net, optimizer, corpus.train.next_step(), device, autocast, t.grad_clip)
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            step += 1
+            step_tokens = res.tokens * dist.world_size()
+            tokens_seen += step_tokens
+            window_tokens += step_tokens
+            loss = dist.all_reduce_mean(res.loss, device)
+            if not math.isfinite(loss):
+                where = f"; the last good checkpoint is {last_ckpt}" if last_ckpt else ""
+                raise TrainingError(f"loss became {loss} at step {step}{where}; lower optim.lr or raise optim.warmup_steps")
+            result.losses.append(loss)
+            if step % cfg.log.every == 0 or step == t.steps:
+                elapsed = time.perf_counter() - window_start
+                tps = window_tokens / max(elapsed, 1e-9)
+                scalars = {"train/loss": loss, "train/grad_norm": res.grad_norm, "optim/lr": lr, "perf/tokens_per_s": tps, "mem/peak_gib": peak_memory_gib(device)}
+                if peak:
+                    scalars["perf/mfu"] = fpt * tps / (peak * dist.world_size())
+                logger.log(step, scalars, tokens_seen=tokens_seen)
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
+                window_start, window_tokens = time.perf_counter(), 0
+            bar.update(1)
+            if cfg.eval.every and step % cfg.eval.every == 0 and step != t.steps:
+                bar.write(f"step {step}: val loss {do_eval(step).loss:.4f}") if main else do_eval(step)
+            stopping = stop.signal is not None or step == stop_at
+            if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or stopping or step == t.steps:
+                last_ckpt = do_save(step) or last_ckpt
+            if stopping:
+                result.interrupted = stop.signal is not None
+                break
+            if window_tokens == 0 or cfg.eval.every and step % cfg.eval.every == 0:
+                window_start = time.perf_counter()  # keep eval/checkpoint time out of tokens/s
+    bar.close()
+    result.wall_s = time.perf_counter() - start
+    result.tokens_per_s = (tokens_seen - result.tokens_seen) / max(result.wall_s, 1e-9)
+    result.step, result.tokens_seen, result.checkpoint = step, tokens_seen, last_ckpt
+    if step == t.steps:
+        result.final = do_eval(step)
+    logger.close()
+    dist.barrier()
+    return result
