@@ -186,7 +186,7 @@ def _tokenizer_for(cfg: RunConfig, run_dir: Path, sample_texts) -> Tokenizer:
         return Tokenizer.load(own)
     texts = list(sample_texts())
     if not texts:
-        raise DataError(f"data.source={cfg.data.source!r}: no training text to train a tokenizer on")
+        raise DataError(f"data.source={cfg.data.source!r}: no training text to train a tokenizer on (every document is empty, unreadable or held out)")
     return train_tokenizer(texts, cfg.data.vocab_size)
 
 

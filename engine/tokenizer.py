@@ -16,6 +16,8 @@ import sentencepiece as spm
 
 from leanlm.engine.errors import DataError
 
+MAX_LINE_CHARS = 2048  # at most 4 bytes each in UTF-8
+
 
 class Tokenizer:
     """A thin wrapper that keeps the serialized model so it can be copied into runs and checkpoints."""
@@ -69,7 +71,14 @@ class Tokenizer:
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, num_threads: int = 2) -> Tokenizer:
     """Train a BPE model in memory on ``texts`` (documents; split into lines for sentencepiece)."""
-    lines = (line for text in texts for line in text.split("\n") if line.strip())
+    # sentencepiece trains on lines and drops any longer than max_sentence_length: cut long ones.
+    lines = (
+        line[i : i + MAX_LINE_CHARS]
+        for text in texts
+        for line in text.split("\n")
+        if line.strip()
+        for i in range(0, len(line), MAX_LINE_CHARS)
+    )
     buf = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
@@ -87,7 +96,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, num_threads: int = 2)
             bos_id=1,
             eos_id=2,
             pad_id=-1,
-            max_sentence_length=8192,
+            max_sentence_length=4 * MAX_LINE_CHARS,
             input_sentence_size=4_000_000,
             shuffle_input_sentence=True,
             num_threads=num_threads,

@@ -179,7 +179,7 @@ def _train(cfg: RunConfig, device: torch.device, stop_at: int | None) -> TrainRe
     last_ckpt: Path | None = resume_from
     bar = tqdm(total=t.steps, initial=step, disable=not (main and cfg.log.progress), dynamic_ncols=True, unit="step")
     start = window_start = time.perf_counter()
-    window_tokens = 0
+    window_tokens, paused = 0, 0.0
     net.train()
     with StopFlag() as stop:
         while step < t.steps:
@@ -196,25 +196,27 @@ def _train(cfg: RunConfig, device: torch.device, stop_at: int | None) -> TrainRe
                 raise TrainingError(f"loss became {loss} at step {step}{where}; lower optim.lr or raise optim.warmup_steps")
             result.losses.append(loss)
             if step % cfg.log.every == 0 or step == t.steps:
-                elapsed = time.perf_counter() - window_start
+                elapsed = time.perf_counter() - window_start - paused
                 tps = window_tokens / max(elapsed, 1e-9)
                 scalars = {"train/loss": loss, "train/grad_norm": res.grad_norm, "optim/lr": lr, "perf/tokens_per_s": tps, "mem/peak_gib": peak_memory_gib(device)}
                 if peak:
                     scalars["perf/mfu"] = fpt * tps / (peak * dist.world_size())
                 logger.log(step, scalars, tokens_seen=tokens_seen)
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
-                window_start, window_tokens = time.perf_counter(), 0
+                window_start, window_tokens, paused = time.perf_counter(), 0, 0.0
             bar.update(1)
+            pause = time.perf_counter()  # eval and checkpoint time stays out of tokens/s
             if cfg.eval.every and step % cfg.eval.every == 0 and step != t.steps:
-                bar.write(f"step {step}: val loss {do_eval(step).loss:.4f}") if main else do_eval(step)
+                val = do_eval(step)
+                if main:
+                    bar.write(f"step {step}: val loss {val.loss:.4f}, ppl {val.ppl:.2f}")
             stopping = stop.signal is not None or step == stop_at
             if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or stopping or step == t.steps:
                 last_ckpt = do_save(step) or last_ckpt
+            paused += time.perf_counter() - pause
             if stopping:
                 result.interrupted = stop.signal is not None
                 break
-            if window_tokens == 0 or cfg.eval.every and step % cfg.eval.every == 0:
-                window_start = time.perf_counter()  # keep eval/checkpoint time out of tokens/s
     bar.close()
     result.wall_s = time.perf_counter() - start
     result.tokens_per_s = (tokens_seen - result.tokens_seen) / max(result.wall_s, 1e-9)

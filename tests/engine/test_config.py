@@ -1,0 +1,74 @@
+from pathlib import Path
+
+import pytest
+
+from leanlm.engine.config import describe_keys, load_config, parse_overrides
+from leanlm.engine.errors import ConfigError
+
+CONFIGS = sorted(Path(__file__).resolve().parents[2].joinpath("configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_preset_loads_and_validates(path):
+    cfg = load_config(path)
+    assert cfg.train.steps > 0
+
+
+def test_overrides_are_coerced_to_field_types():
+    cfg = load_config(None, ["optim.lr=3e-4", "train.steps=20", "log.tensorboard=false", "optim.betas=[0.8, 0.9]", "train.batch_size=1e2"])
+    assert cfg.optim.lr == 3e-4 and isinstance(cfg.optim.lr, float)
+    assert cfg.train.steps == 20 and cfg.train.batch_size == 100
+    assert cfg.log.tensorboard is False
+    assert cfg.optim.betas == [0.8, 0.9]
+
+
+def test_unknown_key_gets_a_did_you_mean_suggestion():
+    with pytest.raises(ConfigError, match=r"unknown key 'optim.lrr' \(did you mean 'lr'\?\)"):
+        load_config(None, ["optim.lrr=1e-3"])
+
+
+def test_unknown_section_gets_a_suggestion():
+    with pytest.raises(ConfigError, match=r"unknown section 'trian' \(did you mean 'train'\?\)"):
+        load_config(None, ["trian.steps=3"])
+
+
+def test_validation_reports_every_problem_at_once():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["train.steps=-1", "optim.lr=abc", "model.d_model=100", "model.n_heads=3", "optim.name=sgdd"])
+    msg = str(info.value)
+    assert "\n" not in msg
+    for fragment in ("train.steps=-1", "optim.lr='abc': expected a number", "not divisible by model.n_heads=3", "optim.name='sgdd'"):
+        assert fragment in msg
+
+
+def test_batch_must_divide_into_micro_batches():
+    with pytest.raises(ConfigError, match="not a multiple of train.micro_batch_size"):
+        load_config(None, ["train.batch_size=10", "train.micro_batch_size=4"])
+
+
+def test_extends_merges_parent_preset(tmp_path):
+    (tmp_path / "base.yaml").write_text("model:\n  d_model: 128\n  n_heads: 2\ntrain:\n  steps: 7\n")
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\ntrain:\n  steps: 9\n")
+    cfg = load_config(tmp_path / "child.yaml")
+    assert cfg.model.d_model == 128 and cfg.train.steps == 9
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_malformed_override_is_rejected():
+    with pytest.raises(ConfigError, match="section.key=value"):
+        parse_overrides(["steps"])
+
+
+def test_every_key_is_documented():
+    rows = describe_keys()
+    assert all(help_ for _, _, help_ in rows)
+    assert {"train.steps", "train.batch_size", "train.seq_len", "optim.name", "optim.lr", "data.source", "train.resume", "train.out_dir"} <= {k for k, _, _ in rows}
+
+
+def test_grad_accum_is_derived_from_world_size():
+    cfg = load_config(None, ["train.batch_size=32", "train.micro_batch_size=4"])
+    assert cfg.train.grad_accum_steps(1) == 8 and cfg.train.grad_accum_steps(2) == 4

@@ -1,0 +1,76 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+from leanlm.engine.config import ModelConfig, load_config
+from leanlm.engine.model import LLaMA, apply_rope, count_parameters, rope_tables
+
+# Totals from the GaLore/FRUGAL configs with a 32000-token vocabulary.
+EXPECTED = {"llama_60m": 58_073_600, "llama_130m": 134_105_856, "llama_350m": 367_969_280, "llama_1b": 1_339_082_752}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_preset_parameter_counts_match_the_papers(name):
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / f"{name}.yaml")
+    with torch.device("meta"):
+        model = LLaMA(cfg.model, 32000, cfg.train.seq_len)
+    assert count_parameters(model) == EXPECTED[name]
+    assert round(count_parameters(model) / 1e6, 2) == {"llama_60m": 58.07, "llama_130m": 134.11, "llama_350m": 367.97, "llama_1b": 1339.08}[name]
+
+
+def small_model(**kw):
+    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=4, ffn_dim=64, **kw)
+    torch.manual_seed(0)
+    return LLaMA(cfg, vocab_size=50, max_seq_len=16)
+
+
+def test_linear_layers_carry_llama_names_and_no_biases():
+    model = small_model()
+    names = {n.split(".")[-2] for n, p in model.named_parameters() if p.ndim == 2 and n.startswith("layers.")}
+    assert names == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert not any(n.endswith("bias") for n, _ in model.named_parameters())
+    assert model.lm_head.weight.data_ptr() != model.embed_tokens.weight.data_ptr()  # untied
+
+
+def test_init_is_normal_002():
+    cfg = ModelConfig(d_model=256, n_layers=1, n_heads=4, ffn_dim=512)
+    torch.manual_seed(0)
+    model = LLaMA(cfg, vocab_size=1000, max_seq_len=8)
+    assert abs(model.layers[0].mlp.up_proj.weight.std().item() - 0.02) < 1e-3
+    assert torch.equal(model.norm.weight, torch.ones(256))
+
+
+def test_attention_is_causal():
+    model = small_model().eval()
+    x = torch.randint(0, 50, (2, 12))
+    y = x.clone()
+    y[:, 8:] = (y[:, 8:] + 1) % 50
+    with torch.no_grad():
+        a, b = model(x), model(y)
+    assert a.shape == (2, 12, 50)
+    torch.testing.assert_close(a[:, :8], b[:, :8])
+    assert not torch.allclose(a[:, 8:], b[:, 8:])
+
+
+def test_rope_preserves_norm_and_position_zero():
+    cos, sin = rope_tables(8, 5, 10000.0)
+    x = torch.randn(1, 2, 5, 8)
+    r = apply_rope(x, cos, sin)
+    torch.testing.assert_close(r.norm(dim=-1), x.norm(dim=-1))
+    torch.testing.assert_close(r[:, :, 0], x[:, :, 0])
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    x = torch.randint(0, 50, (2, 10))
+    grads = []
+    for ckpt in (False, True):
+        model = small_model(activation_checkpointing=ckpt)
+        model(x).float().pow(2).mean().backward()
+        grads.append(model.layers[0].self_attn.q_proj.weight.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_sequence_longer_than_max_seq_len_is_rejected():
+    with pytest.raises(ValueError, match="exceeds"):
+        small_model()(torch.zeros(1, 17, dtype=torch.long))
