@@ -99,7 +99,9 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     root = checkpoint_dir(run_dir)
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_RE.match(p.name)) and p.is_dir()]
+    found = [
+        (int(m.group(1)), p) for p in root.iterdir() if (m := STEP_RE.match(p.name)) and p.is_dir()
+    ]
     return sorted(found)
 
 
@@ -121,7 +123,9 @@ def verify(path: str | Path) -> dict[str, Any]:
     except json.JSONDecodeError:
         raise CheckpointError(f"{path}: manifest.json is corrupt") from None
     if manifest.get("format") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint format {manifest.get('format')} is not supported (expected {FORMAT_VERSION})")
+        raise CheckpointError(
+            f"{path}: checkpoint format {manifest.get('format')} is not supported (expected {FORMAT_VERSION})"
+        )
     for name, info in manifest["files"].items():
         f = path / name
         if not f.is_file():
@@ -159,7 +163,9 @@ def load_file(path: str | Path, name: str, map_location: str | torch.device = "c
     except FileNotFoundError:
         raise CheckpointError(f"{path}: {name}.pt is missing") from None
     except Exception as e:  # unpickling errors come in many types
-        raise CheckpointError(f"{path}: cannot load {name}.pt ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise CheckpointError(
+            f"{path}: cannot load {name}.pt ({type(e).__name__}: {str(e).splitlines()[0]})"
+        ) from None
 
 
 def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:

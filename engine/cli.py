@@ -21,15 +21,28 @@ USAGE_EXAMPLES = """examples:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="leanlm", description="Memory-efficient LLaMA pretraining.",
-                                epilog=USAGE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="leanlm",
+        description="Memory-efficient LLaMA pretraining.",
+        epilog=USAGE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a model from a YAML preset plus key=value overrides")
     t.add_argument("config", help="YAML preset, e.g. configs/tiny.yaml")
-    t.add_argument("overrides", nargs="*", help="dotted overrides such as optim.lr=3e-4 train.steps=2000")
+    t.add_argument(
+        "overrides", nargs="*", help="dotted overrides such as optim.lr=3e-4 train.steps=2000"
+    )
     e = sub.add_parser("eval", help="held-out loss and perplexity of a checkpoint")
-    e.add_argument("checkpoint", help="a checkpoint folder (…/checkpoints/step-XXXXXXXX) or a run folder (newest)")
-    e.add_argument("overrides", nargs="*", help="data.* / eval.* overrides, e.g. data.source=PATH eval.tokens=100000")
+    e.add_argument(
+        "checkpoint",
+        help="a checkpoint folder (…/checkpoints/step-XXXXXXXX) or a run folder (newest)",
+    )
+    e.add_argument(
+        "overrides",
+        nargs="*",
+        help="data.* / eval.* overrides, e.g. data.source=PATH eval.tokens=100000",
+    )
     g = sub.add_parser("generate", help="sample text from a checkpoint")
     g.add_argument("checkpoint", help="a checkpoint folder or a run folder (newest checkpoint)")
     g.add_argument("--prompt", default="", help="text to continue")
@@ -51,7 +64,9 @@ def _checkpoint_path(spec: str) -> Path:
         return path
     found = ckpt.resolve_resume(path, "auto") if path.is_dir() else None
     if found is None:
-        raise CheckpointError(f"{spec!r} is neither a checkpoint folder nor a run folder with a valid checkpoint")
+        raise CheckpointError(
+            f"{spec!r} is neither a checkpoint folder nor a run folder with a valid checkpoint"
+        )
     return found
 
 
@@ -70,7 +85,9 @@ def _load(spec: str, overrides: list[str]):
     path = _checkpoint_path(spec)
     over = parse_overrides(overrides)
     if set(over) - {"data", "eval", "train"} or set(over.get("train", {})) - {"device", "threads"}:
-        raise ConfigError("only data.*, eval.*, train.device and train.threads can be overridden here")
+        raise ConfigError(
+            "only data.*, eval.*, train.device and train.threads can be overridden here"
+        )
     cfg = build_config(merge(read_yaml(path / "config.yaml"), over))
     cfg.data.tokenizer = str(path / "tokenizer.model")
     device = pick_device(cfg.train.device)
@@ -90,13 +107,21 @@ def cmd_train(args) -> int:
 
     if dist.is_main():
         if res.interrupted:
-            print(f"leanlm: interrupted at step {res.step}; checkpoint {res.checkpoint}; continue with train.resume=auto")
+            print(
+                f"leanlm: interrupted at step {res.step}; checkpoint {res.checkpoint}; continue with train.resume=auto"
+            )
             return 0
         if res.final is not None:
-            print(f"leanlm: done: {res.step} steps, {res.tokens_seen:,} tokens in {res.wall_s:.0f}s ({res.tokens_per_s:,.0f} tokens/s)")
-            print(f"leanlm: held-out loss {res.final.loss:.4f}, perplexity {res.final.ppl:.2f} "
-                  f"(unigram baseline of the same tokenizer: {res.unigram_ppl:.2f}) on {res.final.tokens:,} tokens")
-        print(f"leanlm: logs {res.run_dir}/metrics.jsonl and {res.run_dir}/tb (tensorboard --logdir {res.run_dir}/tb); checkpoint {res.checkpoint}")
+            print(
+                f"leanlm: done: {res.step} steps, {res.tokens_seen:,} tokens in {res.wall_s:.0f}s ({res.tokens_per_s:,.0f} tokens/s)"
+            )
+            print(
+                f"leanlm: held-out loss {res.final.loss:.4f}, perplexity {res.final.ppl:.2f} "
+                f"(unigram baseline of the same tokenizer: {res.unigram_ppl:.2f}) on {res.final.tokens:,} tokens"
+            )
+        print(
+            f"leanlm: logs {res.run_dir}/metrics.jsonl and {res.run_dir}/tb (tensorboard --logdir {res.run_dir}/tb); checkpoint {res.checkpoint}"
+        )
     return 0
 
 
@@ -113,10 +138,19 @@ def cmd_eval(args) -> int:
 
         torch.set_num_threads(cfg.train.threads)
     corpus = build_corpus(cfg, path)
-    res = evaluate(model, corpus.val_tokens, cfg.train.seq_len, cfg.eval.batch_size, device, autocast_for(cfg.train.precision, device))
+    res = evaluate(
+        model,
+        corpus.val_tokens,
+        cfg.train.seq_len,
+        cfg.eval.batch_size,
+        device,
+        autocast_for(cfg.train.precision, device),
+    )
     uni = math.exp(unigram_loss(corpus.train_counts, corpus.val_tokens, cfg.train.seq_len))
-    print(f"{path}: held-out loss {res.loss:.4f}, perplexity {res.ppl:.2f} on {res.tokens:,} tokens "
-          f"(unigram baseline perplexity {uni:.2f}; data {cfg.data.source})")
+    print(
+        f"{path}: held-out loss {res.loss:.4f}, perplexity {res.ppl:.2f} on {res.tokens:,} tokens "
+        f"(unigram baseline perplexity {uni:.2f}; data {cfg.data.source})"
+    )
     return 0
 
 
@@ -124,7 +158,11 @@ def cmd_generate(args) -> int:
     from leanlm.engine.generate import sample
 
     _, model, tok, _, _ = _load(args.checkpoint, [])
-    print(sample(model, tok, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed))
+    print(
+        sample(
+            model, tok, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed
+        )
+    )
     return 0
 
 
@@ -144,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
 
     warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
     try:
-        return {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "keys": cmd_keys}[args.command](args)
+        return {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "keys": cmd_keys}[
+            args.command
+        ](args)
     except LeanLMError as e:
         print(f"leanlm: error: {e}", file=sys.stderr)
         return 2

@@ -80,7 +80,9 @@ class OptimConfig:
     betas: list = _f([0.9, 0.95], "Adam betas [beta1, beta2]")
     eps: float = _f(1e-8, "Adam epsilon")
     weight_decay: float = _f(0.1, "decoupled weight decay (not applied to norms or 1-D tensors)")
-    schedule: str = _f("cosine", "lr schedule after warmup", choices=("cosine", "linear", "constant"))
+    schedule: str = _f(
+        "cosine", "lr schedule after warmup", choices=("cosine", "linear", "constant")
+    )
     warmup_steps: int = _f(100, "linear warmup steps")
     min_lr_ratio: float = _f(0.1, "final lr as a fraction of the peak (cosine/linear)")
 
@@ -90,7 +92,9 @@ class TrainConfig:
     """The loop: how long, how big, where outputs go."""
 
     steps: int = _f(1000, "optimizer steps")
-    batch_size: int = _f(32, "global batch in sequences per optimizer step (all ranks, all micro-batches)")
+    batch_size: int = _f(
+        32, "global batch in sequences per optimizer step (all ranks, all micro-batches)"
+    )
     micro_batch_size: int = _f(0, "sequences per forward per rank; 0 = batch_size / world size")
     seq_len: int = _f(256, "tokens per sequence")
     grad_clip: float = _f(1.0, "max global gradient norm; 0 = no clipping")
@@ -98,7 +102,9 @@ class TrainConfig:
     out_dir: str = _f("runs/default", "run folder: logs, checkpoints, config, tokenizer")
     resume: str = _f("none", "none | auto (newest valid checkpoint in out_dir) | a checkpoint path")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
-    precision: str = _f("auto", "auto (bf16 autocast on CUDA) | fp32 | bf16", choices=("auto", "fp32", "bf16"))
+    precision: str = _f(
+        "auto", "auto (bf16 autocast on CUDA) | fp32 | bf16", choices=("auto", "fp32", "bf16")
+    )
     threads: int = _f(0, "torch CPU threads; 0 = torch's default")
     compile: bool = _f(False, "torch.compile the model")
 
@@ -143,7 +149,11 @@ class LogConfig:
 class DistributedConfig:
     """Multi-process training under torchrun."""
 
-    backend: str = _f("auto", "auto (none for 1 process, ddp otherwise) | none | ddp", choices=("auto", "none", "ddp"))
+    backend: str = _f(
+        "auto",
+        "auto (none for 1 process, ddp otherwise) | none | ddp",
+        choices=("auto", "none", "ddp"),
+    )
 
 
 @dataclass(kw_only=True)
@@ -187,15 +197,21 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Read a preset, resolving ``extends: other.yaml`` (relative to the file) recursively."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} not found; pass a path such as configs/tiny.yaml")
+        raise ConfigError(
+            f"config file {str(path)!r} not found; pass a path such as configs/tiny.yaml"
+        )
     if path.resolve() in _seen:
         raise ConfigError(f"config {str(path)!r} extends itself through {[str(p) for p in _seen]}")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"config {str(path)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise ConfigError(
+            f"config {str(path)!r} is not valid YAML: {str(e).splitlines()[0]}"
+        ) from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"config {str(path)!r} must be a mapping of sections, got {type(raw).__name__}")
+        raise ConfigError(
+            f"config {str(path)!r} must be a mapping of sections, got {type(raw).__name__}"
+        )
     parent = raw.pop("extends", None)
     if parent is None:
         return raw
@@ -220,7 +236,9 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or "." not in key:
-            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.steps=100)")
+            raise ConfigError(
+                f"override {item!r} must look like section.key=value (e.g. train.steps=100)"
+            )
         section, _, name = key.strip().partition(".")
         out.setdefault(section, {})[name] = value
     return out
@@ -322,7 +340,9 @@ def validate(cfg: RunConfig) -> list[str]:
             choices = f.metadata.get("choices")
             value = getattr(section, f.name)
             if choices and value not in choices:
-                p.append(f"{sname}.{f.name}={value!r}: must be one of {', '.join(choices)}{_suggest(str(value), list(choices))}")
+                p.append(
+                    f"{sname}.{f.name}={value!r}: must be one of {', '.join(choices)}{_suggest(str(value), list(choices))}"
+                )
 
     def positive(key: str, value: float, allow_zero: bool = False) -> None:
         if value < 0 or (value == 0 and not allow_zero):
@@ -335,13 +355,17 @@ def validate(cfg: RunConfig) -> list[str]:
     if m.n_heads > 0 and m.d_model % m.n_heads:
         p.append(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}")
     elif m.n_heads > 0 and m.head_dim() % 2:
-        p.append(f"head dim {m.head_dim()} (model.d_model / model.n_heads) must be even for rotary embeddings")
+        p.append(
+            f"head dim {m.head_dim()} (model.d_model / model.n_heads) must be even for rotary embeddings"
+        )
     for key in ("steps", "batch_size", "seq_len"):
         positive(f"train.{key}", getattr(t, key))
     positive("train.micro_batch_size", t.micro_batch_size, allow_zero=True)
     positive("train.grad_clip", t.grad_clip, allow_zero=True)
     if t.micro_batch_size and t.batch_size % t.micro_batch_size:
-        p.append(f"train.batch_size={t.batch_size} is not a multiple of train.micro_batch_size={t.micro_batch_size}")
+        p.append(
+            f"train.batch_size={t.batch_size} is not a multiple of train.micro_batch_size={t.micro_batch_size}"
+        )
     if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
         p.append(f"train.device={t.device!r}: must be auto, cpu, cuda or cuda:N")
     if not t.out_dir:
@@ -357,7 +381,9 @@ def validate(cfg: RunConfig) -> list[str]:
     if not 0 <= d.val_fraction < 1:
         p.append(f"data.val_fraction={d.val_fraction}: must be in [0, 1)")
     if not d.tokenizer and d.vocab_size < 300:
-        p.append(f"data.vocab_size={d.vocab_size}: must be >= 300 (byte fallback needs 256 byte pieces)")
+        p.append(
+            f"data.vocab_size={d.vocab_size}: must be >= 300 (byte fallback needs 256 byte pieces)"
+        )
     if m.vocab_size and not d.tokenizer and m.vocab_size < d.vocab_size:
         p.append(f"model.vocab_size={m.vocab_size} is smaller than data.vocab_size={d.vocab_size}")
     if d.tokenizer_sample_mb <= 0:

@@ -66,8 +66,15 @@ class PackedTokens:
     """Shuffled fixed-length windows over a token array; state = global sequences consumed."""
 
     def __init__(
-        self, tokens: np.ndarray, seq_len: int, batch_size: int, micro: int, rank: int, world: int,
-        seed: int, shuffle: bool = True,
+        self,
+        tokens: np.ndarray,
+        seq_len: int,
+        batch_size: int,
+        micro: int,
+        rank: int,
+        world: int,
+        seed: int,
+        shuffle: bool = True,
     ) -> None:
         self.tokens, self.seq_len = tokens, seq_len
         self.n = (len(tokens) - 1) // seq_len
@@ -103,7 +110,10 @@ class PackedTokens:
     def next_step(self) -> list[torch.Tensor]:
         p0, m, W = self.position, self.micro, self.world
         accum = self.batch_size // (m * W)
-        batches = [self.rows(range(p0 + (j * W + self.rank) * m, p0 + (j * W + self.rank + 1) * m)) for j in range(accum)]
+        batches = [
+            self.rows(range(p0 + (j * W + self.rank) * m, p0 + (j * W + self.rank + 1) * m))
+            for j in range(accum)
+        ]
         self.position += self.batch_size
         return batches
 
@@ -122,9 +132,23 @@ class PackedTokens:
 class StreamedTokens:
     """Packs a streamed HF dataset into windows through a token buffer (this rank's shard)."""
 
-    def __init__(self, make_dataset, tok: Tokenizer, text_field: str, holdout: float, seq_len: int,
-                 batch_size: int, micro: int, world: int) -> None:
-        self.make_dataset, self.tok, self.text_field, self.holdout = make_dataset, tok, text_field, holdout
+    def __init__(
+        self,
+        make_dataset,
+        tok: Tokenizer,
+        text_field: str,
+        holdout: float,
+        seq_len: int,
+        batch_size: int,
+        micro: int,
+        world: int,
+    ) -> None:
+        self.make_dataset, self.tok, self.text_field, self.holdout = (
+            make_dataset,
+            tok,
+            text_field,
+            holdout,
+        )
         self.seq_len, self.micro, self.accum = seq_len, micro, batch_size // (micro * world)
         self.epoch, self.buffer = 0, []
         self.ds = make_dataset(0)
@@ -134,7 +158,11 @@ class StreamedTokens:
         while True:
             for rec in self.ds:
                 text = rec.get(self.text_field)
-                if isinstance(text, str) and text.strip() and not (self.holdout and is_validation(text, self.holdout)):
+                if (
+                    isinstance(text, str)
+                    and text.strip()
+                    and not (self.holdout and is_validation(text, self.holdout))
+                ):
                     yield text
             self.epoch += 1
             self.ds = self.make_dataset(self.epoch)
@@ -149,14 +177,24 @@ class StreamedTokens:
 
     def next_step(self) -> list[torch.Tensor]:
         T = self.seq_len
-        return [torch.tensor([self._take(T + 1) for _ in range(self.micro)], dtype=torch.int64) for _ in range(self.accum)]
+        return [
+            torch.tensor([self._take(T + 1) for _ in range(self.micro)], dtype=torch.int64)
+            for _ in range(self.accum)
+        ]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"kind": "streamed", "epoch": self.epoch, "hf": self.ds.state_dict(), "buffer": list(self.buffer)}
+        return {
+            "kind": "streamed",
+            "epoch": self.epoch,
+            "hf": self.ds.state_dict(),
+            "buffer": list(self.buffer),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("kind") != "streamed":
-            raise DataError("the checkpoint's data position is for a file source, not a streamed HF dataset")
+            raise DataError(
+                "the checkpoint's data position is for a file source, not a streamed HF dataset"
+            )
         self.epoch, self.buffer = int(state["epoch"]), list(state["buffer"])
         self.ds = self.make_dataset(self.epoch)
         self.ds.load_state_dict(state["hf"])
@@ -186,7 +224,9 @@ def _tokenizer_for(cfg: RunConfig, run_dir: Path, sample_texts) -> Tokenizer:
         return Tokenizer.load(own)
     texts = list(sample_texts())
     if not texts:
-        raise DataError(f"data.source={cfg.data.source!r}: no training text to train a tokenizer on (every document is empty, unreadable or held out)")
+        raise DataError(
+            f"data.source={cfg.data.source!r}: no training text to train a tokenizer on (every document is empty, unreadable or held out)"
+        )
     return train_tokenizer(texts, cfg.data.vocab_size)
 
 
@@ -215,7 +255,9 @@ def _tokenize_files(source: FileSource, tok: Tokenizer, fraction: float, folder:
         batch: list[tuple[str, str]] = []
 
         def flush() -> None:
-            for (split, _), ids in zip(batch, tok.encode_documents([t for _, t in batch]), strict=True):
+            for (split, _), ids in zip(
+                batch, tok.encode_documents([t for _, t in batch]), strict=True
+            ):
                 np.asarray(ids, dtype=dtype).tofile(files[split])
                 counts[split] += len(ids)
                 docs[split] += 1
@@ -228,8 +270,16 @@ def _tokenize_files(source: FileSource, tok: Tokenizer, fraction: float, folder:
         flush()
     source.warn_skipped()
     if counts["train"] == 0:
-        raise DataError(f"data.source under {source.root}: the corpus is empty (no readable UTF-8 text)")
-    meta = {"dtype": dtype.name, "tokens": counts, "documents": docs, "tokenizer": tok.sha(), "skipped": source.skipped}
+        raise DataError(
+            f"data.source under {source.root}: the corpus is empty (no readable UTF-8 text)"
+        )
+    meta = {
+        "dtype": dtype.name,
+        "tokens": counts,
+        "documents": docs,
+        "tokenizer": tok.sha(),
+        "skipped": source.skipped,
+    }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     if folder.exists():  # another process won the race; keep theirs
         for p in tmp.iterdir():
@@ -239,11 +289,17 @@ def _tokenize_files(source: FileSource, tok: Tokenizer, fraction: float, folder:
         os.replace(tmp, folder)
 
 
-def _file_corpus(cfg: RunConfig, source: FileSource, run_dir: Path, rank: int, world: int) -> Corpus:
+def _file_corpus(
+    cfg: RunConfig, source: FileSource, run_dir: Path, rank: int, world: int
+) -> Corpus:
     d, t = cfg.data, cfg.train
     if dist.is_main():
-        tok = _tokenizer_for(cfg, run_dir, _file_sample(source, d.val_fraction, d.tokenizer_sample_mb * 1e6))
-        key = hashlib.sha256(f"{source.fingerprint()}|{d.val_fraction}|{tok.sha()}".encode()).hexdigest()[:20]
+        tok = _tokenizer_for(
+            cfg, run_dir, _file_sample(source, d.val_fraction, d.tokenizer_sample_mb * 1e6)
+        )
+        key = hashlib.sha256(
+            f"{source.fingerprint()}|{d.val_fraction}|{tok.sha()}".encode()
+        ).hexdigest()[:20]
         folder = cache_root(cfg) / "tokens" / key
         if not (folder / "meta.json").is_file():
             folder.parent.mkdir(parents=True, exist_ok=True)
@@ -256,10 +312,14 @@ def _file_corpus(cfg: RunConfig, source: FileSource, run_dir: Path, rank: int, w
     meta = json.loads((folder / "meta.json").read_text())
     dtype = np.dtype(meta["dtype"])
     train = np.memmap(folder / "train.bin", dtype=dtype, mode="r")
-    val = np.memmap(folder / "val.bin", dtype=dtype, mode="r") if meta["tokens"]["val"] else np.zeros(0, dtype)
+    val = (
+        np.memmap(folder / "val.bin", dtype=dtype, mode="r")
+        if meta["tokens"]["val"]
+        else np.zeros(0, dtype)
+    )
     micro = t.micro_batch(world)
     stream = PackedTokens(train, t.seq_len, t.batch_size, micro, rank, world, t.seed, d.shuffle)
-    sample = train[: 50_000_000]
+    sample = train[:50_000_000]
     counts = np.bincount(sample, minlength=tok.vocab_size)
     desc = (
         f"{d.source}: {meta['documents']['train']} train / {meta['documents']['val']} held-out documents, "
@@ -277,7 +337,10 @@ def _held_out(val: np.ndarray, cfg: RunConfig) -> np.ndarray:
             f"{cfg.train.seq_len + 1}); raise data.val_fraction or give an HF validation split"
         )
     if len(val) < want:
-        warnings.warn(f"data: held-out split has {len(val) - 1} tokens, fewer than eval.tokens={cfg.eval.tokens}; using all", stacklevel=2)
+        warnings.warn(
+            f"data: held-out split has {len(val) - 1} tokens, fewer than eval.tokens={cfg.eval.tokens}; using all",
+            stacklevel=2,
+        )
     return np.asarray(val[:want]).astype(np.int64)
 
 
@@ -307,6 +370,7 @@ def _hf_corpus(cfg: RunConfig, run_dir: Path, rank: int, world: int) -> Corpus:
                 n += len(text.encode("utf-8"))
                 if n >= budget:
                     return
+
         return gen
 
     budget = d.tokenizer_sample_mb * 1e6
@@ -321,8 +385,12 @@ def _hf_corpus(cfg: RunConfig, run_dir: Path, rank: int, world: int) -> Corpus:
     for text in texts(d.hf_split, False, min(budget, 4e6))():
         counts += np.bincount(tok.encode(text), minlength=tok.vocab_size)
     if counts.sum() == 0:
-        raise DataError(f"data.source={d.source!r}: split {d.hf_split!r} has no text in field '{d.text_field}'")
-    stream = StreamedTokens(make_train, tok, d.text_field, holdout, t.seq_len, t.batch_size, t.micro_batch(world), world)
+        raise DataError(
+            f"data.source={d.source!r}: split {d.hf_split!r} has no text in field '{d.text_field}'"
+        )
+    stream = StreamedTokens(
+        make_train, tok, d.text_field, holdout, t.seq_len, t.batch_size, t.micro_batch(world), world
+    )
     desc = f"{d.source} (streamed; train split {d.hf_split!r}, held-out {val_split!r}{' by hash' if holdout else ''})"
     return Corpus(tok, stream, _held_out(np.asarray(val), cfg), counts, desc)
 

@@ -46,7 +46,9 @@ def evaluate(
         batch = windows[i : i + batch_size].to(device)
         with autocast or contextlib.nullcontext():
             logits = model(batch[:, :-1])
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum")
+        loss = F.cross_entropy(
+            logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum"
+        )
         sums[0] += loss.double()
         sums[1] += batch[:, 1:].numel()
     dist.all_reduce_sum(sums)

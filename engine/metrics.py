@@ -16,7 +16,14 @@ from typing import Any
 import torch
 
 # Dense bf16 peak FLOP/s by device name substring, for MFU (datasheet numbers, no sparsity).
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
+PEAK_BF16_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 125e12,
+    "4090": 165e12,
+}
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -44,7 +51,9 @@ class MetricsLogger:
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)  # line-buffered: survives crashes
+        self.jsonl = open(  # noqa: SIM115 (closed in close(); lives as long as the run)
+            run_dir / "metrics.jsonl", "a", buffering=1
+        )  # line-buffered: survives crashes
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -30,9 +30,13 @@ class RMSNorm(nn.Module):
         return xf.type_as(x) * self.weight
 
 
-def rope_tables(head_dim: int, seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(
+    head_dim: int, seq_len: int, theta: float, device=None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin tables of shape (seq_len, head_dim / 2) in float32."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    inv_freq = 1.0 / theta ** (
+        torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim
+    )
     angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
     return angles.cos(), angles.sin()
 
@@ -133,8 +137,10 @@ class LLaMA(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         # tokens: (B, T) int64 -> logits: (B, T, V)
         T = tokens.shape[1]
-        if T > self.max_seq_len:
-            raise ValueError(f"sequence of {T} tokens exceeds the model's max_seq_len {self.max_seq_len}")
+        if self.max_seq_len < T:
+            raise ValueError(
+                f"sequence of {T} tokens exceeds the model's max_seq_len {self.max_seq_len}"
+            )
         if self.rope_cos.numel() == 0 or self.rope_cos.device != tokens.device:
             self._build_rope(tokens.device)
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
@@ -164,4 +170,3 @@ def flops_per_token(cfg: ModelConfig, vocab_size: int, seq_len: int) -> float:
     d, L, f = cfg.d_model, cfg.n_layers, cfg.ffn_dim
     matmul_params = L * (4 * d * d + 3 * d * f) + d * vocab_size  # lm_head; embedding is a lookup
     return 6.0 * matmul_params + 3.0 * 4.0 * L * seq_len * d
-

@@ -118,10 +118,14 @@ def stdlib_source() -> FileSource:
     root = stdlib_root()
     files = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "dist-packages", "__pycache__"))
+        dirnames[:] = sorted(
+            d for d in dirnames if d not in ("site-packages", "dist-packages", "__pycache__")
+        )
         files += [Path(dirpath) / f for f in sorted(filenames) if f.endswith(".py")]
     if not files:
-        raise DataError(f"no .py files found under the standard library at {root}; use data.source=PATH")
+        raise DataError(
+            f"no .py files found under the standard library at {root}; use data.source=PATH"
+        )
     return FileSource(root=root, files=files)
 
 
@@ -134,9 +138,7 @@ def path_source(spec: str, text_field: str) -> FileSource:
         return FileSource(root=root.parent, files=[root], text_field=text_field)
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in FILE_SUFFIXES)
     if not files:
-        raise DataError(
-            f"data.source={spec!r}: no {', '.join(FILE_SUFFIXES)} files in this folder"
-        )
+        raise DataError(f"data.source={spec!r}: no {', '.join(FILE_SUFFIXES)} files in this folder")
     return FileSource(root=root, files=files, text_field=text_field)
 
 

@@ -16,13 +16,20 @@ from torch import nn
 IGNORE_INDEX = -100
 
 
-def row_losses(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+def row_losses(
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX
+) -> torch.Tensor:
     """Mean token cross-entropy of each row over its non-ignored targets, in float32.
 
     logits: (B, T, V); targets: (B, T) -> (B,). A row with no valid target has loss 0.
     """
     B, T, V = logits.shape
-    tok = F.cross_entropy(logits.reshape(B * T, V).float(), targets.reshape(B * T), ignore_index=ignore_index, reduction="none")
+    tok = F.cross_entropy(
+        logits.reshape(B * T, V).float(),
+        targets.reshape(B * T),
+        ignore_index=ignore_index,
+        reduction="none",
+    )
     valid = (targets != ignore_index).sum(dim=1).clamp_min(1)
     return tok.view(B, T).sum(dim=1) / valid
 
@@ -50,7 +57,11 @@ def train_step(
         batch = batch.to(device, non_blocking=True)
         inputs, targets = batch[:, :-1], batch[:, 1:]
         # DDP: all-reduce gradients only on the last micro-batch.
-        sync = contextlib.nullcontext() if j == accum - 1 or not hasattr(model, "no_sync") else model.no_sync()
+        sync = (
+            contextlib.nullcontext()
+            if j == accum - 1 or not hasattr(model, "no_sync")
+            else model.no_sync()
+        )
         with sync:
             with autocast or contextlib.nullcontext():
                 loss = row_losses(model(inputs), targets).mean() / accum

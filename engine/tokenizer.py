@@ -30,7 +30,9 @@ class Tokenizer:
     def load(cls, path: str | Path) -> Tokenizer:
         path = Path(path)
         if not path.is_file():
-            raise DataError(f"tokenizer {str(path)!r} not found; give a sentencepiece .model file or leave data.tokenizer empty to train one")
+            raise DataError(
+                f"tokenizer {str(path)!r} not found; give a sentencepiece .model file or leave data.tokenizer empty to train one"
+            )
         try:
             return cls(path.read_bytes())
         except RuntimeError as e:
@@ -56,7 +58,11 @@ class Tokenizer:
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         ids = self.sp.encode(text)
-        return ([self.bos_id] if bos and self.bos_id >= 0 else []) + ids + ([self.eos_id] if eos and self.eos_id >= 0 else [])
+        return (
+            ([self.bos_id] if bos and self.bos_id >= 0 else [])
+            + ids
+            + ([self.eos_id] if eos and self.eos_id >= 0 else [])
+        )
 
     def encode_documents(self, texts: list[str], num_threads: int = 0) -> list[list[int]]:
         """Batch-encode documents, each framed as [bos] + ids + [eos] for packing."""

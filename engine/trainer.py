@@ -62,7 +62,9 @@ def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractCon
 def build_model(cfg: RunConfig, tokenizer_vocab: int, device: torch.device | str = "cpu") -> LLaMA:
     vocab = cfg.model.vocab_size or tokenizer_vocab
     if vocab < tokenizer_vocab:
-        raise ConfigError(f"model.vocab_size={vocab} is smaller than the tokenizer's {tokenizer_vocab}; raise it or set 0")
+        raise ConfigError(
+            f"model.vocab_size={vocab} is smaller than the tokenizer's {tokenizer_vocab}; raise it or set 0"
+        )
     with torch.device(device):
         return LLaMA(cfg.model, vocab, cfg.train.seq_len)
 
@@ -115,7 +117,9 @@ def _train(cfg: RunConfig, device: torch.device, stop_at: int | None) -> TrainRe
     run_dir = Path(t.out_dir)
     resume_from = ckpt.resolve_resume(run_dir, t.resume)
     if resume_from is None and ckpt.list_checkpoints(run_dir) and t.resume != "auto":
-        raise ConfigError(f"train.out_dir={t.out_dir!r} already holds checkpoints; pass train.resume=auto to continue it or pick a new train.out_dir")
+        raise ConfigError(
+            f"train.out_dir={t.out_dir!r} already holds checkpoints; pass train.resume=auto to continue it or pick a new train.out_dir"
+        )
     if resume_from is not None:
         _check_resume_config(cfg, resume_from)
     if t.threads:
@@ -124,7 +128,14 @@ def _train(cfg: RunConfig, device: torch.device, stop_at: int | None) -> TrainRe
 
     corpus: Corpus = build_corpus(cfg, run_dir)
     model = build_model(cfg, corpus.tokenizer.vocab_size, device)
-    optimizer = build_optimizer(cfg.optim.name, model.named_parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+    optimizer = build_optimizer(
+        cfg.optim.name,
+        model.named_parameters(),
+        lr=cfg.optim.lr,
+        betas=cfg.optim.betas,
+        eps=cfg.optim.eps,
+        weight_decay=cfg.optim.weight_decay,
+    )
     scheduler = build_scheduler(optimizer, cfg.optim, t.steps)
     step, tokens_seen = 0, 0
     if resume_from is not None:
@@ -156,7 +167,8 @@ def _train(cfg: RunConfig, device: torch.device, stop_at: int | None) -> TrainRe
             f"vocab {model.vocab_size}, {t.tokens_per_step():,} tokens/step x {t.steps} steps = {t.tokens_per_step() * t.steps:,} tokens, "
             f"grad accum {t.grad_accum_steps(dist.world_size())} x world {dist.world_size()}, device {device}\n"
             f"leanlm: data {corpus.description}\n"
-            f"leanlm: run folder {run_dir}" + (f", resuming from {resume_from} (step {step})" if resume_from else "")
+            f"leanlm: run folder {run_dir}"
+            + (f", resuming from {resume_from} (step {step})" if resume_from else "")
         )
 
     def do_eval(at: int) -> EvalResult:
@@ -168,22 +180,43 @@ def _train(cfg: RunConfig, device: torch.device, stop_at: int | None) -> TrainRe
         if not main:
             return None
         train_state = {
-            "step": at, "tokens_seen": tokens_seen, "scheduler": scheduler.state_dict(), "data": corpus.train.state_dict(),
-            "rng_cpu": torch.get_rng_state(), "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "step": at,
+            "tokens_seen": tokens_seen,
+            "scheduler": scheduler.state_dict(),
+            "data": corpus.train.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         }
-        files = {"config.yaml": (run_dir / "config.yaml").read_bytes(), "tokenizer.model": corpus.tokenizer.proto}
-        tensors = {"model": model.state_dict(), "optim": optimizer.state_dict(), "train": train_state}
+        files = {
+            "config.yaml": (run_dir / "config.yaml").read_bytes(),
+            "tokenizer.model": corpus.tokenizer.proto,
+        }
+        tensors = {
+            "model": model.state_dict(),
+            "optim": optimizer.state_dict(),
+            "train": train_state,
+        }
         return ckpt.save_checkpoint(run_dir, at, tensors, files, keep=cfg.checkpoint.keep)
 
-    result = TrainResult(run_dir=run_dir, step=step, tokens_seen=tokens_seen, unigram_ppl=math.exp(unigram))
+    result = TrainResult(
+        run_dir=run_dir, step=step, tokens_seen=tokens_seen, unigram_ppl=math.exp(unigram)
+    )
     last_ckpt: Path | None = resume_from
-    bar = tqdm(total=t.steps, initial=step, disable=not (main and cfg.log.progress), dynamic_ncols=True, unit="step")
+    bar = tqdm(
+        total=t.steps,
+        initial=step,
+        disable=not (main and cfg.log.progress),
+        dynamic_ncols=True,
+        unit="step",
+    )
     start = window_start = time.perf_counter()
     window_tokens, paused = 0, 0.0
     net.train()
     with StopFlag() as stop:
         while step < t.steps:
-            res = train_step(net, optimizer, corpus.train.next_step(), device, autocast, t.grad_clip)
+            res = train_step(
+                net, optimizer, corpus.train.next_step(), device, autocast, t.grad_clip
+            )
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
             step += 1
@@ -193,12 +226,20 @@ def _train(cfg: RunConfig, device: torch.device, stop_at: int | None) -> TrainRe
             loss = dist.all_reduce_mean(res.loss, device)
             if not math.isfinite(loss):
                 where = f"; the last good checkpoint is {last_ckpt}" if last_ckpt else ""
-                raise TrainingError(f"loss became {loss} at step {step}{where}; lower optim.lr or raise optim.warmup_steps")
+                raise TrainingError(
+                    f"loss became {loss} at step {step}{where}; lower optim.lr or raise optim.warmup_steps"
+                )
             result.losses.append(loss)
             if step % cfg.log.every == 0 or step == t.steps:
                 elapsed = time.perf_counter() - window_start - paused
                 tps = window_tokens / max(elapsed, 1e-9)
-                scalars = {"train/loss": loss, "train/grad_norm": res.grad_norm, "optim/lr": lr, "perf/tokens_per_s": tps, "mem/peak_gib": peak_memory_gib(device)}
+                scalars = {
+                    "train/loss": loss,
+                    "train/grad_norm": res.grad_norm,
+                    "optim/lr": lr,
+                    "perf/tokens_per_s": tps,
+                    "mem/peak_gib": peak_memory_gib(device),
+                }
                 if peak:
                     scalars["perf/mfu"] = fpt * tps / (peak * dist.world_size())
                 logger.log(step, scalars, tokens_seen=tokens_seen)
@@ -211,7 +252,11 @@ def _train(cfg: RunConfig, device: torch.device, stop_at: int | None) -> TrainRe
                 if main:
                     bar.write(f"step {step}: val loss {val.loss:.4f}, ppl {val.ppl:.2f}")
             stopping = stop.signal is not None or step == stop_at
-            if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or stopping or step == t.steps:
+            if (
+                (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
+                or stopping
+                or step == t.steps
+            ):
                 last_ckpt = do_save(step) or last_ckpt
             paused += time.perf_counter() - pause
             if stopping:

@@ -27,8 +27,15 @@ def param_groups_by_decay(named_params: NamedParams, weight_decay: float) -> lis
     return groups
 
 
-def _adamw(named_params: NamedParams, *, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
-           weight_decay: float = 0.0, **unused: Any) -> torch.optim.Optimizer:
+def _adamw(
+    named_params: NamedParams,
+    *,
+    lr: float,
+    betas=(0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    **unused: Any,
+) -> torch.optim.Optimizer:
     if unused:
         raise TypeError(f"adamw got unexpected options: {', '.join(sorted(unused))}")
     groups = param_groups_by_decay(named_params, weight_decay)

@@ -15,10 +15,33 @@ torch.set_num_threads(2)
 
 # A fixed slice of the standard library: real text, present on every machine, ~400 KB.
 CORPUS_FILES = [
-    "argparse.py", "base64.py", "bisect.py", "calendar.py", "colorsys.py", "copy.py", "csv.py",
-    "dataclasses.py", "difflib.py", "fnmatch.py", "fractions.py", "functools.py", "heapq.py",
-    "keyword.py", "numbers.py", "operator.py", "pprint.py", "queue.py", "random.py", "shlex.py",
-    "statistics.py", "string.py", "textwrap.py", "this.py", "tokenize.py", "uuid.py", "weakref.py",
+    "argparse.py",
+    "base64.py",
+    "bisect.py",
+    "calendar.py",
+    "colorsys.py",
+    "copy.py",
+    "csv.py",
+    "dataclasses.py",
+    "difflib.py",
+    "fnmatch.py",
+    "fractions.py",
+    "functools.py",
+    "heapq.py",
+    "keyword.py",
+    "numbers.py",
+    "operator.py",
+    "pprint.py",
+    "queue.py",
+    "random.py",
+    "shlex.py",
+    "statistics.py",
+    "string.py",
+    "textwrap.py",
+    "this.py",
+    "tokenize.py",
+    "uuid.py",
+    "weakref.py",
 ]
 
 
@@ -50,11 +73,25 @@ def cache_dir(tmp_path_factory) -> Path:
 def tiny_overrides(corpus_dir, cache_dir, tmp_path):
     """Overrides for a model and run that train in about a second on 2 cores."""
     return [
-        f"data.source={corpus_dir}", f"data.cache_dir={cache_dir}", "data.vocab_size=512",
-        "data.val_fraction=0.15", "model.d_model=64", "model.n_layers=2", "model.n_heads=2",
-        "model.ffn_dim=128", "train.seq_len=32", "train.batch_size=4", "train.steps=6",
-        f"train.out_dir={tmp_path / 'run'}", "train.threads=2", "optim.warmup_steps=2",
-        "eval.every=3", "eval.tokens=512", "eval.batch_size=4", "log.every=1", "log.progress=false",
+        f"data.source={corpus_dir}",
+        f"data.cache_dir={cache_dir}",
+        "data.vocab_size=512",
+        "data.val_fraction=0.15",
+        "model.d_model=64",
+        "model.n_layers=2",
+        "model.n_heads=2",
+        "model.ffn_dim=128",
+        "train.seq_len=32",
+        "train.batch_size=4",
+        "train.steps=6",
+        f"train.out_dir={tmp_path / 'run'}",
+        "train.threads=2",
+        "optim.warmup_steps=2",
+        "eval.every=3",
+        "eval.tokens=512",
+        "eval.batch_size=4",
+        "log.every=1",
+        "log.progress=false",
         "checkpoint.every=3",
     ]
 

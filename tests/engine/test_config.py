@@ -15,7 +15,16 @@ def test_every_preset_loads_and_validates(path):
 
 
 def test_overrides_are_coerced_to_field_types():
-    cfg = load_config(None, ["optim.lr=3e-4", "train.steps=20", "log.tensorboard=false", "optim.betas=[0.8, 0.9]", "train.batch_size=1e2"])
+    cfg = load_config(
+        None,
+        [
+            "optim.lr=3e-4",
+            "train.steps=20",
+            "log.tensorboard=false",
+            "optim.betas=[0.8, 0.9]",
+            "train.batch_size=1e2",
+        ],
+    )
     assert cfg.optim.lr == 3e-4 and isinstance(cfg.optim.lr, float)
     assert cfg.train.steps == 20 and cfg.train.batch_size == 100
     assert cfg.log.tensorboard is False
@@ -34,10 +43,24 @@ def test_unknown_section_gets_a_suggestion():
 
 def test_validation_reports_every_problem_at_once():
     with pytest.raises(ConfigError) as info:
-        load_config(None, ["train.steps=-1", "optim.lr=abc", "model.d_model=100", "model.n_heads=3", "optim.name=sgdd"])
+        load_config(
+            None,
+            [
+                "train.steps=-1",
+                "optim.lr=abc",
+                "model.d_model=100",
+                "model.n_heads=3",
+                "optim.name=sgdd",
+            ],
+        )
     msg = str(info.value)
     assert "\n" not in msg
-    for fragment in ("train.steps=-1", "optim.lr='abc': expected a number", "not divisible by model.n_heads=3", "optim.name='sgdd'"):
+    for fragment in (
+        "train.steps=-1",
+        "optim.lr='abc': expected a number",
+        "not divisible by model.n_heads=3",
+        "optim.name='sgdd'",
+    ):
         assert fragment in msg
 
 
@@ -47,7 +70,9 @@ def test_batch_must_divide_into_micro_batches():
 
 
 def test_extends_merges_parent_preset(tmp_path):
-    (tmp_path / "base.yaml").write_text("model:\n  d_model: 128\n  n_heads: 2\ntrain:\n  steps: 7\n")
+    (tmp_path / "base.yaml").write_text(
+        "model:\n  d_model: 128\n  n_heads: 2\ntrain:\n  steps: 7\n"
+    )
     (tmp_path / "child.yaml").write_text("extends: base.yaml\ntrain:\n  steps: 9\n")
     cfg = load_config(tmp_path / "child.yaml")
     assert cfg.model.d_model == 128 and cfg.train.steps == 9
@@ -66,7 +91,16 @@ def test_malformed_override_is_rejected():
 def test_every_key_is_documented():
     rows = describe_keys()
     assert all(help_ for _, _, help_ in rows)
-    assert {"train.steps", "train.batch_size", "train.seq_len", "optim.name", "optim.lr", "data.source", "train.resume", "train.out_dir"} <= {k for k, _, _ in rows}
+    assert {
+        "train.steps",
+        "train.batch_size",
+        "train.seq_len",
+        "optim.name",
+        "optim.lr",
+        "data.source",
+        "train.resume",
+        "train.out_dir",
+    } <= {k for k, _, _ in rows}
 
 
 def test_grad_accum_is_derived_from_world_size():

@@ -27,7 +27,9 @@ def test_stdlib_source_finds_the_standard_library():
 
 def test_windows_pack_without_padding_and_overlap_by_one_token():
     tokens = np.arange(101, dtype=np.uint16)
-    s = PackedTokens(tokens, seq_len=10, batch_size=4, micro=2, rank=0, world=1, seed=0, shuffle=False)
+    s = PackedTokens(
+        tokens, seq_len=10, batch_size=4, micro=2, rank=0, world=1, seed=0, shuffle=False
+    )
     (a, b) = s.next_step()
     assert a.shape == (2, 11) and a.dtype == torch.int64
     assert a[0].tolist() == list(range(0, 11)) and a[1].tolist() == list(range(10, 21))
@@ -47,7 +49,9 @@ def test_epoch_visits_every_window_once_in_a_seeded_order():
 def test_ranks_read_disjoint_rows_that_together_make_the_global_batch():
     tokens = np.arange(1001, dtype=np.uint16)
     single = PackedTokens(tokens, 10, batch_size=8, micro=2, rank=0, world=1, seed=1)
-    ranks = [PackedTokens(tokens, 10, batch_size=8, micro=2, rank=r, world=2, seed=1) for r in range(2)]
+    ranks = [
+        PackedTokens(tokens, 10, batch_size=8, micro=2, rank=r, world=2, seed=1) for r in range(2)
+    ]
     for _ in range(3):
         whole = torch.cat(single.next_step())
         parts = [torch.cat(r.next_step()) for r in ranks]
@@ -88,7 +92,14 @@ def test_held_out_documents_never_reach_training(corpus_dir, tiny_cfg, tmp_path)
     src = path_source(str(corpus_dir), "text")
     val_text = [t for k, t in src.documents() if is_validation(k, tiny_cfg.data.val_fraction)]
     assert val_text, "fixture should hold out at least one file"
-    train_ids = set(map(tuple, np.lib.stride_tricks.sliding_window_view(np.asarray(corpus.train.tokens), 12)[::7].tolist()))
+    train_ids = set(
+        map(
+            tuple,
+            np.lib.stride_tricks.sliding_window_view(np.asarray(corpus.train.tokens), 12)[
+                ::7
+            ].tolist(),
+        )
+    )
     val_ids = corpus.tokenizer.encode(val_text[0])[:400]
     windows = {tuple(val_ids[i : i + 12]) for i in range(0, len(val_ids) - 12)}
     assert len(windows & train_ids) < len(windows) // 4  # common idioms aside, no shared document
@@ -99,16 +110,30 @@ def test_bad_files_are_skipped_with_one_warning_and_empty_corpus_is_an_error(tmp
     root.mkdir()
     (root / "empty.txt").write_text("   \n")
     (root / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
-    over = [f"data.source={root}", f"data.cache_dir={cache_dir}", "data.vocab_size=300", f"train.out_dir={tmp_path / 'run'}"]
+    over = [
+        f"data.source={root}",
+        f"data.cache_dir={cache_dir}",
+        "data.vocab_size=300",
+        f"train.out_dir={tmp_path / 'run'}",
+    ]
     with pytest.raises(DataError, match="no training text|corpus is empty"):
         build_corpus(load_config(None, over), tmp_path / "run")
     for i in range(8):
         (root / f"good{i}.txt").write_text(f"document {i}: hello world, this is real text. " * 300)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        build_corpus(load_config(None, [*over, "data.val_fraction=0.3", "train.seq_len=16", "eval.tokens=32"]), tmp_path / "run")
+        build_corpus(
+            load_config(
+                None, [*over, "data.val_fraction=0.3", "train.seq_len=16", "eval.tokens=32"]
+            ),
+            tmp_path / "run",
+        )
     skipped = [w for w in caught if "skipped documents" in str(w.message)]
-    assert len(skipped) == 1 and "1 empty" in str(skipped[0].message) and "1 not UTF-8" in str(skipped[0].message)
+    assert (
+        len(skipped) == 1
+        and "1 empty" in str(skipped[0].message)
+        and "1 not UTF-8" in str(skipped[0].message)
+    )
 
 
 def test_missing_source_is_a_clear_error(tmp_path):
@@ -118,7 +143,20 @@ def test_missing_source_is_a_clear_error(tmp_path):
 
 def _write_jsonl(path, n=300):
     rng = np.random.default_rng(0)
-    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    words = [
+        "alpha",
+        "beta",
+        "gamma",
+        "delta",
+        "epsilon",
+        "zeta",
+        "eta",
+        "theta",
+        "iota",
+        "kappa",
+        "lambda",
+        "mu",
+    ]
     with open(path, "w") as fh:
         for i in range(n):
             fh.write(json.dumps({"id": i, "text": " ".join(rng.choice(words, 60))}) + "\n")
@@ -129,7 +167,10 @@ def test_jsonl_and_parquet_sources(tmp_path, cache_dir):
     import pyarrow.parquet as pq
 
     _write_jsonl(tmp_path / "a.jsonl")
-    pq.write_table(pa.table({"body": ["parquet text number %d " % i * 30 for i in range(200)]}), tmp_path / "b.parquet")
+    pq.write_table(
+        pa.table({"body": [f"parquet text number {i} " * 30 for i in range(200)]}),
+        tmp_path / "b.parquet",
+    )
     docs = list(path_source(str(tmp_path / "a.jsonl"), "text").documents())
     assert len(docs) == 300 and docs[0][0] == "a.jsonl:0"
     assert len(list(path_source(str(tmp_path / "b.parquet"), "body").documents())) == 200
@@ -139,9 +180,18 @@ def test_jsonl_and_parquet_sources(tmp_path, cache_dir):
 
 def test_hf_streaming_source_packs_and_resumes(tmp_path, cache_dir):
     _write_jsonl(tmp_path / "train.jsonl", 400)
-    over = ["data.source=hf:json", f"data.hf_data_files=[{tmp_path / 'train.jsonl'}]", "data.hf_val_split=",
-            "data.val_fraction=0.1", "data.vocab_size=300", "data.hf_shuffle_buffer=16", f"data.cache_dir={cache_dir}",
-            "train.seq_len=16", "train.batch_size=4", "eval.tokens=64"]
+    over = [
+        "data.source=hf:json",
+        f"data.hf_data_files=[{tmp_path / 'train.jsonl'}]",
+        "data.hf_val_split=",
+        "data.val_fraction=0.1",
+        "data.vocab_size=300",
+        "data.hf_shuffle_buffer=16",
+        f"data.cache_dir={cache_dir}",
+        "train.seq_len=16",
+        "train.batch_size=4",
+        "eval.tokens=64",
+    ]
     cfg = load_config(None, over)
     a = build_corpus(cfg, tmp_path / "run")
     assert len(a.val_tokens) == 65

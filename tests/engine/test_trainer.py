@@ -1,0 +1,162 @@
+import json
+import math
+import os
+import signal
+import threading
+
+import pytest
+import torch
+
+from leanlm.engine import checkpoint as ckpt
+from leanlm.engine import step as step_mod
+from leanlm.engine.config import load_config
+from leanlm.engine.errors import ConfigError, TrainingError
+from leanlm.engine.trainer import train
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(run_dir):
+    return [(r["step"], r["train/loss"]) for r in read_metrics(run_dir) if "train/loss" in r]
+
+
+def test_run_writes_logs_checkpoints_and_learns(tiny_overrides, tmp_path):
+    res = train(load_config(None, [*tiny_overrides, "train.steps=12", "optim.lr=1e-2"]))
+    run = res.run_dir
+    assert res.step == 12 and res.tokens_seen == 12 * 4 * 32
+    assert (run / "config.yaml").is_file() and (run / "tokenizer.model").is_file()
+    assert [s for s, _ in ckpt.list_checkpoints(run)] == [6, 9, 12]  # every 3, keep 3
+    losses = [loss for _, loss in train_losses(run)]
+    assert losses[-1] < losses[0] - 0.5
+    assert res.final.ppl < res.unigram_ppl * 2 and math.isclose(
+        res.final.ppl, math.exp(res.final.loss)
+    )
+    tags = set().union(*[set(r) for r in read_metrics(run)])
+    assert {
+        "train/loss",
+        "train/grad_norm",
+        "optim/lr",
+        "perf/tokens_per_s",
+        "mem/peak_gib",
+        "val/loss",
+        "val/ppl",
+    } <= tags
+    event_files = list((run / "tb").glob("events.out.tfevents.*"))
+    assert event_files
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    assert {"train/loss", "val/ppl", "optim/lr"} <= set(acc.Tags()["scalars"])
+    assert len(acc.Scalars("train/loss")) == 12
+
+
+def test_resume_is_bitwise_exact(tiny_overrides, tmp_path):
+    straight = train(load_config(None, [*tiny_overrides, f"train.out_dir={tmp_path / 'a'}"]))
+    first = train(
+        load_config(
+            None, [*tiny_overrides, f"train.out_dir={tmp_path / 'b'}", "checkpoint.every=0"]
+        ),
+        stop_at=3,
+    )
+    assert first.step == 3 and first.final is None
+    second = train(
+        load_config(
+            None,
+            [
+                *tiny_overrides,
+                f"train.out_dir={tmp_path / 'b'}",
+                "train.resume=auto",
+                "checkpoint.every=0",
+            ],
+        )
+    )
+    assert second.step == 6
+    assert first.losses + second.losses == straight.losses  # bitwise: float equality, not closeness
+    assert train_losses(tmp_path / "b") == train_losses(tmp_path / "a")
+    assert second.final.loss == straight.final.loss
+
+
+def test_existing_checkpoints_need_resume_auto(tiny_overrides):
+    train(load_config(None, tiny_overrides), stop_at=1)
+    with pytest.raises(ConfigError, match="train.resume=auto"):
+        train(load_config(None, tiny_overrides))
+
+
+def test_resume_with_a_different_model_is_refused(tiny_overrides):
+    train(load_config(None, tiny_overrides), stop_at=1)
+    with pytest.raises(Exception, match="model.d_model"):
+        train(load_config(None, [*tiny_overrides, "model.d_model=32", "train.resume=auto"]))
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_overrides, monkeypatch):
+    real = step_mod.row_losses
+    calls = {"n": 0}
+
+    def poisoned(logits, targets, ignore_index=-100):
+        calls["n"] += 1
+        out = real(logits, targets, ignore_index)
+        return out * float("nan") if calls["n"] == 5 else out
+
+    monkeypatch.setattr(step_mod, "row_losses", poisoned)
+    with pytest.raises(
+        TrainingError,
+        match=r"loss became nan at step 5; the last good checkpoint is .*step-00000003",
+    ):
+        train(load_config(None, tiny_overrides))
+    run = load_config(None, tiny_overrides).train.out_dir
+    assert [s for s, _ in ckpt.list_checkpoints(run)] == [3]
+
+
+def test_sigterm_saves_a_checkpoint_and_returns(tiny_overrides, monkeypatch):
+    real = step_mod.train_step
+    calls = {"n": 0}
+
+    def step_then_signal(*args, **kwargs):
+        calls["n"] += 1
+        out = real(*args, **kwargs)
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr("leanlm.engine.trainer.train_step", step_then_signal)
+    assert threading.current_thread() is threading.main_thread()
+    res = train(load_config(None, [*tiny_overrides, "checkpoint.every=0"]))
+    assert res.interrupted and res.step == 2
+    assert res.checkpoint.name == "step-00000002" and ckpt.verify(res.checkpoint)["step"] == 2
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_gradient_accumulation_matches_one_big_batch(tiny_overrides, tmp_path):
+    big = train(
+        load_config(None, [*tiny_overrides, f"train.out_dir={tmp_path / 'big'}", "train.steps=3"])
+    )
+    acc = train(
+        load_config(
+            None,
+            [
+                *tiny_overrides,
+                f"train.out_dir={tmp_path / 'acc'}",
+                "train.steps=3",
+                "train.micro_batch_size=1",
+            ],
+        )
+    )
+    for a, b in zip(big.losses, acc.losses):
+        assert a == pytest.approx(b, rel=1e-5)
+    sa = torch.load(big.checkpoint / "model.pt", weights_only=True)
+    sb = torch.load(acc.checkpoint / "model.pt", weights_only=True)
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=1e-4, atol=1e-5)
+
+
+def test_row_losses_are_per_sequence_means_and_ignore_padding():
+    logits = torch.randn(2, 4, 7)
+    targets = torch.tensor([[1, 2, 3, 4], [5, 6, -100, -100]])
+    rows = step_mod.row_losses(logits, targets)
+    tok = torch.nn.functional.cross_entropy(
+        logits.reshape(8, 7), targets.reshape(8), reduction="none", ignore_index=-100
+    )
+    torch.testing.assert_close(rows, torch.stack([tok[:4].mean(), tok[4:6].mean()]))
