@@ -106,3 +106,9 @@ def test_every_key_is_documented():
 def test_grad_accum_is_derived_from_world_size():
     cfg = load_config(None, ["train.batch_size=32", "train.micro_batch_size=4"])
     assert cfg.train.grad_accum_steps(1) == 8 and cfg.train.grad_accum_steps(2) == 4
+
+
+def test_readme_documents_every_config_key():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    missing = [key for key, _, _ in describe_keys() if f"`{key}`" not in readme]
+    assert not missing, f"README.md lacks {missing}; regenerate with scripts/config_keys.py"
