@@ -73,8 +73,7 @@ def _checkpoint_path(spec: str) -> Path:
 def _load(spec: str, overrides: list[str]):
     """(config, model, tokenizer, checkpoint path, device) from a checkpoint, with config overrides.
 
-    The config's ``data.tokenizer`` is pointed at the checkpoint's own tokenizer, so data is always
-    tokenized the way the model was trained.
+    Data is always tokenized with the checkpoint's own tokenizer, the way the model was trained.
     """
     from leanlm.engine import checkpoint as ckpt
     from leanlm.engine.config import build_config, merge, parse_overrides, read_yaml
@@ -89,7 +88,6 @@ def _load(spec: str, overrides: list[str]):
             "only data.*, eval.*, train.device and train.threads can be overridden here"
         )
     cfg = build_config(merge(read_yaml(path / "config.yaml"), over))
-    cfg.data.tokenizer = str(path / "tokenizer.model")
     device = pick_device(cfg.train.device)
     tok = Tokenizer.load(path / "tokenizer.model")
     model = build_model(cfg, tok.vocab_size, device)
@@ -137,7 +135,7 @@ def cmd_eval(args) -> int:
         import torch
 
         torch.set_num_threads(cfg.train.threads)
-    corpus = build_corpus(cfg, path)
+    corpus = build_corpus(cfg, path / "tokenizer.model")
     res = evaluate(
         model,
         corpus.val_tokens,

@@ -215,19 +215,31 @@ class Corpus:
     description: str
 
 
-def _tokenizer_for(cfg: RunConfig, run_dir: Path, sample_texts) -> Tokenizer:
-    """data.tokenizer if given; else the run's own (resume); else train one (cached by content)."""
+def _tokenizer_for(
+    cfg: RunConfig, tokenizer_file: Path | None, fingerprint: str, sample_texts
+) -> Tokenizer:
+    """The run's tokenizer: ``tokenizer_file`` (a resumed or evaluated checkpoint's own), else
+    ``data.tokenizer``, else one trained on a sample of the training split, cached by content."""
+    if tokenizer_file is not None:
+        return Tokenizer.load(tokenizer_file)
     if cfg.data.tokenizer:
         return Tokenizer.load(cfg.data.tokenizer)
-    own = run_dir / "tokenizer.model"
-    if own.is_file():
-        return Tokenizer.load(own)
+    d = cfg.data
+    key = hashlib.sha256(
+        f"{fingerprint}|{d.vocab_size}|{d.tokenizer_sample_mb}|{d.val_fraction}".encode()
+    ).hexdigest()[:20]
+    cached = cache_root(cfg) / "tokenizers" / f"{key}.model"
+    if cached.is_file():
+        return Tokenizer.load(cached)
     texts = list(sample_texts())
     if not texts:
         raise DataError(
-            f"data.source={cfg.data.source!r}: no training text to train a tokenizer on (every document is empty, unreadable or held out)"
+            f"data.source={d.source!r}: no training text to train a tokenizer on (every document is empty, unreadable or held out)"
         )
-    return train_tokenizer(texts, cfg.data.vocab_size)
+    tok = train_tokenizer(texts, d.vocab_size)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write_bytes(cached, tok.proto)
+    return tok
 
 
 def _file_sample(source: FileSource, fraction: float, budget_bytes: float):
@@ -290,16 +302,16 @@ def _tokenize_files(source: FileSource, tok: Tokenizer, fraction: float, folder:
 
 
 def _file_corpus(
-    cfg: RunConfig, source: FileSource, run_dir: Path, rank: int, world: int
+    cfg: RunConfig, source: FileSource, tokenizer_file: Path | None, rank: int, world: int
 ) -> Corpus:
     d, t = cfg.data, cfg.train
     if dist.is_main():
-        tok = _tokenizer_for(
-            cfg, run_dir, _file_sample(source, d.val_fraction, d.tokenizer_sample_mb * 1e6)
-        )
-        key = hashlib.sha256(
-            f"{source.fingerprint()}|{d.val_fraction}|{tok.sha()}".encode()
-        ).hexdigest()[:20]
+        fingerprint = source.fingerprint()
+        sample = _file_sample(source, d.val_fraction, d.tokenizer_sample_mb * 1e6)
+        tok = _tokenizer_for(cfg, tokenizer_file, fingerprint, sample)
+        key = hashlib.sha256(f"{fingerprint}|{d.val_fraction}|{tok.sha()}".encode()).hexdigest()[
+            :20
+        ]
         folder = cache_root(cfg) / "tokens" / key
         if not (folder / "meta.json").is_file():
             folder.parent.mkdir(parents=True, exist_ok=True)
@@ -344,7 +356,7 @@ def _held_out(val: np.ndarray, cfg: RunConfig) -> np.ndarray:
     return np.asarray(val[:want]).astype(np.int64)
 
 
-def _hf_corpus(cfg: RunConfig, run_dir: Path, rank: int, world: int) -> Corpus:
+def _hf_corpus(cfg: RunConfig, tokenizer_file: Path | None, rank: int, world: int) -> Corpus:
     from datasets.distributed import split_dataset_by_node
 
     d, t = cfg.data, cfg.train
@@ -374,7 +386,12 @@ def _hf_corpus(cfg: RunConfig, run_dir: Path, rank: int, world: int) -> Corpus:
         return gen
 
     budget = d.tokenizer_sample_mb * 1e6
-    tok = _tokenizer_for(cfg, run_dir, texts(d.hf_split, False, budget))
+    fingerprint = f"{d.source}|{d.hf_split}|{d.hf_data_files}|{d.text_field}|{holdout}"
+    if dist.is_main():  # one rank trains (or loads) the tokenizer; the others receive it
+        tok = _tokenizer_for(cfg, tokenizer_file, fingerprint, texts(d.hf_split, False, budget))
+        dist.broadcast_object(tok.proto)
+    else:
+        tok = Tokenizer(dist.broadcast_object(None))
     val_split = d.hf_val_split or d.hf_split
     val: list[int] = []
     for text in texts(val_split, True, float("inf"))():
@@ -395,11 +412,14 @@ def _hf_corpus(cfg: RunConfig, run_dir: Path, rank: int, world: int) -> Corpus:
     return Corpus(tok, stream, _held_out(np.asarray(val), cfg), counts, desc)
 
 
-def build_corpus(cfg: RunConfig, run_dir: Path) -> Corpus:
-    """Source -> tokenizer -> this rank's training stream and the fixed held-out tokens."""
+def build_corpus(cfg: RunConfig, tokenizer_file: Path | None = None) -> Corpus:
+    """Source -> tokenizer -> this rank's training stream and the fixed held-out tokens.
+
+    ``tokenizer_file`` forces a tokenizer (a checkpoint's own, when resuming or evaluating).
+    """
     rank, world = dist.rank(), dist.world_size()
     spec = cfg.data.source
     if spec.startswith("hf:"):
-        return _hf_corpus(cfg, run_dir, rank, world)
+        return _hf_corpus(cfg, tokenizer_file, rank, world)
     source = stdlib_source() if spec == "stdlib" else path_source(spec, cfg.data.text_field)
-    return _file_corpus(cfg, source, run_dir, rank, world)
+    return _file_corpus(cfg, source, tokenizer_file, rank, world)

@@ -126,7 +126,7 @@ def _train(cfg: RunConfig, device: torch.device, stop_at: int | None) -> TrainRe
         torch.set_num_threads(t.threads)
     torch.manual_seed(t.seed)
 
-    corpus: Corpus = build_corpus(cfg, run_dir)
+    corpus: Corpus = build_corpus(cfg, resume_from / "tokenizer.model" if resume_from else None)
     model = build_model(cfg, corpus.tokenizer.vocab_size, device)
     optimizer = build_optimizer(
         cfg.optim.name,
@@ -224,10 +224,15 @@ def _train(cfg: RunConfig, device: torch.device, stop_at: int | None) -> TrainRe
             tokens_seen += step_tokens
             window_tokens += step_tokens
             loss = dist.all_reduce_mean(res.loss, device)
-            if not math.isfinite(loss):
+            if not (math.isfinite(loss) and math.isfinite(res.grad_norm)):
+                what = (
+                    f"loss became {loss}"
+                    if not math.isfinite(loss)
+                    else f"gradient norm became {res.grad_norm}"
+                )
                 where = f"; the last good checkpoint is {last_ckpt}" if last_ckpt else ""
                 raise TrainingError(
-                    f"loss became {loss} at step {step}{where}; lower optim.lr or raise optim.warmup_steps"
+                    f"{what} at step {step}{where}; lower optim.lr or raise optim.warmup_steps"
                 )
             result.losses.append(loss)
             if step % cfg.log.every == 0 or step == t.steps:

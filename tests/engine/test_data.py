@@ -78,8 +78,8 @@ def test_state_from_another_corpus_is_rejected():
 
 
 def test_file_corpus_is_cached_and_stable(tiny_cfg, tmp_path):
-    a = build_corpus(tiny_cfg, tmp_path / "a")
-    b = build_corpus(tiny_cfg, tmp_path / "b")
+    a = build_corpus(tiny_cfg)
+    b = build_corpus(tiny_cfg)
     assert a.tokenizer.sha() == b.tokenizer.sha()
     assert np.array_equal(a.val_tokens, b.val_tokens)
     assert len(a.val_tokens) == tiny_cfg.eval.tokens + 1
@@ -88,7 +88,7 @@ def test_file_corpus_is_cached_and_stable(tiny_cfg, tmp_path):
 
 
 def test_held_out_documents_never_reach_training(corpus_dir, tiny_cfg, tmp_path):
-    corpus = build_corpus(tiny_cfg, tmp_path)
+    corpus = build_corpus(tiny_cfg)
     src = path_source(str(corpus_dir), "text")
     val_text = [t for k, t in src.documents() if is_validation(k, tiny_cfg.data.val_fraction)]
     assert val_text, "fixture should hold out at least one file"
@@ -117,7 +117,7 @@ def test_bad_files_are_skipped_with_one_warning_and_empty_corpus_is_an_error(tmp
         f"train.out_dir={tmp_path / 'run'}",
     ]
     with pytest.raises(DataError, match="no training text|corpus is empty"):
-        build_corpus(load_config(None, over), tmp_path / "run")
+        build_corpus(load_config(None, over))
     for i in range(8):
         (root / f"good{i}.txt").write_text(f"document {i}: hello world, this is real text. " * 300)
     with warnings.catch_warnings(record=True) as caught:
@@ -125,8 +125,7 @@ def test_bad_files_are_skipped_with_one_warning_and_empty_corpus_is_an_error(tmp
         build_corpus(
             load_config(
                 None, [*over, "data.val_fraction=0.3", "train.seq_len=16", "eval.tokens=32"]
-            ),
-            tmp_path / "run",
+            )
         )
     skipped = [w for w in caught if "skipped documents" in str(w.message)]
     assert (
@@ -138,7 +137,7 @@ def test_bad_files_are_skipped_with_one_warning_and_empty_corpus_is_an_error(tmp
 
 def test_missing_source_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="no such file or folder"):
-        build_corpus(load_config(None, [f"data.source={tmp_path / 'nope'}"]), tmp_path)
+        build_corpus(load_config(None, [f"data.source={tmp_path / 'nope'}"]))
 
 
 def _write_jsonl(path, n=300):
@@ -193,14 +192,29 @@ def test_hf_streaming_source_packs_and_resumes(tmp_path, cache_dir):
         "eval.tokens=64",
     ]
     cfg = load_config(None, over)
-    a = build_corpus(cfg, tmp_path / "run")
+    a = build_corpus(cfg)
     assert len(a.val_tokens) == 65
     for _ in range(5):
         a.train.next_step()
     state = a.train.state_dict()
     expected = [a.train.next_step()[0] for _ in range(5)]
-    b = build_corpus(cfg, tmp_path / "run")
+    b = build_corpus(cfg)
     b.train.load_state_dict(state)
     got = [b.train.next_step()[0] for _ in range(5)]
     assert all(torch.equal(x, y) for x, y in zip(expected, got))
     assert expected[0].shape == (4, 17)
+
+
+def test_trained_tokenizer_is_cached_by_content(tiny_cfg, cache_dir):
+    first = build_corpus(tiny_cfg).tokenizer
+    cached = list((cache_dir / "tokenizers").glob("*.model"))
+    assert cached and any(p.read_bytes() == first.proto for p in cached)
+    assert build_corpus(tiny_cfg).tokenizer.sha() == first.sha()
+
+
+def test_forced_tokenizer_file_wins(tiny_cfg, tmp_path):
+    from leanlm.engine.tokenizer import train_tokenizer
+
+    other = train_tokenizer(["some other text entirely, with words " * 50] * 20, 320)
+    other.save(tmp_path / "t.model")
+    assert build_corpus(tiny_cfg, tmp_path / "t.model").tokenizer.sha() == other.sha()
