@@ -1,8 +1,25 @@
 """leanlm.optim: optimizers and parameterisations another codebase can take alone.
 
 Imports torch (and ``leanlm.kernels`` for dispatch) only, never ``leanlm.engine``.
+
+    from leanlm.optim import FRUGAL, frugal_param_groups
+    opt = FRUGAL(model.named_parameters(), lr=1e-3, density=0.25, projection="columns")
 """
 
 from leanlm.optim.factory import OPTIMIZERS, build_optimizer, param_groups_by_decay
+from leanlm.optim.frugal import FRUGAL
+from leanlm.optim.groups import frugal_param_groups, is_projectable_name
+from leanlm.optim.memory import state_bytes
+from leanlm.optim.presets import badam, galore
 
-__all__ = ["OPTIMIZERS", "build_optimizer", "param_groups_by_decay"]
+__all__ = [
+    "FRUGAL",
+    "OPTIMIZERS",
+    "badam",
+    "build_optimizer",
+    "frugal_param_groups",
+    "galore",
+    "is_projectable_name",
+    "param_groups_by_decay",
+    "state_bytes",
+]

@@ -43,7 +43,30 @@ def _adamw(
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, foreach=True)
 
 
-OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {"adamw": _adamw}
+def _frugal(named_params: NamedParams, **kwargs: Any) -> torch.optim.Optimizer:
+    from leanlm.optim.frugal import FRUGAL
+
+    return FRUGAL(list(named_params), **kwargs)
+
+
+def _galore(named_params: NamedParams, **kwargs: Any) -> torch.optim.Optimizer:
+    from leanlm.optim.presets import galore
+
+    return galore(list(named_params), **kwargs)
+
+
+def _badam(named_params: NamedParams, **kwargs: Any) -> torch.optim.Optimizer:
+    from leanlm.optim.presets import badam
+
+    return badam(list(named_params), **kwargs)
+
+
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "adamw": _adamw,
+    "frugal": _frugal,
+    "galore": _galore,
+    "badam": _badam,
+}
 
 
 def build_optimizer(name: str, named_params: NamedParams, **kwargs: Any) -> torch.optim.Optimizer:

@@ -1,0 +1,105 @@
+"""Subspace choices for FRUGAL: which coordinates of a gradient get the state-full optimizer.
+
+Every choice is drawn from a private ``torch.Generator`` seeded by (seed, parameter index, refresh
+count): all ranks draw the same subspace with no communication, and a resumed run draws the same
+subspace as an uninterrupted one. Nothing here touches the global RNG.
+
+Shapes: a projectable weight is W (m, n) = (out_features, in_features); "columns" are input
+features (dim 1), "rows" output features (dim 0).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+PROJECTIONS = ("columns", "rows", "randk", "blocks", "svd", "random")
+BLOCK_ORDERS = ("descending", "ascending", "random")
+
+
+def subspace_generator(seed: int, index: int, refresh: int) -> torch.Generator:
+    """A CPU generator whose stream depends only on (seed, index, refresh)."""
+    digest = hashlib.blake2b(
+        f"leanlm-frugal:{seed}:{index}:{refresh}".encode(), digest_size=8
+    ).digest()
+    return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest, "big") & (2**63 - 1))
+
+
+def num_selected(density: float, size: int) -> int:
+    """⌊ρ·size⌋, the count of columns / rows / entries a density selects (the paper's ``int(ρ·n)``)."""
+    return int(density * size + 1e-9)
+
+
+def svd_rank(density: float, shape: tuple[int, int]) -> int:
+    """r = round(ρ·min(m, n)) for the svd and random projections."""
+    return round(density * min(shape))
+
+
+def select_indices(size: int, count: int, gen: torch.Generator) -> torch.Tensor:
+    """``count`` distinct indices out of ``size``, sorted, int64 (for columns and rows)."""
+    return torch.randperm(size, generator=gen)[:count].sort().values
+
+
+def select_entries(numel: int, count: int, gen: torch.Generator) -> torch.Tensor:
+    """``count`` distinct flat indices out of ``numel``, sorted, stored as int32 (4 B per entry).
+
+    int32 flat indices cost half of what two int64 coordinate tensors would, and suffice for any
+    matrix under 2^31 entries (checked).
+    """
+    if numel >= 2**31:
+        raise ValueError(f"randk supports matrices under 2^31 entries, got {numel}")
+    return torch.randperm(numel, generator=gen)[:count].sort().values.to(torch.int32)
+
+
+def select_blocks(
+    n_tensors: int, density: float, refresh: int, order: str, gen: torch.Generator
+) -> list[int]:
+    """Which of a group's projectable tensors are state-full after this refresh.
+
+    k = round(ρ·n) tensors. ``descending`` starts from the last tensor (the deepest layer) and moves
+    k tensors towards the input at each refresh, wrapping around; ``ascending`` the reverse;
+    ``random`` draws k from the generator.
+    """
+    k = round(density * n_tensors)
+    if k == 0:
+        return []
+    if order == "random":
+        return sorted(torch.randperm(n_tensors, generator=gen)[:k].tolist())
+    start = (refresh * k) % n_tensors
+    picks = [(start + j) % n_tensors for j in range(k)]
+    if order == "descending":
+        picks = [n_tensors - 1 - i for i in picks]
+    return sorted(picks)
+
+
+def svd_basis(grad: torch.Tensor, rank: int) -> torch.Tensor:
+    """GaLore's projector from the top-``rank`` singular vectors of the gradient, in float32.
+
+    Projects the shorter side: m >= n gives B (rank, n) with low = G Bᵀ (m, rank); m < n gives
+    A (m, rank) with low = Aᵀ G (rank, n).
+    """
+    g = grad.float()
+    U, _, Vh = torch.linalg.svd(g, full_matrices=False)
+    return Vh[:rank].contiguous() if g.shape[0] >= g.shape[1] else U[:, :rank].contiguous()
+
+
+def random_basis(shape: tuple[int, int], rank: int, gen: torch.Generator) -> torch.Tensor:
+    """A random semi-orthogonal projector of the same layout as ``svd_basis`` (QR of a Gaussian)."""
+    m, n = shape
+    side = n if m >= n else m
+    q, r = torch.linalg.qr(torch.randn(side, rank, generator=gen))
+    q = q * torch.sign(torch.diagonal(r)).unsqueeze(0)  # make the factorisation unique
+    return q.T.contiguous() if m >= n else q.contiguous()
+
+
+def project_down(grad: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """(m, n) -> (m, r) on the right or (r, n) on the left, in float32."""
+    g = grad.float()
+    return g @ basis.T if g.shape[0] >= g.shape[1] else basis.T @ g
+
+
+def project_up(low: torch.Tensor, basis: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """The inverse map of ``project_down``: back to (m, n)."""
+    m, n = shape
+    return low @ basis if m >= n else basis @ low
