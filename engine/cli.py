@@ -16,6 +16,7 @@ USAGE_EXAMPLES = """examples:
   leanlm train configs/tiny.yaml train.out_dir=runs/tiny train.resume=auto
   leanlm eval runs/tiny/checkpoints/step-00000300
   leanlm generate runs/tiny/checkpoints/step-00000300 --prompt "def main("
+  leanlm memory configs/llama_7b.yaml optim.name=frugal optim.density=0 train.param_dtype=bf16
   leanlm keys
 """
 
@@ -50,6 +51,18 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     g.add_argument("--top-k", type=int, default=50)
     g.add_argument("--seed", type=int, default=0)
+    mm = sub.add_parser(
+        "memory", help="parameter, gradient, optimizer-state and activation memory of a config"
+    )
+    mm.add_argument("config", help="YAML preset, e.g. configs/frugal_1b.yaml")
+    mm.add_argument(
+        "overrides",
+        nargs="*",
+        help="dotted overrides, e.g. optim.name=frugal train.micro_batch_size=8",
+    )
+    mm.add_argument(
+        "--cpu", action="store_true", help="estimate for CPU training (fp32 activations)"
+    )
     sub.add_parser("keys", help="list every config key with its default and meaning")
     return p
 
@@ -164,6 +177,24 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_memory(args) -> int:
+    from leanlm.engine.config import load_config
+    from leanlm.engine.memory import memory_report
+    from leanlm.engine.tokenizer import Tokenizer
+
+    cfg = load_config(args.config, args.overrides)
+    vocab = cfg.model.vocab_size or (
+        Tokenizer.load(cfg.data.tokenizer).vocab_size if cfg.data.tokenizer else cfg.data.vocab_size
+    )
+    report = memory_report(cfg, vocab, on_gpu=not args.cpu)
+    print(
+        report.table(
+            f"{args.config} (vocab {vocab}, {cfg.train.param_dtype} weights)", cfg.optim.name
+        )
+    )
+    return 0
+
+
 def cmd_keys(args) -> int:
     from leanlm.engine.config import describe_keys
 
@@ -180,9 +211,13 @@ def main(argv: list[str] | None = None) -> int:
 
     warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
     try:
-        return {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "keys": cmd_keys}[
-            args.command
-        ](args)
+        return {
+            "train": cmd_train,
+            "eval": cmd_eval,
+            "generate": cmd_generate,
+            "memory": cmd_memory,
+            "keys": cmd_keys,
+        }[args.command](args)
     except LeanLMError as e:
         print(f"leanlm: error: {e}", file=sys.stderr)
         return 2

@@ -73,18 +73,73 @@ class DataConfig:
 
 @dataclass(kw_only=True)
 class OptimConfig:
-    """Optimizer and learning-rate schedule."""
+    """Optimizer and learning-rate schedule. FRUGAL keys apply to frugal, galore and badam."""
 
-    name: str = _f("adamw", "optimizer", choices=("adamw",))
+    name: str = _f("adamw", "optimizer", choices=("adamw", "frugal", "galore", "badam"))
     lr: float = _f(1e-3, "peak learning rate")
     betas: list = _f([0.9, 0.95], "Adam betas [beta1, beta2]")
     eps: float = _f(1e-8, "Adam epsilon")
-    weight_decay: float = _f(0.1, "decoupled weight decay (not applied to norms or 1-D tensors)")
+    weight_decay: float = _f(
+        0.1,
+        "decoupled weight decay (adamw: matrices only; frugal/galore/badam: every parameter, before the update)",
+    )
     schedule: str = _f(
         "cosine", "lr schedule after warmup", choices=("cosine", "linear", "constant")
     )
     warmup_steps: int = _f(100, "linear warmup steps")
     min_lr_ratio: float = _f(0.1, "final lr as a fraction of the peak (cosine/linear)")
+    density: float = _f(0.25, "FRUGAL ρ: state-full fraction of columns/rows/entries/rank/tensors")
+    projection: str = _f(
+        "columns",
+        "FRUGAL subspace",
+        choices=("columns", "rows", "randk", "blocks", "svd", "random"),
+    )
+    update_gap: int = _f(200, "FRUGAL T: steps between subspace refreshes")
+    state_free: str = _f(
+        "sign", "FRUGAL update outside the subspace", choices=("sign", "sgd", "none")
+    )
+    state_free_lr_scale: float = _f(1.0, "FRUGAL: lr multiplier of the state-free part")
+    proj_lr_scale: float = _f(
+        1.0,
+        "FRUGAL: lr multiplier of projectable weights, both parts (the paper's proj_params_lr_scale; 0.3 at 7B)",
+    )
+    reset_on_refresh: bool = _f(
+        True, "FRUGAL: zero the moments and restart bias correction at each refresh"
+    )
+    block_order: str = _f(
+        "descending", "order of blocks mode", choices=("descending", "ascending", "random")
+    )
+    galore_scale: float = _f(0.25, "galore: scale α of the low-rank update")
+
+    def optimizer_kwargs(self, seed: int) -> dict:
+        """Keyword arguments for ``leanlm.optim.build_optimizer(self.name, ...)``."""
+        common = dict(
+            lr=self.lr, betas=tuple(self.betas), eps=self.eps, weight_decay=self.weight_decay
+        )
+        if self.name == "adamw":
+            return common
+        if self.name == "galore":
+            return dict(
+                common,
+                density=self.density,
+                update_gap=self.update_gap,
+                scale=self.galore_scale,
+                seed=seed,
+            )
+        if self.name == "badam":
+            return dict(
+                common,
+                density=self.density,
+                update_gap=self.update_gap,
+                block_order=self.block_order,
+                seed=seed,
+            )
+        return dict(
+            common, density=self.density, projection=self.projection, update_gap=self.update_gap,
+            state_free=self.state_free, state_free_lr_scale=self.state_free_lr_scale,
+            proj_lr_scale=self.proj_lr_scale, reset_on_refresh=self.reset_on_refresh,
+            block_order=self.block_order, seed=seed,
+        )  # fmt: skip
 
 
 @dataclass(kw_only=True)
@@ -104,6 +159,11 @@ class TrainConfig:
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
     precision: str = _f(
         "auto", "auto (bf16 autocast on CUDA) | fp32 | bf16", choices=("auto", "fp32", "bf16")
+    )
+    param_dtype: str = _f(
+        "fp32",
+        "weights, gradients and optimizer state: fp32 (bf16 autocast on GPU) or bf16 (pure bf16, as FRUGAL's 7B run)",
+        choices=("fp32", "bf16"),
     )
     threads: int = _f(0, "torch CPU threads; 0 = torch's default")
     compile: bool = _f(False, "torch.compile the model")
@@ -376,6 +436,11 @@ def validate(cfg: RunConfig) -> list[str]:
     positive("optim.warmup_steps", o.warmup_steps, allow_zero=True)
     if len(o.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in o.betas):
         p.append(f"optim.betas={o.betas!r}: must be two numbers in [0, 1)")
+    if not 0 <= o.density <= 1:
+        p.append(f"optim.density={o.density}: must be in [0, 1]")
+    positive("optim.update_gap", o.update_gap)
+    positive("optim.state_free_lr_scale", o.state_free_lr_scale, allow_zero=True)
+    positive("optim.proj_lr_scale", o.proj_lr_scale, allow_zero=True)
     if not 0 <= o.min_lr_ratio <= 1:
         p.append(f"optim.min_lr_ratio={o.min_lr_ratio}: must be in [0, 1]")
     if not 0 <= d.val_fraction < 1:

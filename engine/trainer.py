@@ -65,8 +65,9 @@ def build_model(cfg: RunConfig, tokenizer_vocab: int, device: torch.device | str
         raise ConfigError(
             f"model.vocab_size={vocab} is smaller than the tokenizer's {tokenizer_vocab}; raise it or set 0"
         )
+    dtype = torch.bfloat16 if cfg.train.param_dtype == "bf16" else torch.float32
     with torch.device(device):
-        return LLaMA(cfg.model, vocab, cfg.train.seq_len)
+        return LLaMA(cfg.model, vocab, cfg.train.seq_len).to(dtype)
 
 
 class StopFlag:
@@ -129,12 +130,7 @@ def _train(cfg: RunConfig, device: torch.device, stop_at: int | None) -> TrainRe
     corpus: Corpus = build_corpus(cfg, resume_from / "tokenizer.model" if resume_from else None)
     model = build_model(cfg, corpus.tokenizer.vocab_size, device)
     optimizer = build_optimizer(
-        cfg.optim.name,
-        model.named_parameters(),
-        lr=cfg.optim.lr,
-        betas=cfg.optim.betas,
-        eps=cfg.optim.eps,
-        weight_decay=cfg.optim.weight_decay,
+        cfg.optim.name, model.named_parameters(), **cfg.optim.optimizer_kwargs(t.seed)
     )
     scheduler = build_scheduler(optimizer, cfg.optim, t.steps)
     step, tokens_seen = 0, 0

@@ -160,3 +160,23 @@ def test_row_losses_are_per_sequence_means_and_ignore_padding():
         logits.reshape(8, 7), targets.reshape(8), reduction="none", ignore_index=-100
     )
     torch.testing.assert_close(rows, torch.stack([tok[:4].mean(), tok[4:6].mean()]))
+
+
+@pytest.mark.parametrize("name", ["frugal", "galore", "badam"])
+def test_resume_is_bitwise_exact_with_subspace_optimizers_across_a_refresh(
+    name, tiny_overrides, tmp_path
+):
+    over = [
+        *tiny_overrides,
+        f"optim.name={name}",
+        "optim.update_gap=2",
+        "optim.density=0.5",
+        "checkpoint.every=0",
+    ]
+    straight = train(load_config(None, [*over, f"train.out_dir={tmp_path / 'a'}"]))
+    train(load_config(None, [*over, f"train.out_dir={tmp_path / 'b'}"]), stop_at=3)
+    resumed = train(
+        load_config(None, [*over, f"train.out_dir={tmp_path / 'b'}", "train.resume=auto"])
+    )
+    assert train_losses(tmp_path / "b") == train_losses(tmp_path / "a")
+    assert resumed.final.loss == straight.final.loss

@@ -1,0 +1,108 @@
+"""``leanlm memory``: what a config needs in memory, before anyone rents a GPU.
+
+Parameters, gradients and optimizer state are measured, not estimated: the model is built on the
+meta device, the configured optimizer takes one step on meta gradients, and the state tensors it
+creates are counted by shape (no memory is allocated). Activations are an estimate (the tensors a
+LLaMA block keeps for backward, per token), and the allocator's fragmentation and the CUDA context
+(~0.5–1 GiB) are not included.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from leanlm.engine.config import RunConfig
+from leanlm.engine.model import LLaMA
+from leanlm.optim import build_optimizer, state_bytes
+
+GIB = 2**30
+
+
+@dataclass
+class MemoryReport:
+    parameters: int  # count
+    param_bytes: int
+    grad_bytes: int
+    optim_bytes: int
+    activation_bytes: int
+    tokens_per_micro_batch: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.param_bytes + self.grad_bytes + self.optim_bytes + self.activation_bytes
+
+    def table(self, name: str, optimizer: str) -> str:
+        rows = [
+            ("parameters", self.param_bytes, f"{self.parameters / 1e6:,.2f}M"),
+            ("gradients", self.grad_bytes, ""),
+            (
+                f"optimizer state ({optimizer})",
+                self.optim_bytes,
+                "2 moments per parameter" if optimizer == "adamw" else "measured on meta tensors",
+            ),
+            (
+                "activations (estimate)",
+                self.activation_bytes,
+                f"{self.tokens_per_micro_batch:,} tokens per micro-batch",
+            ),
+        ]
+        lines = [f"{name}: memory per GPU (data parallel, one replica)"]
+        lines += [f"  {label:<32} {b / GIB:9.2f} GiB  {note}" for label, b, note in rows]
+        lines.append(f"  {'total':<32} {self.total_bytes / GIB:9.2f} GiB")
+        for card in (24, 40, 80):
+            verdict = "fits" if self.total_bytes < (card - 1) * GIB else "does not fit"
+            lines.append(f"  {card} GiB card (1 GiB kept for the CUDA context): {verdict}")
+        return "\n".join(lines)
+
+
+def activation_bytes(cfg: RunConfig, vocab: int, act_bytes: int, param_dtype_bytes: int) -> int:
+    """Saved-for-backward activations of one micro-batch.
+
+    Per token and block (h = d_model, f = ffn_dim): norms keep their input and output (4h, in
+    float32), attention q, k, v, rotated q, k, the output and o_proj's input (~7h), the MLP's gate,
+    up, silu(gate) and their product (4f) plus down_proj's input (f). With activation
+    checkpointing a block keeps only its input, and one block's worth is rebuilt at a time. The
+    head adds the logits, their float32 copy for the loss and its gradient.
+    """
+    m, t = cfg.model, cfg.train
+    tokens = t.micro_batch(1) * t.seq_len
+    h, f, L = m.d_model, m.ffn_dim, m.n_layers
+    per_block = 4 * h * 4 + (7 * h + 5 * f) * act_bytes
+    blocks = L * h * param_dtype_bytes + per_block if m.activation_checkpointing else L * per_block
+    head = vocab * (act_bytes + 4 + 4)
+    return tokens * (blocks + head + h * 4)
+
+
+def memory_report(cfg: RunConfig, vocab: int, on_gpu: bool = True) -> MemoryReport:
+    """Measure parameter, gradient and optimizer-state bytes on the meta device; estimate activations."""
+    dtype = torch.bfloat16 if cfg.train.param_dtype == "bf16" else torch.float32
+    with torch.device("meta"):
+        model = LLaMA(cfg.model, vocab, cfg.train.seq_len).to(dtype)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.empty_like(p)
+    opt = build_optimizer(
+        cfg.optim.name, model.named_parameters(), **cfg.optim.optimizer_kwargs(cfg.train.seed)
+    )
+    if cfg.optim.name == "adamw":  # torch's AdamW allocates lazily and cannot step on meta tensors
+        optim = sum(2 * p.numel() * p.element_size() + 4 for p in params)
+    else:
+        opt.step()
+        optim = state_bytes(opt)
+    n = sum(p.numel() for p in params)
+    elt = (
+        dtype.itemsize
+        if hasattr(dtype, "itemsize")
+        else torch.tensor([], dtype=dtype).element_size()
+    )
+    uses_bf16 = (
+        cfg.train.precision == "bf16"
+        or (cfg.train.precision == "auto" and on_gpu)
+        or dtype == torch.bfloat16
+    )
+    act = activation_bytes(cfg, vocab, 2 if uses_bf16 else 4, elt)
+    return MemoryReport(
+        n, n * elt, n * elt, optim, act, cfg.train.micro_batch(1) * cfg.train.seq_len
+    )

@@ -1,0 +1,41 @@
+from pathlib import Path
+
+import pytest
+
+from leanlm.engine.cli import main
+from leanlm.engine.config import load_config
+from leanlm.engine.memory import memory_report
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def test_optimizer_state_is_measured_per_optimizer():
+    sizes = {}
+    for name in ("adamw", "frugal", "galore", "badam"):
+        cfg = load_config(CONFIGS / "llama_60m.yaml", [f"optim.name={name}"])
+        sizes[name] = memory_report(cfg, 32000).optim_bytes
+    assert sizes["adamw"] == pytest.approx(8 * 58_073_600, rel=1e-5)
+    assert sizes["frugal"] / sizes["adamw"] == pytest.approx(0.673, abs=0.002)
+    assert sizes["badam"] < sizes["adamw"] and sizes["galore"] < sizes["adamw"]
+
+
+def test_bf16_weights_halve_parameter_and_gradient_memory():
+    fp32 = memory_report(load_config(CONFIGS / "llama_60m.yaml"), 32000)
+    bf16 = memory_report(load_config(CONFIGS / "llama_60m.yaml", ["train.param_dtype=bf16"]), 32000)
+    assert bf16.param_bytes * 2 == fp32.param_bytes and bf16.grad_bytes * 2 == fp32.grad_bytes
+
+
+def test_activation_checkpointing_shrinks_activations():
+    off = memory_report(
+        load_config(CONFIGS / "llama_350m.yaml", ["model.activation_checkpointing=false"]), 32000
+    )
+    on = memory_report(
+        load_config(CONFIGS / "llama_350m.yaml", ["model.activation_checkpointing=true"]), 32000
+    )
+    assert on.activation_bytes < off.activation_bytes / 3
+
+
+def test_memory_cli_answers_whether_7b_fits(capsys):
+    assert main(["memory", str(CONFIGS / "frugal_7b.yaml"), "train.micro_batch_size=1"]) == 0
+    out = capsys.readouterr().out
+    assert "6,738.42M" in out and "24 GiB card" in out and "optimizer state (frugal)" in out
