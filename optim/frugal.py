@@ -111,6 +111,7 @@ class FRUGAL(torch.optim.Optimizer):
         self._index = {
             id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])
         }
+        self._scratch: dict[tuple, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ bookkeeping + dispatch
 
@@ -230,7 +231,7 @@ class FRUGAL(torch.optim.Optimizer):
         free = group["state_free"]
         if kind == "blocks" and not bool(st["active"]):
             if free != "none":
-                p.add_(state_free_update(g, free), alpha=-lr_free)
+                p.add_(state_free_update(g, free, self._scratch_like(g)), alpha=-lr_free)
             return
         # Gather the state-full coordinates: low has the moments' shape.
         if kind == "columns":
@@ -247,11 +248,16 @@ class FRUGAL(torch.optim.Optimizer):
             adam_direction_(low, st, group["betas"], group["eps"], lr_full) if low.numel() else low
         )
         if kind in ("svd", "random"):
-            full = project_up(upd, st["basis"], tuple(p.shape)).to(p.dtype)
-            if free != "none":
-                resid = g.float() - project_up(low, st["basis"], tuple(p.shape))
-                full.add_(state_free_update(resid, free).to(p.dtype), alpha=-lr_free)
-            p.add_(full)
+            shape = tuple(p.shape)
+            if free != "none":  # residual G − P↑P↓G (float32), its state-free step applied first
+                resid = self._scratch_like(g, torch.float32, slot=1)
+                torch.sub(g, project_up(low, st["basis"], shape, out=resid), out=resid)
+                p.add_(state_free_update(resid, free, resid), alpha=-lr_free)
+            p.add_(
+                project_up(
+                    upd, st["basis"], shape, out=self._scratch_like(g, torch.float32, slot=2)
+                )
+            )
             return
         if kind == "blocks":
             p.add_(upd)
@@ -259,11 +265,22 @@ class FRUGAL(torch.optim.Optimizer):
         if free == "none":
             _scatter_add(p, kind, st["index"], upd)
             return
-        u = state_free_update(g, free).mul_(
-            -lr_free
-        )  # complement: the selected coordinates are overwritten
+        # The complement: the state-free step everywhere, then the selected coordinates overwritten
+        # with the Adam step, so each coordinate gets exactly one of the two.
+        u = state_free_update(g, free, self._scratch_like(g)).mul_(-lr_free)
         _scatter_set(u, kind, st["index"], upd)
         p.add_(u)
+
+    def _scratch_like(
+        self, t: torch.Tensor, dtype: torch.dtype | None = None, slot: int = 0
+    ) -> torch.Tensor:
+        """A reusable buffer per (shape, dtype, device, slot): fresh full-size temporaries every
+        step cost page faults on CPU and allocator churn on GPU. Not optimizer state (never saved)."""
+        dtype = dtype or t.dtype
+        key = (tuple(t.shape), dtype, t.device, slot)
+        if key not in self._scratch:
+            self._scratch[key] = torch.empty(t.shape, dtype=dtype, device=t.device)
+        return self._scratch[key]
 
     # ------------------------------------------------------------------ state round trip
 
@@ -313,13 +330,18 @@ def adam_direction_(
     low = low.to(st["exp_avg"].dtype)
     st["exp_avg"].lerp_(low, 1 - b1)
     st["exp_avg_sq"].mul_(b2).addcmul_(low, low, value=1 - b2)
-    denom = (st["exp_avg_sq"].sqrt() / math.sqrt(1 - b2**k)).add_(eps)
-    return (st["exp_avg"] / denom).mul_(-lr / (1 - b1**k))
+    out = st["exp_avg_sq"].sqrt().div_(math.sqrt(1 - b2**k)).add_(eps)  # the denominator...
+    return torch.div(st["exp_avg"], out, out=out).mul_(
+        -lr / (1 - b1**k)
+    )  # ...then the step, in place
 
 
-def state_free_update(residual: torch.Tensor, rule: str) -> torch.Tensor:
+def state_free_update(
+    residual: torch.Tensor, rule: str, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """The state-free direction (before −lr scaling): sign(residual) or the residual itself."""
-    return torch.sign(residual) if rule == "sign" else residual.clone()
+    out = torch.empty_like(residual) if out is None else out
+    return torch.sign(residual, out=out) if rule == "sign" else out.copy_(residual)
 
 
 def _scatter_set(u: torch.Tensor, kind: str, index: torch.Tensor, values: torch.Tensor) -> None:

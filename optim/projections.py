@@ -99,7 +99,9 @@ def project_down(grad: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     return g @ basis.T if g.shape[0] >= g.shape[1] else basis.T @ g
 
 
-def project_up(low: torch.Tensor, basis: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """The inverse map of ``project_down``: back to (m, n)."""
+def project_up(
+    low: torch.Tensor, basis: torch.Tensor, shape: tuple[int, int], out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The inverse map of ``project_down``: back to (m, n), in float32 (into ``out`` if given)."""
     m, n = shape
-    return low @ basis if m >= n else basis @ low
+    return torch.matmul(low, basis, out=out) if m >= n else torch.matmul(basis, low, out=out)
