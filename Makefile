@@ -24,8 +24,12 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e .
 	touch $@
 
+# DeepSpeed (tests of the client-optimizer path) must build against the installed torch, so it is
+# installed without build isolation, before the dev extras.
 $(VENV)/.installed-dev: pyproject.toml | $(PY)
 	$(PY) -m pip install -q $(TORCH_INDEX) "$(TORCH_SPEC)"
+	$(PY) -m pip install -q setuptools wheel
+	$(PY) -m pip install -q --no-build-isolation "deepspeed>=0.14"
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@ $(VENV)/.installed
 
