@@ -156,6 +156,7 @@ def cmd_eval(args) -> int:
         cfg.eval.batch_size,
         device,
         autocast_for(cfg.train.precision, device),
+        cfg.train.loss_chunk_tokens,
     )
     uni = math.exp(unigram_loss(corpus.train_counts, corpus.val_tokens, cfg.train.seq_len))
     print(

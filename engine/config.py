@@ -143,6 +143,22 @@ class OptimConfig:
 
 
 @dataclass(kw_only=True)
+class ReweightConfig:
+    """Loss-based sample reweighting (Sow et al., ICLR 2025): weights = softmax(f(x) / r) over
+    the global micro-batch, x = per-row losses min-max normalised to [-1, 1]."""
+
+    strategy: str = _f(
+        "uniform",
+        "f(x): uniform (plain mean) | linupper min(x+1, 1) | quadratic 1-x² | extremes |x|",
+        choices=("uniform", "linupper", "quadratic", "extremes"),
+    )
+    r: float = _f(1.0, "temperature: w_max / w_min <= e^(1/r); larger is closer to uniform")
+    warmup_steps: int = _f(
+        1000, "optimizer steps of plain (uniform) averaging before reweighting starts"
+    )
+
+
+@dataclass(kw_only=True)
 class TrainConfig:
     """The loop: how long, how big, where outputs go."""
 
@@ -167,6 +183,11 @@ class TrainConfig:
     )
     threads: int = _f(0, "torch CPU threads; 0 = torch's default")
     compile: bool = _f(False, "torch.compile the model")
+    loss_chunk_tokens: int = _f(
+        4096,
+        "tokens per chunk of the fused output head + cross-entropy (bounds the float32 logits); 0 = one chunk",
+    )
+    reweight: ReweightConfig = field(default_factory=ReweightConfig)
 
     def grad_accum_steps(self, world_size: int) -> int:
         """Micro-batches per optimizer step on each rank."""
@@ -299,8 +320,13 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             raise ConfigError(
                 f"override {item!r} must look like section.key=value (e.g. train.steps=100)"
             )
-        section, _, name = key.strip().partition(".")
-        out.setdefault(section, {})[name] = value
+        *parents, name = key.strip().split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with another override of {part!r}")
+        node[name] = value
     return out
 
 
@@ -359,6 +385,30 @@ def _field_type(cls: type, name: str) -> Any:
     return tp
 
 
+def _build(cls: type, values: dict[str, Any], prefix: str, problems: list[str]) -> Any:
+    """One (possibly nested) config dataclass from a mapping; problems are appended, not raised."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in values.items():
+        if k not in names:
+            problems.append(f"unknown key '{prefix}.{k}'{_suggest(k, names)}")
+            continue
+        tp = _field_type(cls, k)
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(v, dict):
+                problems.append(
+                    f"'{prefix}.{k}' must be a mapping of {', '.join(f.name for f in dataclasses.fields(tp))}"
+                )
+                continue
+            kwargs[k] = _build(tp, v, f"{prefix}.{k}", problems)
+            continue
+        try:
+            kwargs[k] = _coerce(v, tp, f"{prefix}.{k}")
+        except ValueError as e:
+            problems.append(str(e))
+    return cls(**kwargs)
+
+
 def build_config(raw: dict[str, Any]) -> RunConfig:
     """Turn a nested mapping into a validated ``RunConfig``; report every problem at once."""
     problems: list[str] = []
@@ -372,36 +422,33 @@ def build_config(raw: dict[str, Any]) -> RunConfig:
         if not isinstance(values, dict):
             problems.append(f"section '{sname}' must be a mapping, got {values!r}")
             continue
-        cls = _SECTION_TYPES[sname]
-        names = [f.name for f in dataclasses.fields(cls)]
-        kwargs = {}
-        for k, v in values.items():
-            if k not in names:
-                problems.append(f"unknown key '{sname}.{k}'{_suggest(k, names)}")
-                continue
-            try:
-                kwargs[k] = _coerce(v, _field_type(cls, k), f"{sname}.{k}")
-            except ValueError as e:
-                problems.append(str(e))
-        sections[sname] = kwargs
-    cfg = RunConfig(**{s: _SECTION_TYPES[s](**sections.get(s, {})) for s in _SECTION_TYPES})
+        sections[sname] = _build(_SECTION_TYPES[sname], values, sname, problems)
+    cfg = RunConfig(**{s: sections.get(s) or _SECTION_TYPES[s]() for s in _SECTION_TYPES})
     problems += validate(cfg)
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems))
     return cfg
 
 
+def _leaves(obj: Any, prefix: str):
+    """(dotted key, dataclass field, value) for every leaf field of a config dataclass."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _leaves(value, f"{prefix}.{f.name}")
+        else:
+            yield f"{prefix}.{f.name}", f, value
+
+
 def validate(cfg: RunConfig) -> list[str]:
     """Value and cross-field checks. Returns the list of problems (empty when valid)."""
     p: list[str] = []
-    for sname, cls in _SECTION_TYPES.items():
-        section = getattr(cfg, sname)
-        for f in dataclasses.fields(cls):
+    for sname in _SECTION_TYPES:
+        for key, f, value in _leaves(getattr(cfg, sname), sname):
             choices = f.metadata.get("choices")
-            value = getattr(section, f.name)
             if choices and value not in choices:
                 p.append(
-                    f"{sname}.{f.name}={value!r}: must be one of {', '.join(choices)}{_suggest(str(value), list(choices))}"
+                    f"{key}={value!r}: must be one of {', '.join(choices)}{_suggest(str(value), list(choices))}"
                 )
 
     def positive(key: str, value: float, allow_zero: bool = False) -> None:
@@ -453,6 +500,9 @@ def validate(cfg: RunConfig) -> list[str]:
         p.append(f"model.vocab_size={m.vocab_size} is smaller than data.vocab_size={d.vocab_size}")
     if d.tokenizer_sample_mb <= 0:
         p.append(f"data.tokenizer_sample_mb={d.tokenizer_sample_mb}: must be > 0")
+    positive("train.loss_chunk_tokens", t.loss_chunk_tokens, allow_zero=True)
+    positive("train.reweight.r", t.reweight.r)
+    positive("train.reweight.warmup_steps", t.reweight.warmup_steps, allow_zero=True)
     positive("eval.every", cfg.eval.every, allow_zero=True)
     positive("eval.tokens", cfg.eval.tokens)
     positive("eval.batch_size", cfg.eval.batch_size)
@@ -487,10 +537,9 @@ def describe_keys() -> list[tuple[str, str, str]]:
     """(dotted key, default, help) for every config key, for ``leanlm keys`` and the README."""
     rows = []
     for sname, cls in _SECTION_TYPES.items():
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        for key, f, default in _leaves(cls(), sname):
             help_ = f.metadata.get("help", "")
             if f.metadata.get("choices"):
                 help_ += f" [{'|'.join(f.metadata['choices'])}]"
-            rows.append((f"{sname}.{f.name}", repr(default), help_))
+            rows.append((key, repr(default), help_))
     return rows

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from leanlm.engine import distributed as dist
@@ -36,6 +35,7 @@ def evaluate(
     batch_size: int,
     device: torch.device,
     autocast: contextlib.AbstractContextManager | None = None,
+    chunk_tokens: int = 4096,
 ) -> EvalResult:
     """Sum of token losses / number of tokens over the fixed set; windows are split across ranks."""
     was_training = model.training
@@ -45,11 +45,10 @@ def evaluate(
     for i in range(0, len(windows), batch_size):
         batch = windows[i : i + batch_size].to(device)
         with autocast or contextlib.nullcontext():
-            logits = model(batch[:, :-1])
-        loss = F.cross_entropy(
-            logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum"
-        )
-        sums[0] += loss.double()
+            rows = model(
+                batch[:, :-1], targets=batch[:, 1:], chunk_tokens=chunk_tokens
+            )  # (b,) mean per row
+        sums[0] += rows.double().sum() * seq_len  # every target is valid in packed windows
         sums[1] += batch[:, 1:].numel()
     dist.all_reduce_sum(sums)
     model.train(was_training)

@@ -14,6 +14,8 @@ from torch.utils.checkpoint import checkpoint
 
 from leanlm.engine.config import ModelConfig
 
+IGNORE_INDEX = -100  # target id excluded from the loss (PyTorch's convention)
+
 
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, computed in float32 for stability under bf16 autocast."""
@@ -134,10 +136,14 @@ class LLaMA(nn.Module):
         cos, sin = rope_tables(self.cfg.head_dim(), self.max_seq_len, self.cfg.rope_theta, device)
         self.rope_cos, self.rope_sin = cos, sin
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        # tokens: (B, T) int64 -> logits: (B, T, V)
+    def forward(
+        self, tokens: torch.Tensor, targets: torch.Tensor | None = None, chunk_tokens: int = 4096
+    ) -> torch.Tensor:
+        """tokens (B, T) -> logits (B, T, V); with ``targets`` (B, T) -> per-row mean token
+        cross-entropy (B,) in float32 (targets of -100 are ignored), computed by ``row_losses``
+        without materialising the float32 logits of the whole batch."""
         T = tokens.shape[1]
-        if self.max_seq_len < T:
+        if T > self.max_seq_len:
             raise ValueError(
                 f"sequence of {T} tokens exceeds the model's max_seq_len {self.max_seq_len}"
             )
@@ -150,7 +156,49 @@ class LLaMA(nn.Module):
                 x = checkpoint(layer, x, cos, sin, use_reentrant=False)
             else:
                 x = layer(x, cos, sin)
-        return self.lm_head(self.norm(x))
+        x = self.norm(x)  # (B, T, d)
+        if targets is None:
+            return self.lm_head(x)
+        return row_losses(x, self.lm_head.weight, targets, chunk_tokens)
+
+
+def _row_loss_sums(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    # hidden: (B, t, d), weight: (V, d), targets: (B, t) -> summed token losses per row (B,)
+    logits = F.linear(hidden, weight).float()  # (B, t, V)
+    ce = F.cross_entropy(
+        logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    return ce.view(targets.shape).sum(dim=1)
+
+
+def row_losses(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_tokens: int = 4096
+) -> torch.Tensor:
+    """Per-row mean token cross-entropy of the output head, in float32: (B,).
+
+    The head and the loss run over chunks of about ``chunk_tokens`` tokens along the sequence;
+    with more than one chunk each is checkpointed, so backward recomputes a chunk's logits instead
+    of keeping the (B, T, V) float32 logits and log-softmax alive (``chunk_tokens=0``: one chunk).
+    Rows with no valid target get loss 0.
+    """
+    B, T = targets.shape
+    step = T if chunk_tokens <= 0 else max(1, chunk_tokens // B)
+    if step >= T:
+        sums = _row_loss_sums(hidden, weight, targets)
+    else:
+        sums = sum(
+            checkpoint(
+                _row_loss_sums,
+                hidden[:, i : i + step],
+                weight,
+                targets[:, i : i + step],
+                use_reentrant=False,
+            )
+            for i in range(0, T, step)
+        )
+    return sums / (targets != IGNORE_INDEX).sum(dim=1).clamp_min(1)
 
 
 def count_parameters(model: nn.Module, non_embedding: bool = False) -> int:

@@ -1,7 +1,8 @@
-"""One optimizer step's math: micro-batches -> per-row losses -> backward -> clip -> step.
+"""One optimizer step's math: micro-batches -> per-row losses -> (re)weighting -> backward -> clip -> step.
 
 When things happen (eval, checkpoints, logging) is the trainer's business, not this module's.
-The loss path returns per-row (per-sequence) losses so sample reweighting can weight rows.
+The model returns per-row (per-sequence) losses; ``batch_loss`` turns them into the micro-batch's
+training loss, either the plain mean or the loss-reweighted sum (``leanlm.engine.reweight``).
 """
 
 from __future__ import annotations
@@ -10,35 +11,36 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-IGNORE_INDEX = -100
-
-
-def row_losses(
-    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX
-) -> torch.Tensor:
-    """Mean token cross-entropy of each row over its non-ignored targets, in float32.
-
-    logits: (B, T, V); targets: (B, T) -> (B,). A row with no valid target has loss 0.
-    """
-    B, T, V = logits.shape
-    tok = F.cross_entropy(
-        logits.reshape(B * T, V).float(),
-        targets.reshape(B * T),
-        ignore_index=ignore_index,
-        reduction="none",
-    )
-    valid = (targets != ignore_index).sum(dim=1).clamp_min(1)
-    return tok.view(B, T).sum(dim=1) / valid
+from leanlm.engine import distributed as dist
+from leanlm.engine.reweight import WeightStats, sample_weights
 
 
 @dataclass
 class StepResult:
-    loss: float  # mean training loss over this rank's micro-batches
+    loss: float  # mean training loss over this rank's micro-batches (unweighted)
     grad_norm: float  # global gradient norm before clipping
     tokens: int  # tokens processed on this rank
+    reweight: WeightStats | None = None  # averaged over micro-batches, when reweighting is on
+
+
+def batch_loss(
+    rows: torch.Tensor, strategy: str | None = None, r: float = 1.0
+) -> tuple[torch.Tensor, WeightStats | None]:
+    """The micro-batch loss from this rank's per-row losses ``rows`` (B_local,).
+
+    ``None`` or ``uniform``: the plain mean (bit-identical to no reweighting). Otherwise the rows of
+    every rank are gathered, weighted (weights sum to 1 over the global micro-batch, no gradient),
+    and this rank's slice, taken by its global rank, gives Σ_local w_i ℓ_i · world_size.
+    """
+    if strategy is None or strategy == "uniform":
+        return rows.mean(), None
+    world = dist.world_size()
+    global_rows = dist.all_gather(rows.detach().float())  # (world * B_local,), rank-major
+    weights = sample_weights(global_rows, strategy, r)
+    local = weights.view(world, -1)[dist.rank()]
+    return (local * rows).sum() * world, WeightStats.of(global_rows, weights)
 
 
 def train_step(
@@ -48,11 +50,17 @@ def train_step(
     device: torch.device,
     autocast: contextlib.AbstractContextManager | None = None,
     grad_clip: float = 0.0,
+    reweight: tuple[str, float] | None = None,
+    chunk_tokens: int = 4096,
 ) -> StepResult:
-    """Forward/backward every micro-batch (each (micro, T + 1) tokens), clip, step, zero grads."""
+    """Forward/backward every micro-batch (each (micro, T + 1) tokens), clip, step, zero grads.
+
+    ``reweight``: (strategy, r) to weight rows by their loss, or None for the plain mean.
+    """
     accum = len(micro_batches)
     total = torch.zeros((), device=device)
     tokens = 0
+    stats: list[WeightStats] = []
     for j, batch in enumerate(micro_batches):
         batch = batch.to(device, non_blocking=True)
         inputs, targets = batch[:, :-1], batch[:, 1:]
@@ -64,13 +72,23 @@ def train_step(
         )
         with sync:
             with autocast or contextlib.nullcontext():
-                loss = row_losses(model(inputs), targets).mean() / accum
-            loss.backward()
-        total += loss.detach()
+                rows = model(
+                    inputs, targets=targets, chunk_tokens=chunk_tokens
+                )  # (B_local,) float32
+            loss, st = batch_loss(rows, *(reweight or (None,)))
+            (loss / accum).backward()
+        total += rows.detach().mean() / accum
         tokens += targets.numel()
+        if st is not None:
+            stats.append(st)
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
     max_norm = grad_clip if grad_clip > 0 else float("inf")
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss=total.item(), grad_norm=norm.item(), tokens=tokens)
+    return StepResult(
+        loss=total.item(),
+        grad_norm=norm.item(),
+        tokens=tokens,
+        reweight=WeightStats.mean(stats) if stats else None,
+    )

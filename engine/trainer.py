@@ -168,7 +168,15 @@ def _train(cfg: RunConfig, device: torch.device, stop_at: int | None) -> TrainRe
         )
 
     def do_eval(at: int) -> EvalResult:
-        res = evaluate(net, corpus.val_tokens, t.seq_len, cfg.eval.batch_size, device, autocast)
+        res = evaluate(
+            net,
+            corpus.val_tokens,
+            t.seq_len,
+            cfg.eval.batch_size,
+            device,
+            autocast,
+            t.loss_chunk_tokens,
+        )
         logger.log(at, {"val/loss": res.loss, "val/ppl": res.ppl}, tokens_seen=tokens_seen)
         return res
 
@@ -210,9 +218,15 @@ def _train(cfg: RunConfig, device: torch.device, stop_at: int | None) -> TrainRe
     net.train()
     with StopFlag() as stop:
         while step < t.steps:
-            res = train_step(
-                net, optimizer, corpus.train.next_step(), device, autocast, t.grad_clip
+            rw = (
+                t.reweight
+                if t.reweight.strategy != "uniform" and step >= t.reweight.warmup_steps
+                else None
             )
+            res = train_step(
+                net, optimizer, corpus.train.next_step(), device, autocast, t.grad_clip,
+                reweight=(rw.strategy, rw.r) if rw else None, chunk_tokens=t.loss_chunk_tokens,
+            )  # fmt: skip
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
             step += 1
@@ -243,6 +257,8 @@ def _train(cfg: RunConfig, device: torch.device, stop_at: int | None) -> TrainRe
                 }
                 if peak:
                     scalars["perf/mfu"] = fpt * tps / (peak * dist.world_size())
+                if res.reweight is not None:
+                    scalars.update(res.reweight.scalars())
                 logger.log(step, scalars, tokens_seen=tokens_seen)
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
                 window_start, window_tokens, paused = time.perf_counter(), 0, 0.0
