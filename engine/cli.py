@@ -17,6 +17,7 @@ USAGE_EXAMPLES = """examples:
   leanlm eval runs/tiny/checkpoints/step-00000300
   leanlm generate runs/tiny/checkpoints/step-00000300 --prompt "def main("
   leanlm memory configs/llama_7b.yaml optim.name=frugal optim.density=0 train.param_dtype=bf16
+  leanlm fit runs/scaling_demo/* --budget 1e21 --plot fit.png
   leanlm keys
 """
 
@@ -63,6 +64,52 @@ def _parser() -> argparse.ArgumentParser:
     mm.add_argument(
         "--cpu", action="store_true", help="estimate for CPU training (fp32 activations)"
     )
+    sc = sub.add_parser(
+        "scaling", help="scaling-law records: export runs' scaling.jsonl as a ColPret CSV"
+    )
+    sc.add_argument("action", choices=["export"])
+    sc.add_argument("runs", nargs="+", help="run folders or scaling.jsonl files")
+    sc.add_argument("--csv", required=True, help="output CSV path")
+    f = sub.add_parser(
+        "fit", help="fit L(N, D) = E + A/N^α + B/D^β to runs or a CSV/JSONL of records"
+    )
+    f.add_argument(
+        "inputs", nargs="+", help="run folders, scaling.jsonl files or ColPret-style CSVs"
+    )
+    f.add_argument("--method", choices=["chinchilla", "colpret"], default="chinchilla")
+    f.add_argument(
+        "--grid",
+        choices=["full", "small"],
+        default="full",
+        help="L-BFGS starting grid (chinchilla)",
+    )
+    f.add_argument(
+        "--drop-fraction",
+        type=float,
+        default=0.1,
+        help="drop each run's checkpoints before this fraction of its tokens",
+    )
+    f.add_argument("--budget", type=float, help="FLOP budget C: print the compute-optimal N and D")
+    f.add_argument(
+        "--predict",
+        type=float,
+        nargs=2,
+        metavar=("N", "D"),
+        help="print the predicted loss at (N, D)",
+    )
+    f.add_argument(
+        "--holdout",
+        action="store_true",
+        help="fit without the largest model; report ARE on its last 30%% of checkpoints",
+    )
+    f.add_argument(
+        "--bootstrap",
+        type=int,
+        default=0,
+        help="bootstrap rounds (runs are resampled whole) for 95%% intervals",
+    )
+    f.add_argument("--json", help="write the result as JSON here")
+    f.add_argument("--plot", help="write a PNG of data vs fitted curves here")
     sub.add_parser("keys", help="list every config key with its default and meaning")
     return p
 
@@ -196,6 +243,49 @@ def cmd_memory(args) -> int:
     return 0
 
 
+def cmd_scaling(args) -> int:
+    from leanlm.engine.scaling import export_colpret_csv, load_records
+
+    n = export_colpret_csv(load_records(args.runs), args.csv)
+    print(f"wrote {n} rows to {args.csv}")
+    return 0
+
+
+def cmd_fit(args) -> int:
+    import json
+
+    from leanlm.engine.scaling import fit, holdout_are, load_records, plot_fit, trajectory_points
+
+    rows = load_records(args.inputs)
+    N, D, L, G = trajectory_points(rows, args.drop_fraction)
+    kw = dict(method=args.method, grid=args.grid)
+    if args.holdout:
+        result, are, n_target = holdout_are(rows, drop_fraction=args.drop_fraction, **kw)
+        print(
+            f"held-out: the largest model's last 30% ({n_target} checkpoints), ARE {are * 100:.2f}%"
+        )
+    else:
+        result = fit(N, D, L, groups=G, bootstrap=args.bootstrap, **kw)
+    print(result.table())
+    out = result.to_dict()
+    if args.budget:
+        n_opt, d_opt = result.compute_optimal(args.budget)
+        out["compute_optimal"] = {"flops": args.budget, "N": n_opt, "D": d_opt}
+        print(
+            f"compute-optimal at C={args.budget:.3g}: N={n_opt:.4g}, D={d_opt:.4g} ({d_opt / n_opt:.1f} tokens/parameter)"
+        )
+    if args.predict:
+        loss = float(result.predict(*args.predict))
+        out["prediction"] = {"N": args.predict[0], "D": args.predict[1], "loss": loss}
+        print(f"predicted loss at N={args.predict[0]:.4g}, D={args.predict[1]:.4g}: {loss:.4f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+    if args.plot:
+        plot_fit(result, N, D, L, args.plot)
+        print(f"plot: {args.plot}")
+    return 0
+
+
 def cmd_keys(args) -> int:
     from leanlm.engine.config import describe_keys
 
@@ -217,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
             "eval": cmd_eval,
             "generate": cmd_generate,
             "memory": cmd_memory,
+            "scaling": cmd_scaling,
+            "fit": cmd_fit,
             "keys": cmd_keys,
         }[args.command](args)
     except LeanLMError as e:

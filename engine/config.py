@@ -207,6 +207,17 @@ class EvalConfig:
     every: int = _f(100, "evaluate every N steps (and at the end); 0 = only at the end")
     tokens: int = _f(65536, "held-out tokens evaluated (a fixed set, the same every time)")
     batch_size: int = _f(8, "sequences per eval forward")
+    early: int = _f(
+        4,
+        "extra log-spaced evaluations at every/2, every/4, ... (more early points for scaling fits)",
+    )
+
+    def is_eval_step(self, step: int) -> bool:
+        """Regular evaluations every ``every`` steps plus the log-spaced early ones."""
+        if not self.every:
+            return False
+        early = {round(self.every / 2**k) for k in range(1, self.early + 1)} - {0}
+        return step % self.every == 0 or step in early
 
 
 @dataclass(kw_only=True)
@@ -224,6 +235,13 @@ class LogConfig:
     every: int = _f(10, "log train scalars every N steps")
     tensorboard: bool = _f(True, "write TensorBoard event files to <out_dir>/tb")
     progress: bool = _f(True, "tqdm progress bar on the main rank")
+    scaling: bool = _f(
+        True, "append a row per evaluation to <out_dir>/scaling.jsonl (ColPret schema)"
+    )
+    model_name: str = _f("", "run id in scaling.jsonl; empty = the run folder's name")
+    scaled_set: str = _f(
+        "", "scaling family in scaling.jsonl; empty = the run folder's parent's name"
+    )
 
 
 @dataclass(kw_only=True)
@@ -505,6 +523,7 @@ def validate(cfg: RunConfig) -> list[str]:
     positive("train.reweight.warmup_steps", t.reweight.warmup_steps, allow_zero=True)
     positive("eval.every", cfg.eval.every, allow_zero=True)
     positive("eval.tokens", cfg.eval.tokens)
+    positive("eval.early", cfg.eval.early, allow_zero=True)
     positive("eval.batch_size", cfg.eval.batch_size)
     positive("checkpoint.every", cfg.checkpoint.every, allow_zero=True)
     positive("checkpoint.keep", cfg.checkpoint.keep, allow_zero=True)

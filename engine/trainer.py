@@ -26,6 +26,7 @@ from leanlm.engine.errors import CheckpointError, ConfigError, TrainingError
 from leanlm.engine.evaluate import EvalResult, evaluate, unigram_loss
 from leanlm.engine.metrics import MetricsLogger, peak_flops, peak_memory_gib
 from leanlm.engine.model import LLaMA, count_parameters, flops_per_token
+from leanlm.engine.scaling import ScalingRecorder
 from leanlm.engine.schedule import build_scheduler
 from leanlm.engine.step import train_step
 from leanlm.optim import build_optimizer
@@ -99,6 +100,38 @@ def _check_resume_config(cfg: RunConfig, path: Path) -> None:
             f"{path}: model config differs from the checkpoint's in {', '.join('model.' + k for k in diff)}; "
             "resume with the same model settings"
         )
+
+
+def scaling_recorder(
+    cfg: RunConfig, model: LLaMA, run_dir: Path, fpt: float, corpus: Corpus
+) -> ScalingRecorder:
+    """The run's ``scaling.jsonl`` writer with its constant columns filled in."""
+    from leanlm.engine import __version__
+
+    o = cfg.optim
+    static = {
+        "model_name": cfg.log.model_name or run_dir.resolve().name,
+        "model_type": "leanlm-llama",
+        "scaled_set": cfg.log.scaled_set or run_dir.resolve().parent.name,
+        "num_params": count_parameters(model),
+        "non_embedding_params": count_parameters(model, non_embedding=True),
+        "data": cfg.data.source,
+        "loss_cols": ["val_loss"],
+        "original_paper": f"leanlm {__version__}",
+        "seed": str(cfg.train.seed),
+        "arch": "dec",
+        "domain": "LM",
+        "optimizer": o.name,
+        "density": None if o.name == "adamw" else o.density,
+        "projection": o.projection if o.name == "frugal" else None,
+        "lost_rank": None,
+        "lost_density": None,
+        "seq_len": cfg.train.seq_len,
+        "global_batch_tokens": cfg.train.tokens_per_step(),
+        "flops_per_token": fpt,
+    }
+    per_epoch = getattr(corpus.train, "n", 0) * cfg.train.seq_len or None
+    return ScalingRecorder(run_dir / "scaling.jsonl", static, fpt, per_epoch)
 
 
 def train(cfg: RunConfig, stop_at: int | None = None) -> TrainResult:
@@ -178,6 +211,13 @@ def _train(cfg: RunConfig, device: torch.device, stop_at: int | None) -> TrainRe
             t.loss_chunk_tokens,
         )
         logger.log(at, {"val/loss": res.loss, "val/ppl": res.ppl}, tokens_seen=tokens_seen)
+        if recorder is not None:
+            elapsed = time.perf_counter() - start
+            recorder.record(
+                at, tokens_seen, res.loss, result.losses[-1] if result.losses else None,
+                scheduler.get_last_lr()[0], elapsed, (tokens_seen - start_tokens) / max(elapsed, 1e-9),
+                str(last_ckpt or ""),
+            )  # fmt: skip
         return res
 
     def do_save(at: int) -> Path | None:
@@ -202,6 +242,10 @@ def _train(cfg: RunConfig, device: torch.device, stop_at: int | None) -> TrainRe
         }
         return ckpt.save_checkpoint(run_dir, at, tensors, files, keep=cfg.checkpoint.keep)
 
+    recorder = (
+        scaling_recorder(cfg, model, run_dir, fpt, corpus) if main and cfg.log.scaling else None
+    )
+    start, start_tokens = time.perf_counter(), tokens_seen
     result = TrainResult(
         run_dir=run_dir, step=step, tokens_seen=tokens_seen, unigram_ppl=math.exp(unigram)
     )
@@ -213,7 +257,7 @@ def _train(cfg: RunConfig, device: torch.device, stop_at: int | None) -> TrainRe
         dynamic_ncols=True,
         unit="step",
     )
-    start = window_start = time.perf_counter()
+    window_start = time.perf_counter()
     window_tokens, paused = 0, 0.0
     net.train()
     with StopFlag() as stop:
@@ -264,7 +308,7 @@ def _train(cfg: RunConfig, device: torch.device, stop_at: int | None) -> TrainRe
                 window_start, window_tokens, paused = time.perf_counter(), 0, 0.0
             bar.update(1)
             pause = time.perf_counter()  # eval and checkpoint time stays out of tokens/s
-            if cfg.eval.every and step % cfg.eval.every == 0 and step != t.steps:
+            if cfg.eval.is_eval_step(step) and step != t.steps:
                 val = do_eval(step)
                 if main:
                     bar.write(f"step {step}: val loss {val.loss:.4f}, ppl {val.ppl:.2f}")
