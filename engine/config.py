@@ -30,6 +30,51 @@ def _f(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
     return field(default=default, metadata=meta)
 
 
+LOST_DEFAULT_RANKS = {
+    512: 128,
+    768: 256,
+    1024: 256,
+    2048: 512,
+    4096: 1024,
+}  # by d_model (60m ... 7b)
+
+
+@dataclass(kw_only=True)
+class LOSTConfig:
+    """LOST low-rank + channel-sparse layers for the 7 projections of every block."""
+
+    enabled: bool = _f(False, "replace q/k/v/o/gate/up/down by LOST layers (SVD-initialised)")
+    rank: int = _f(
+        0,
+        "low-rank r; 0 = per-size default (d 512: 128, 768: 256, 1024: 256, 2048: 512, 4096: 1024; else d/4)",
+    )
+    channel_density: float = _f(0.05, "ρ: kept input channels k = max(1, ⌊ρ·n_in⌋)")
+    gamma: float = _f(0.5, "γ: y = γ·φ(xA)B + (1-γ)·x[:, I]W_sᵀ (γ=1: pure low-rank)")
+    phi: str = _f("silu", "nonlinearity between A and B", choices=("identity", "silu", "relu2"))
+    select: str = _f(
+        "svd_rem_l2",
+        "channel selector",
+        choices=("svd_rem_l2", "svd_rem_l1", "random", "w0_colnorm"),
+    )
+    values_init: str = _f(
+        "w0_cols", "W_s from W0's or W_comp's selected columns", choices=("w0_cols", "wcomp_cols")
+    )
+    init: str = _f(
+        "svd",
+        "A, B from the SVD of the dense init, or random (ablation)",
+        choices=("svd", "random"),
+    )
+    support: str = _f(
+        "channels",
+        "channels (LOST) or unstructured (SLTrain's random support, same count)",
+        choices=("channels", "unstructured"),
+    )
+    svd_components: int = _f(0, "cap on W_comp's components after the top r; 0 = all")
+
+    def rank_for(self, d_model: int) -> int:
+        return self.rank or LOST_DEFAULT_RANKS.get(d_model, max(1, d_model // 4))
+
+
 @dataclass(kw_only=True)
 class ModelConfig:
     """LLaMA decoder shape. Named sizes live in ``configs/llama_*.yaml``."""
@@ -43,6 +88,7 @@ class ModelConfig:
     norm_eps: float = _f(1e-6, "RMSNorm epsilon")
     init_std: float = _f(0.02, "std of the normal init of every weight matrix")
     activation_checkpointing: bool = _f(False, "recompute each block in backward to save memory")
+    lost: LOSTConfig = field(default_factory=LOSTConfig)
 
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
@@ -476,6 +522,11 @@ def validate(cfg: RunConfig) -> list[str]:
     m, t, o, d = cfg.model, cfg.train, cfg.optim, cfg.data
     for key in ("d_model", "n_layers", "n_heads", "ffn_dim"):
         positive(f"model.{key}", getattr(m, key))
+    positive("model.lost.rank", m.lost.rank, allow_zero=True)
+    if not 0 < m.lost.channel_density <= 1:
+        p.append(f"model.lost.channel_density={m.lost.channel_density}: must be in (0, 1]")
+    if not 0 <= m.lost.gamma <= 1:
+        p.append(f"model.lost.gamma={m.lost.gamma}: must be in [0, 1]")
     positive("model.vocab_size", m.vocab_size, allow_zero=True)
     if m.n_heads > 0 and m.d_model % m.n_heads:
         p.append(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}")

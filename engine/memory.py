@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import torch
 
 from leanlm.engine.config import RunConfig
-from leanlm.engine.model import LLaMA
 from leanlm.optim import build_optimizer, state_bytes
 
 GIB = 2**30
@@ -78,8 +77,9 @@ def activation_bytes(cfg: RunConfig, vocab: int, act_bytes: int, param_dtype_byt
 def memory_report(cfg: RunConfig, vocab: int, on_gpu: bool = True) -> MemoryReport:
     """Measure parameter, gradient and optimizer-state bytes on the meta device; estimate activations."""
     dtype = torch.bfloat16 if cfg.train.param_dtype == "bf16" else torch.float32
-    with torch.device("meta"):
-        model = LLaMA(cfg.model, vocab, cfg.train.seq_len).to(dtype)
+    from leanlm.engine.trainer import build_model
+
+    model = build_model(cfg, vocab, "meta").to(dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
         p.grad = torch.empty_like(p)

@@ -91,7 +91,9 @@ def load_records(paths: list[str | Path]) -> list[dict[str, Any]]:
             rows += [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
     if not rows:
         raise DataError(f"no scaling records in {', '.join(map(str, paths))}")
-    return rows
+    # A resumed run re-records the evaluations it repeats: keep the newest row per (run, step).
+    latest = {(r.get("model_name"), r.get("step", i)): r for i, r in enumerate(rows)}
+    return list(latest.values())
 
 
 def _from_csv(r: dict[str, str], path: Path) -> dict[str, Any]:

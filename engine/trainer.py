@@ -68,7 +68,22 @@ def build_model(cfg: RunConfig, tokenizer_vocab: int, device: torch.device | str
         )
     dtype = torch.bfloat16 if cfg.train.param_dtype == "bf16" else torch.float32
     with torch.device(device):
-        return LLaMA(cfg.model, vocab, cfg.train.seq_len).to(dtype)
+        model = LLaMA(cfg.model, vocab, cfg.train.seq_len)
+    if cfg.model.lost.enabled:
+        apply_lost(model, cfg)
+    return model.to(dtype)
+
+
+def apply_lost(model: LLaMA, cfg: RunConfig):
+    """Convert the block projections to LOST layers, SVD-initialised from the dense init."""
+    from leanlm.optim.lost import convert
+
+    lc = cfg.model.lost
+    return convert(
+        model, lc.rank_for(cfg.model.d_model), lc.channel_density, gamma=lc.gamma, phi=lc.phi,
+        select=lc.select, values_init=lc.values_init, init=lc.init, support=lc.support,
+        svd_components=lc.svd_components, seed=cfg.train.seed,
+    )  # fmt: skip
 
 
 class StopFlag:
@@ -92,10 +107,18 @@ class StopFlag:
             signal.signal(sig, old)
 
 
+SHAPE_KEYS = ("d_model", "n_layers", "n_heads", "ffn_dim", "vocab_size", "rope_theta", "norm_eps")
+LOST_KEYS = ("enabled", "rank", "channel_density", "phi", "support")  # the rest only shape the init
+
+
 def _check_resume_config(cfg: RunConfig, path: Path) -> None:
+    """The model must be the one the checkpoint holds (activation checkpointing may change)."""
     saved = load_config(path / "config.yaml")
-    if saved.model != cfg.model:
-        diff = [k for k, v in vars(cfg.model).items() if getattr(saved.model, k) != v]
+    diff = [k for k in SHAPE_KEYS if getattr(saved.model, k) != getattr(cfg.model, k)]
+    diff += [
+        f"lost.{k}" for k in LOST_KEYS if getattr(saved.model.lost, k) != getattr(cfg.model.lost, k)
+    ]
+    if diff:
         raise CheckpointError(
             f"{path}: model config differs from the checkpoint's in {', '.join('model.' + k for k in diff)}; "
             "resume with the same model settings"

@@ -39,3 +39,10 @@ def test_memory_cli_answers_whether_7b_fits(capsys):
     assert main(["memory", str(CONFIGS / "frugal_7b.yaml"), "train.micro_batch_size=1"]) == 0
     out = capsys.readouterr().out
     assert "6,738.42M" in out and "24 GiB card" in out and "optimizer state (frugal)" in out
+
+
+def test_memory_accounts_for_lost():
+    dense = memory_report(load_config(CONFIGS / "llama_1b.yaml"), 32000)
+    lost = memory_report(load_config(CONFIGS / "llama_1b.yaml", ["model.lost.enabled=true"]), 32000)
+    assert lost.parameters == 669_520_288 and dense.parameters == 1_339_082_752
+    assert lost.optim_bytes == pytest.approx(8 * 669_520_288, rel=1e-5)

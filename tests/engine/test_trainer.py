@@ -215,3 +215,26 @@ def test_reweighting_starts_after_warmup_and_uniform_changes_nothing(tiny_overri
         0 < r["reweight/ess_frac"] <= 1 and r["reweight/max_wn"] >= 1 >= r["reweight/min_wn"]
         for r in rows[3:]
     )
+
+
+def test_lost_model_with_frugal_resumes_bitwise(tiny_overrides, tmp_path):
+    over = [
+        *tiny_overrides,
+        "model.lost.enabled=true",
+        "model.lost.rank=8",
+        "optim.name=frugal",
+        "optim.update_gap=2",
+        "checkpoint.every=0",
+    ]
+    straight = train(load_config(None, [*over, f"train.out_dir={tmp_path / 'a'}"]))
+    train(load_config(None, [*over, f"train.out_dir={tmp_path / 'b'}"]), stop_at=3)
+    resumed = train(
+        load_config(None, [*over, f"train.out_dir={tmp_path / 'b'}", "train.resume=auto"])
+    )
+    assert train_losses(tmp_path / "b") == train_losses(tmp_path / "a")
+    assert resumed.final.loss == straight.final.loss
+    state = torch.load(straight.checkpoint / "model.pt", weights_only=True)
+    assert (
+        "layers.0.self_attn.q_proj.lowrank_in" in state
+        and "layers.0.self_attn.q_proj.index" in state
+    )

@@ -1,0 +1,247 @@
+"""LOST (Li et al., arXiv 2508.02668): low-rank plus channel-sparse linear layers, SVD-initialised.
+
+A dense ``nn.Linear`` W (out m × in n) becomes::
+
+    y = γ·φ(x A) B + (1 − γ)·x[:, I] W_sᵀ
+
+with A = ``lowrank_in`` (n, r), B = ``lowrank_out`` (r, m), W_s = ``sparse`` (m, k) holding
+k = max(1, ⌊ρ·n⌋) whole input channels, I = ``index`` (sorted, unique, fixed at initialisation)
+and γ an explicit scale kept as a buffer (folding it into the weights would change what Adam
+does). ``from_dense`` initialises from the dense layer: A, B from the top-r singular triplets of
+W0 with √Σ split evenly (x A B is the best rank-r approximation of x W0ᵀ), channels scored by the
+column norms of the remaining spectrum W_comp = Σ_{i>r} σ_i u_i v_iᵀ, and W_s from W0's (or
+W_comp's) selected columns.
+
+With FRUGAL, the three matrices are projectable tensors. FRUGAL's "columns" are a tensor's dim 1:
+for ``lowrank_in`` (n, r) they are rank directions, for ``lowrank_out`` (r, m) output features and
+for ``sparse`` (m, k) the kept input channels.
+
+Ablation switches: ``init="random"`` (A, B not from the SVD), any γ (γ=1: pure low-rank),
+``values_init="wcomp_cols"``, selectors ``random`` / ``w0_colnorm`` / ``svd_rem_l1``, and
+``support="unstructured"``: SLTrain's uniformly random fixed support with the same parameter count
+(m·k entries), computed by materialising the sparse matrix (as SLTrain does).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from leanlm.kernels.lost_linear import PHIS, lost_linear
+
+SELECTORS = ("svd_rem_l2", "svd_rem_l1", "random", "w0_colnorm")
+VALUES_INIT = ("w0_cols", "wcomp_cols")
+SUPPORTS = ("channels", "unstructured")
+LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def num_channels(in_features: int, density: float) -> int:
+    """k = max(1, ⌊ρ·n⌋)."""
+    return max(1, int(density * in_features + 1e-9))
+
+
+class LOSTLinear(nn.Module):
+    """Low-rank + channel-sparse replacement for ``nn.Linear`` (no bias unless asked)."""
+
+    def __init__(
+        self, in_features: int, out_features: int, rank: int, channel_density: float = 0.05,
+        gamma: float = 0.5, phi: str = "silu", bias: bool = False, support: str = "channels",
+        init_std: float = 0.02, device=None, dtype=None,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        if phi not in PHIS:
+            raise ValueError(f"phi={phi!r}: choose one of {', '.join(PHIS)}")
+        if support not in SUPPORTS:
+            raise ValueError(f"support={support!r}: choose one of {', '.join(SUPPORTS)}")
+        if not 0 < rank:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        kw = {"device": device, "dtype": dtype}
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.phi, self.support, self.init_std = phi, support, init_std
+        k = num_channels(in_features, channel_density)
+        self.lowrank_in = nn.Parameter(torch.empty(in_features, rank, **kw))  # A: (n, r)
+        self.lowrank_out = nn.Parameter(torch.empty(rank, out_features, **kw))  # B: (r, m)
+        if support == "channels":
+            self.sparse = nn.Parameter(torch.empty(out_features, k, **kw))  # W_s: (m, k)
+            self.register_buffer("index", torch.arange(k, device=device))  # I: (k,)
+        else:  # same parameter count, uniformly random entries of the (m, n) matrix
+            self.sparse = nn.Parameter(torch.empty(out_features * k, **kw))  # (m·k,)
+            self.register_buffer("index", torch.arange(out_features * k, device=device))  # flat
+        self.register_buffer("gamma", torch.tensor(float(gamma), **kw))
+        self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Random init (the ``init="random"`` ablation): x A B has the spread of a dense layer
+        initialised with std ``init_std``; channels drawn at random."""
+        std = math.sqrt(self.init_std / math.sqrt(self.rank))
+        with torch.no_grad():
+            for p, s in (
+                (self.lowrank_in, std),
+                (self.lowrank_out, std),
+                (self.sparse, self.init_std),
+            ):
+                if p.device.type != "meta":
+                    p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32) * s)
+            if self.index.device.type != "meta":
+                size = (
+                    self.in_features
+                    if self.support == "channels"
+                    else self.in_features * self.out_features
+                )
+                picks = (
+                    torch.randperm(size, generator=generator)[: self.index.numel()].sort().values
+                )
+                self.index.copy_(picks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (..., n) -> (..., m)
+        if self.support == "channels":
+            y = lost_linear(
+                x, self.lowrank_in, self.lowrank_out, self.sparse, self.index, self.gamma, self.phi
+            )
+        else:
+            dense = torch.zeros(
+                self.out_features * self.in_features,
+                dtype=self.sparse.dtype,
+                device=self.sparse.device,
+            )
+            dense = dense.index_add(0, self.index, self.sparse).view(
+                self.out_features, self.in_features
+            )
+            empty = self.sparse.new_zeros(self.out_features, 0)
+            y = lost_linear(
+                x, self.lowrank_in, self.lowrank_out, empty, self.index[:0], self.gamma, self.phi
+            )
+            y = y + (1 - self.gamma) * (x @ dense.T)
+        return y + self.bias if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, k={self.sparse.shape[-1] if self.support == 'channels' else self.sparse.numel()}, "
+                f"gamma={float(self.gamma):g}, phi={self.phi}, support={self.support}")  # fmt: skip
+
+    @classmethod
+    def from_dense(
+        cls, linear: nn.Linear, rank: int, channel_density: float = 0.05, gamma: float = 0.5,
+        phi: str = "silu", select: str = "svd_rem_l2", values_init: str = "w0_cols", init: str = "svd",
+        support: str = "channels", svd_components: int = 0, seed: int = 0,
+    ) -> LOSTLinear:  # fmt: skip
+        """A LOST layer initialised from ``linear`` (SVD in float32; see the module docstring).
+
+        ``svd_components`` caps W_comp at that many components after the top r (0 = all of them).
+        """
+        if (
+            select not in SELECTORS
+            or values_init not in VALUES_INIT
+            or init not in ("svd", "random")
+        ):
+            raise ValueError(
+                f"select={select!r} / values_init={values_init!r} / init={init!r}: choose select from "
+                f"{SELECTORS}, values_init from {VALUES_INIT}, init from ('svd', 'random')"
+            )
+        W0 = linear.weight.detach()
+        m, n = W0.shape
+        rank = min(rank, m, n)
+        layer = cls(n, m, rank, channel_density, gamma, phi, bias=linear.bias is not None, support=support,
+                    device=W0.device, dtype=W0.dtype)  # fmt: skip
+        gen = torch.Generator().manual_seed(seed)
+        layer.reset_parameters(gen)
+        W = W0.float()
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)  # W = U diag(S) Vh
+        end = S.numel() if svd_components <= 0 else min(S.numel(), rank + svd_components)
+        W_comp = (U[:, rank:end] * S[rank:end]) @ Vh[rank:end]  # (m, n), the remaining spectrum
+        with torch.no_grad():
+            if init == "svd":
+                root = S[:rank].sqrt()
+                layer.lowrank_in.copy_((Vh[:rank].T * root).to(W0.dtype))  # A = V_r √Σ_r: (n, r)
+                layer.lowrank_out.copy_(
+                    (root[:, None] * U[:, :rank].T).to(W0.dtype)
+                )  # B = √Σ_r U_rᵀ: (r, m)
+            if support == "channels":
+                k = layer.index.numel()
+                index = select_channels(W, W_comp, k, select, gen)
+                layer.index.copy_(index)
+                source = W if values_init == "w0_cols" else W_comp
+                layer.sparse.copy_(source[:, index].to(W0.dtype))
+            else:
+                source = (W if values_init == "w0_cols" else W_comp).reshape(-1)
+                layer.sparse.copy_(source[layer.index].to(W0.dtype))
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+        return layer
+
+
+def select_channels(
+    W: torch.Tensor, W_comp: torch.Tensor, k: int, select: str, gen: torch.Generator
+) -> torch.Tensor:
+    """The k input channels (columns) to keep, sorted: top-k column norms of the remaining
+    spectrum (L2 or L1), of W itself, or uniformly random."""
+    n = W.shape[1]
+    if select == "random":
+        return torch.randperm(n, generator=gen)[:k].sort().values.to(W.device)
+    if select == "w0_colnorm":
+        scores = W.norm(dim=0)
+    else:
+        scores = W_comp.norm(p=2 if select == "svd_rem_l2" else 1, dim=0)
+    return torch.topk(scores, k).indices.sort().values
+
+
+@dataclass
+class ConversionReport:
+    """Parameters before and after, per target name (``q_proj``, ...), and in total."""
+
+    per_target: dict[str, tuple[int, int, int]] = field(
+        default_factory=dict
+    )  # name -> (count, before, after)
+    total_before: int = 0
+    total_after: int = 0
+
+    def table(self) -> str:
+        lines = [
+            "| module | layers | dense params | LOST params | ratio |",
+            "|---|---|---|---|---|",
+        ]
+        for name, (count, before, after) in self.per_target.items():
+            lines.append(f"| {name} | {count} | {before:,} | {after:,} | {after / before:.3f} |")
+        lines.append(
+            f"| model total | | {self.total_before:,} | {self.total_after:,} | {self.total_after / self.total_before:.3f} |"
+        )
+        return "\n".join(lines)
+
+
+def convert(
+    model: nn.Module, rank: int, channel_density: float = 0.05, targets: tuple[str, ...] = LLAMA_TARGETS,
+    **options,
+) -> ConversionReport:  # fmt: skip
+    """Replace every ``nn.Linear`` whose name ends in one of ``targets`` by ``LOSTLinear.from_dense``.
+
+    Works on any module tree (ours, a Hugging Face model, an ``nn.Sequential`` with ``targets``
+    naming its children). Embeddings, the output head and norms are untouched. ``options`` go to
+    ``from_dense`` (gamma, phi, select, values_init, init, support, svd_components, seed); each
+    layer's channel draw is seeded by ``seed`` plus its position, so conversion is reproducible.
+    """
+    report = ConversionReport(total_before=sum(p.numel() for p in model.parameters()))
+    seed = options.pop("seed", 0)
+    found = [
+        (name, mod)
+        for name, mod in model.named_modules()
+        if isinstance(mod, nn.Linear) and name.split(".")[-1] in targets
+    ]
+    if not found:
+        raise ValueError(f"no nn.Linear named {', '.join(targets)} in this model; pass targets=")
+    for i, (name, linear) in enumerate(found):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        lost = LOSTLinear.from_dense(linear, rank, channel_density, seed=seed + i, **options)
+        setattr(parent, child, lost)
+        count, before, after = report.per_target.get(child, (0, 0, 0))
+        report.per_target[child] = (
+            count + 1,
+            before + linear.weight.numel(),
+            after + sum(p.numel() for p in lost.parameters()),
+        )
+    report.total_after = sum(p.numel() for p in model.parameters())
+    return report
