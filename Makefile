@@ -28,7 +28,7 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 # installed without build isolation, before the dev extras.
 $(VENV)/.installed-dev: pyproject.toml | $(PY)
 	$(PY) -m pip install -q $(TORCH_INDEX) "$(TORCH_SPEC)"
-	$(PY) -m pip install -q setuptools wheel
+	$(PY) -m pip install -q setuptools wheel packaging numpy
 	$(PY) -m pip install -q --no-build-isolation "deepspeed>=0.14"
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@ $(VENV)/.installed
