@@ -12,9 +12,7 @@ from leanlm.engine.errors import DataError
 from leanlm.engine.scaling import export_colpret_csv, holdout_are, load_records, trajectory_points
 from leanlm.engine.scaling_fit import FitResult, fit
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
-if not DATA.is_dir():  # CI lays shared/ beside the checkout
-    DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data"  # shared/ lies beside the checkout
 needs_data = pytest.mark.skipif(
     not (DATA / "chinchilla_hoffmann_fig4.csv").is_file(), reason="shared/data not present"
 )
