@@ -33,7 +33,8 @@ OPTIMIZERS = {
         ["optim.name=frugal", "optim.density=0.25", "optim.projection=blocks"],
         [1e-3, 3e-3, 1e-2],
     ),
-    "FRUGAL ρ=0": (["optim.name=frugal", "optim.density=0"], [1e-3, 3e-3, 1e-2]),
+    # ρ=0's best was the grid's lowest value, so its grid extends one step down
+    "FRUGAL ρ=0": (["optim.name=frugal", "optim.density=0"], [3e-4, 1e-3, 3e-3, 1e-2]),
     "GaLore mode (ρ=0.25)": (["optim.name=galore", "optim.density=0.25"], [3e-3, 1e-2, 3e-2]),
     "BAdam mode (ρ=0.25)": (["optim.name=badam", "optim.density=0.25"], [1e-3, 3e-3, 1e-2]),
 }
