@@ -39,6 +39,20 @@ OPTIMIZERS = {
     "BAdam mode (ρ=0.25)": (["optim.name=badam", "optim.density=0.25"], [1e-3, 3e-3, 1e-2]),
 }
 
+# Single-lr diagnostics (not part of the sweep): GaLore mode's best run has lr 1e-2 on embeddings,
+# head and norms but 0.25 x 1e-2 on the block matrices (its scale). These give FRUGAL and AdamW
+# (FRUGAL at density 1 is AdamW exactly) the same per-group learning rates.
+DIAGNOSTICS = {
+    "FRUGAL ρ=0.25, block lr x0.25": (
+        ["optim.name=frugal", "optim.density=0.25", "optim.proj_lr_scale=0.25"],
+        [1e-2],
+    ),
+    "AdamW, block lr x0.25 (FRUGAL ρ=1)": (
+        ["optim.name=frugal", "optim.density=1.0", "optim.proj_lr_scale=0.25"],
+        [1e-2],
+    ),
+}
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -46,6 +60,7 @@ def main() -> None:
     ap.add_argument("--update-gap", type=int, default=50, help="subspace refresh period (T)")
     ap.add_argument("--out", default="runs/compare_optim")
     ap.add_argument("--only", nargs="*", help="subset of optimizer names")
+    ap.add_argument("--diagnostics", action="store_true", help="also run the single-lr DIAGNOSTICS")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -57,7 +72,8 @@ def main() -> None:
         f"optim.update_gap={args.update_gap}", "eval.every=0", "eval.tokens=65536", "checkpoint.every=0",
         "checkpoint.keep=1", "log.progress=false", "log.every=10",
     ]  # fmt: skip
-    for name, (over, grid) in OPTIMIZERS.items():
+    todo = {**OPTIMIZERS, **(DIAGNOSTICS if args.diagnostics else {})}
+    for name, (over, grid) in todo.items():
         if args.only and name not in args.only:
             continue
         for lr in grid:
@@ -88,14 +104,20 @@ def main() -> None:
     best_adamw = min(
         (r["val_loss"] for r in results.values() if r["optimizer"] == "AdamW"), default=None
     )
-    for name, (_, grid) in OPTIMIZERS.items():
+    for name, (_, grid) in {**OPTIMIZERS, **DIAGNOSTICS}.items():
         runs = sorted(
             (r for r in results.values() if r["optimizer"] == name), key=lambda r: r["lr"]
         )
         if not runs:
             continue
         best = min(runs, key=lambda r: r["val_loss"])
-        edge = " (edge of grid)" if best["lr"] in (grid[0], grid[-1]) else ""
+        edge = (
+            " (single lr)"
+            if len(grid) == 1
+            else " (edge of grid)"
+            if best["lr"] in (grid[0], grid[-1])
+            else ""
+        )
         sweep = ", ".join(f"{r['lr']:g}: {r['val_loss']:.3f}" for r in runs)
         rel = f"{(best['val_loss'] / best_adamw - 1) * 100:+.1f}%" if best_adamw else ""
         print(
