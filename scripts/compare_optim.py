@@ -61,6 +61,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/compare_optim")
     ap.add_argument("--only", nargs="*", help="subset of optimizer names")
     ap.add_argument("--diagnostics", action="store_true", help="also run the single-lr DIAGNOSTICS")
+    ap.add_argument("--table", action="store_true", help="only print the table of finished runs")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -72,7 +73,7 @@ def main() -> None:
         f"optim.update_gap={args.update_gap}", "eval.every=0", "eval.tokens=65536", "checkpoint.every=0",
         "checkpoint.keep=1", "log.progress=false", "log.every=10",
     ]  # fmt: skip
-    todo = {**OPTIMIZERS, **(DIAGNOSTICS if args.diagnostics else {})}
+    todo = {} if args.table else {**OPTIMIZERS, **(DIAGNOSTICS if args.diagnostics else {})}
     for name, (over, grid) in todo.items():
         if args.only and name not in args.only:
             continue
