@@ -263,12 +263,12 @@ class FRUGAL(torch.optim.Optimizer):
             p.add_(upd)
             return
         if free == "none":
-            _scatter_add(p, kind, st["index"], upd)
+            _scatter(p, kind, st["index"], upd, add=True)
             return
         # The complement: the state-free step everywhere, then the selected coordinates overwritten
         # with the Adam step, so each coordinate gets exactly one of the two.
         u = state_free_update(g, free, self._scratch_like(g)).mul_(-lr_free)
-        _scatter_set(u, kind, st["index"], upd)
+        _scatter(u, kind, st["index"], upd, add=False)
         p.add_(u)
 
     def _scratch_like(
@@ -344,22 +344,14 @@ def state_free_update(
     return torch.sign(residual, out=out) if rule == "sign" else out.copy_(residual)
 
 
-def _scatter_set(u: torch.Tensor, kind: str, index: torch.Tensor, values: torch.Tensor) -> None:
-    if kind == "columns":
-        u.index_copy_(1, index, values.to(u.dtype))
-    elif kind == "rows":
-        u.index_copy_(0, index, values.to(u.dtype))
-    else:
-        u.view(-1).index_copy_(0, index.long(), values.to(u.dtype))
-
-
-def _scatter_add(p: torch.Tensor, kind: str, index: torch.Tensor, values: torch.Tensor) -> None:
-    if kind == "columns":
-        p.index_add_(1, index, values.to(p.dtype))
-    elif kind == "rows":
-        p.index_add_(0, index, values.to(p.dtype))
-    else:
-        p.view(-1).index_add_(0, index.long(), values.to(p.dtype))
+def _scatter(
+    t: torch.Tensor, kind: str, index: torch.Tensor, values: torch.Tensor, add: bool
+) -> None:
+    """Write (``add=False``) or add ``values`` into the selected columns / rows / entries of ``t``."""
+    dim, target, index = {"columns": (1, t, index), "rows": (0, t, index)}.get(
+        kind, (0, t.view(-1), index.long())
+    )
+    (target.index_add_ if add else target.index_copy_)(dim, index, values.to(t.dtype))
 
 
 def _as_groups(params: Iterable[Any]) -> list[dict[str, Any]]:
