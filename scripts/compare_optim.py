@@ -51,6 +51,11 @@ DIAGNOSTICS = {
         ["optim.name=frugal", "optim.density=1.0", "optim.proj_lr_scale=0.25"],
         [1e-2],
     ),
+    # FRUGAL with GaLore's SVD subspace for the Adam part (plus the sign step on the residual)
+    "FRUGAL ρ=0.25 (svd)": (
+        ["optim.name=frugal", "optim.density=0.25", "optim.projection=svd"],
+        [3e-3, 1e-2],
+    ),
 }
 
 
