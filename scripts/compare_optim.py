@@ -56,6 +56,11 @@ DIAGNOSTICS = {
         ["optim.name=frugal", "optim.density=0.25", "optim.projection=svd"],
         [3e-3, 1e-2],
     ),
+    # a gentler state-free step (the paper's fine-tuning setting)
+    "FRUGAL ρ=0.25, state-free lr x0.1": (
+        ["optim.name=frugal", "optim.density=0.25", "optim.state_free_lr_scale=0.1"],
+        [3e-3, 1e-2],
+    ),
 }
 
 
