@@ -22,11 +22,13 @@ import re
 import shutil
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from leanlm.engine import distributed as dist
 from leanlm.engine.errors import CheckpointError
 
 FORMAT_VERSION = 1
@@ -63,27 +65,44 @@ def save_checkpoint(
     tensors: dict[str, Any],
     files: dict[str, bytes],
     keep: int = 0,
+    shared_writer: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write ``tensors`` (name -> object for torch.save) and raw ``files`` as checkpoint ``step``.
 
-    Returns the final folder. Older checkpoints beyond the newest ``keep`` are deleted afterwards
-    (``keep=0`` keeps all).
+    ``shared_writer(tmp)``: a collective write that every rank joins (FSDP2's DCP shards, a
+    DeepSpeed engine's files); then call this on every rank. Without it, call it on the main rank
+    only. Returns the final folder. Older checkpoints beyond the newest ``keep`` are deleted
+    afterwards (``keep=0`` keeps all).
     """
     root = checkpoint_dir(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / step_name(step)
-    tmp = root / f".tmp-{step_name(step)}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    collective = shared_writer is not None and dist.is_initialized()
+    # Every rank must name the same temp folder when they all write into it.
+    tmp = root / (f".tmp-{step_name(step)}" + ("" if collective else f"-{os.getpid()}"))
+    main = dist.is_main() or not collective
+    if main:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    if shared_writer is not None:
+        dist.barrier()
+        shared_writer(tmp)
+        dist.barrier()
+    if not main:
+        dist.barrier()  # wait for the rename below
+        return final
     entries = {}
     for name, obj in tensors.items():
         torch.save(obj, tmp / f"{name}.pt")
     for name, data in files.items():
         (tmp / name).write_bytes(data)
-    for path in sorted(tmp.iterdir()):
+    for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
         _fsync(path)
-        entries[path.name] = {"sha256": _sha256(path), "bytes": path.stat().st_size}
+        entries[path.relative_to(tmp).as_posix()] = {
+            "sha256": _sha256(path),
+            "bytes": path.stat().st_size,
+        }
     manifest = {"format": FORMAT_VERSION, "step": step, "created": time.time(), "files": entries}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
     _fsync(tmp / "manifest.json")
@@ -91,6 +110,8 @@ def save_checkpoint(
         shutil.rmtree(final)
     os.replace(tmp, final)
     prune(root, keep)
+    if collective:
+        dist.barrier()
     return final
 
 

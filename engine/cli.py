@@ -135,9 +135,9 @@ def _load(spec: str, overrides: list[str]):
 
     Data is always tokenized with the checkpoint's own tokenizer, the way the model was trained.
     """
-    from leanlm.engine import checkpoint as ckpt
     from leanlm.engine.config import build_config, merge, parse_overrides, read_yaml
     from leanlm.engine.errors import ConfigError
+    from leanlm.engine.sharded_checkpoint import load_weights
     from leanlm.engine.tokenizer import Tokenizer
     from leanlm.engine.trainer import build_model, pick_device
 
@@ -151,7 +151,7 @@ def _load(spec: str, overrides: list[str]):
     device = pick_device(cfg.train.device)
     tok = Tokenizer.load(path / "tokenizer.model")
     model = build_model(cfg, tok.vocab_size, device)
-    ckpt.load_model_state(model, ckpt.load_file(path, "model", device), str(path))
+    load_weights(path, model, device)
     return cfg, model, tok, path, device
 
 

@@ -22,7 +22,7 @@ import yaml
 from leanlm.engine.errors import ConfigError
 
 
-def _f(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+def _f(default: Any, help: str, choices: tuple[Any, ...] | None = None) -> Any:
     """A dataclass field with a one-line help text (shown by ``leanlm keys``) and choices."""
     meta = {"help": help, "choices": choices}
     if isinstance(default, (list, dict)):
@@ -296,9 +296,16 @@ class DistributedConfig:
 
     backend: str = _f(
         "auto",
-        "auto (none for 1 process, ddp otherwise) | none | ddp",
-        choices=("auto", "none", "ddp"),
+        "auto (none for 1 process, ddp otherwise) | none | ddp | fsdp2 | deepspeed",
+        choices=("auto", "none", "ddp", "fsdp2", "deepspeed"),
     )
+    zero_stage: int = _f(
+        0, "DeepSpeed ZeRO stage 0-3 (FRUGAL: 0, or 1-2 with columns/randk)", choices=(0, 1, 2, 3)
+    )
+    reshard_after_forward: bool = _f(
+        True, "FSDP2: free gathered block weights after forward (ZeRO-3 like); false = ZeRO-2 like"
+    )
+    timeout_s: int = _f(600, "collective timeout in seconds (a hung rank fails the job after it)")
 
 
 @dataclass(kw_only=True)
@@ -512,7 +519,8 @@ def validate(cfg: RunConfig) -> list[str]:
             choices = f.metadata.get("choices")
             if choices and value not in choices:
                 p.append(
-                    f"{key}={value!r}: must be one of {', '.join(choices)}{_suggest(str(value), list(choices))}"
+                    f"{key}={value!r}: must be one of {', '.join(map(str, choices))}"
+                    f"{_suggest(str(value), [str(c) for c in choices])}"
                 )
 
     def positive(key: str, value: float, allow_zero: bool = False) -> None:
@@ -579,7 +587,35 @@ def validate(cfg: RunConfig) -> list[str]:
     positive("checkpoint.every", cfg.checkpoint.every, allow_zero=True)
     positive("checkpoint.keep", cfg.checkpoint.keep, allow_zero=True)
     positive("log.every", cfg.log.every)
+    positive("distributed.timeout_s", cfg.distributed.timeout_s)
+    p += _distributed_problems(cfg)
     return p
+
+
+def _distributed_problems(cfg: RunConfig) -> list[str]:
+    """Backend x optimizer combinations that cannot work, said before any process starts."""
+    dc, o = cfg.distributed, cfg.optim
+    if dc.backend != "deepspeed":
+        return (
+            [f"distributed.zero_stage={dc.zero_stage} needs distributed.backend=deepspeed"]
+            if dc.zero_stage
+            else []
+        )
+    projection = {"galore": "svd", "badam": "blocks"}.get(o.name, o.projection)
+    if o.name == "adamw" or dc.zero_stage == 0:
+        return []
+    if dc.zero_stage == 3:
+        return [
+            f"optim.name={o.name} under ZeRO-3 is not supported (ZeRO-3 partitions each parameter "
+            "separately); use distributed.zero_stage=0/1/2 or distributed.backend=fsdp2"
+        ]
+    if projection not in ("columns", "randk"):
+        return [
+            f"optim.name={o.name} with projection {projection} has no flat form under ZeRO-"
+            f"{dc.zero_stage}; use optim.projection=columns or randk, distributed.zero_stage=0, "
+            "or distributed.backend=fsdp2"
+        ]
+    return []
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
@@ -610,6 +646,6 @@ def describe_keys() -> list[tuple[str, str, str]]:
         for key, f, default in _leaves(cls(), sname):
             help_ = f.metadata.get("help", "")
             if f.metadata.get("choices"):
-                help_ += f" [{'|'.join(f.metadata['choices'])}]"
+                help_ += f" [{'|'.join(map(str, f.metadata['choices']))}]"
             rows.append((key, repr(default), help_))
     return rows

@@ -40,16 +40,23 @@ def evaluate(
     """Sum of token losses / number of tokens over the fixed set; windows are split across ranks."""
     was_training = model.training
     model.eval()
-    windows = eval_windows(val_tokens, seq_len)[dist.rank() :: dist.world_size()]
+    every = eval_windows(val_tokens, seq_len)
+    windows = every[dist.rank() :: dist.world_size()]
+    # Every rank runs the same number of forwards (FSDP2 and ZeRO-3 gather weights collectively):
+    # a rank out of windows runs a dummy one and counts nothing.
+    per_rank = -(-len(every) // dist.world_size())
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # [loss sum, token count]
-    for i in range(0, len(windows), batch_size):
-        batch = windows[i : i + batch_size].to(device)
+    for i in range(0, per_rank, batch_size):
+        batch = windows[i : i + batch_size]
+        real = len(batch) > 0
+        batch = (batch if real else every[:1]).to(device)
         with autocast or contextlib.nullcontext():
             rows = model(
                 batch[:, :-1], targets=batch[:, 1:], chunk_tokens=chunk_tokens
             )  # (b,) mean per row
-        sums[0] += rows.double().sum() * seq_len  # every target is valid in packed windows
-        sums[1] += batch[:, 1:].numel()
+        if real:
+            sums[0] += rows.double().sum() * seq_len  # every target is valid in packed windows
+            sums[1] += batch[:, 1:].numel()
     dist.all_reduce_sum(sums)
     model.train(was_training)
     loss = (sums[0] / sums[1].clamp_min(1)).item()

@@ -57,6 +57,8 @@ def train_step(
 
     ``reweight``: (strategy, r) to weight rows by their loss, or None for the plain mean.
     """
+    if dist.is_deepspeed(model):
+        return _deepspeed_step(model, micro_batches, device, autocast, reweight, chunk_tokens)
     accum = len(micro_batches)
     total = torch.zeros((), device=device)
     tokens = 0
@@ -64,12 +66,14 @@ def train_step(
     for j, batch in enumerate(micro_batches):
         batch = batch.to(device, non_blocking=True)
         inputs, targets = batch[:, :-1], batch[:, 1:]
-        # DDP: all-reduce gradients only on the last micro-batch.
+        # DDP / FSDP2: reduce gradients only on the last micro-batch.
         sync = (
             contextlib.nullcontext()
             if j == accum - 1 or not hasattr(model, "no_sync")
             else model.no_sync()
         )
+        if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+            model.set_requires_gradient_sync(j == accum - 1)
         with sync:
             with autocast or contextlib.nullcontext():
                 rows = model(
@@ -84,11 +88,41 @@ def train_step(
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
     max_norm = grad_clip if grad_clip > 0 else float("inf")
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor holding the global norm
+        norm = norm.full_tensor()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return StepResult(
         loss=total.item(),
         grad_norm=norm.item(),
+        tokens=tokens,
+        reweight=WeightStats.mean(stats) if stats else None,
+    )
+
+
+def _deepspeed_step(engine, micro_batches, device, autocast, reweight, chunk_tokens) -> StepResult:
+    """The same step through a DeepSpeed engine: it scales by the accumulation count, reduces,
+    clips (``gradient_clipping`` in its config) and steps at the accumulation boundary."""
+    accum = len(micro_batches)
+    total = torch.zeros((), device=device)
+    tokens = 0
+    stats: list[WeightStats] = []
+    for batch in micro_batches:
+        batch = batch.to(device, non_blocking=True)
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        with autocast or contextlib.nullcontext():
+            rows = engine(inputs, targets=targets, chunk_tokens=chunk_tokens)
+        loss, st = batch_loss(rows, *(reweight or (None,)))
+        engine.backward(loss)
+        engine.step()
+        total += rows.detach().float().mean() / accum
+        tokens += targets.numel()
+        if st is not None:
+            stats.append(st)
+    norm = engine.get_global_grad_norm()
+    return StepResult(
+        loss=total.item(),
+        grad_norm=float(norm) if norm is not None else float("nan"),
         tokens=tokens,
         reweight=WeightStats.mean(stats) if stats else None,
     )

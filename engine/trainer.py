@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from tqdm import tqdm
 
 from leanlm.engine import checkpoint as ckpt
 from leanlm.engine import distributed as dist
+from leanlm.engine import sharded_checkpoint as sharded
 from leanlm.engine.config import RunConfig, check_world, load_config, save_yaml
 from leanlm.engine.data import Corpus, build_corpus
 from leanlm.engine.errors import CheckpointError, ConfigError, TrainingError
@@ -160,16 +162,93 @@ def scaling_recorder(
 def train(cfg: RunConfig, stop_at: int | None = None) -> TrainResult:
     """Train as ``cfg`` says. ``stop_at``: save and return after this step (for tests and resumable jobs)."""
     device = pick_device(cfg.train.device)
-    dist.init(device)
+    backend = dist.resolve_backend(cfg.distributed.backend)
+    dist.init(device, cfg.distributed.timeout_s, backend)
     try:
-        return _train(cfg, device, stop_at)
+        return _train(cfg, device, backend, stop_at)
     finally:
         dist.shutdown()
 
 
-def _train(cfg: RunConfig, device: torch.device, stop_at: int | None) -> TrainResult:
+def parallelize(
+    cfg: RunConfig, model: LLaMA, backend: str, device: torch.device
+) -> tuple[torch.nn.Module, torch.optim.Optimizer, contextlib.AbstractContextManager | None]:
+    """Shard or wrap ``model`` for ``backend`` and build the optimizer on what the backend trains.
+
+    Returns (the module the loop calls, the client optimizer, the autocast context). FSDP2 shards
+    before the optimizer exists (it must see the sharded parameters); DeepSpeed takes the optimizer
+    and wraps both. On GPU, bf16 comes from FSDP2's mixed-precision policy or DeepSpeed's bf16 mode
+    instead of autocast.
+    """
+    t, world = cfg.train, dist.world_size()
+    autocast = autocast_for(t.precision, device)
+    gpu_bf16 = autocast is not None and device.type == "cuda"
+    if backend == "fsdp2":
+        dist.shard_fsdp2(model, list(model.layers), gpu_bf16, cfg.distributed.reshard_after_forward)
+        autocast = None if gpu_bf16 else autocast
+    optimizer = build_optimizer(
+        cfg.optim.name, model.named_parameters(), **cfg.optim.optimizer_kwargs(t.seed)
+    )
+    if backend == "deepspeed":
+        ds_config = dist.deepspeed_config(
+            t.micro_batch(world), t.grad_accum_steps(world), t.grad_clip,
+            cfg.distributed.zero_stage, gpu_bf16,
+        )  # fmt: skip
+        return (
+            dist.wrap_deepspeed(model, optimizer, ds_config),
+            optimizer,
+            (None if gpu_bf16 else autocast),
+        )
+    if backend == "ddp":
+        return dist.wrap_ddp(model, device), optimizer, autocast
+    return model, optimizer, autocast
+
+
+EXPECTED_FORMAT = {"fsdp2": "dcp", "deepspeed": "deepspeed", "ddp": "torch", "none": "torch"}
+
+
+def load_resume_state(
+    path: Path,
+    backend: str,
+    model: LLaMA,
+    net: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+) -> dict:
+    """Restore model and optimizer from checkpoint ``path`` for ``backend``; return train.pt."""  # fmt: skip
+    state = ckpt.load_file(path, "train")
+    fmt = sharded.checkpoint_format(path)
+    # DCP reshards onto anything; the other formats need the backend that wrote them.
+    if fmt != EXPECTED_FORMAT[backend] and not (fmt == "dcp" and backend in ("none", "ddp")):
+        raise CheckpointError(
+            f"{path}: written by distributed.backend={state.get('backend', 'none/ddp')} ({fmt} format); "
+            f"resume it with that backend, not {backend}"
+        )
+    if fmt == "torch":
+        ckpt.load_model_state(model, ckpt.load_file(path, "model", device), str(path))
+        optimizer.load_state_dict(ckpt.load_file(path, "optim", device))
+        return state
+    if fmt == "dcp":
+        sharded.load_dcp(path / sharded.DCP_DIR, model, optimizer)
+    else:
+        saved = (state.get("world_size"), state.get("zero_stage"))
+        if saved != (dist.world_size(), cfg_zero_stage(net)):
+            raise CheckpointError(
+                f"{path}: DeepSpeed checkpoint written with (world size, ZeRO stage) = {saved}; "
+                f"resume with the same, not {(dist.world_size(), cfg_zero_stage(net))}"
+            )
+        sharded.load_deepspeed(path / sharded.DS_DIR, net)
+    for group, saved_group in zip(optimizer.param_groups, state["param_groups"], strict=True):
+        group.update(saved_group)
+    return state
+
+
+def cfg_zero_stage(net: torch.nn.Module) -> int:
+    return int(net.zero_optimization_stage()) if dist.is_deepspeed(net) else 0
+
+
+def _train(cfg: RunConfig, device: torch.device, backend: str, stop_at: int | None) -> TrainResult:
     t, main = cfg.train, dist.is_main()
-    backend = dist.resolve_backend(cfg.distributed.backend)
     check_world(cfg, dist.world_size())
     run_dir = Path(t.out_dir)
     resume_from = ckpt.resolve_resume(run_dir, t.resume)
@@ -185,15 +264,12 @@ def _train(cfg: RunConfig, device: torch.device, stop_at: int | None) -> TrainRe
 
     corpus: Corpus = build_corpus(cfg, resume_from / "tokenizer.model" if resume_from else None)
     model = build_model(cfg, corpus.tokenizer.vocab_size, device)
-    optimizer = build_optimizer(
-        cfg.optim.name, model.named_parameters(), **cfg.optim.optimizer_kwargs(t.seed)
-    )
+    n_params = count_parameters(model)  # before sharding: the global count
+    net, optimizer, autocast = parallelize(cfg, model, backend, device)
     scheduler = build_scheduler(optimizer, cfg.optim, t.steps)
     step, tokens_seen = 0, 0
     if resume_from is not None:
-        ckpt.load_model_state(model, ckpt.load_file(resume_from, "model", device), str(resume_from))
-        optimizer.load_state_dict(ckpt.load_file(resume_from, "optim", device))
-        state = ckpt.load_file(resume_from, "train")
+        state = load_resume_state(resume_from, backend, model, net, optimizer, device)
         scheduler.load_state_dict(state["scheduler"])
         corpus.train.load_state_dict(state["data"])
         torch.set_rng_state(state["rng_cpu"])
@@ -205,19 +281,17 @@ def _train(cfg: RunConfig, device: torch.device, stop_at: int | None) -> TrainRe
         save_yaml(cfg, run_dir / "config.yaml")
         corpus.tokenizer.save(run_dir / "tokenizer.model")
 
-    net = dist.wrap_model(model, backend, device)
-    if t.compile:
+    if t.compile and not dist.is_deepspeed(net):
         net = torch.compile(net)
-    autocast = autocast_for(t.precision, device)
     logger = MetricsLogger(run_dir, main, cfg.log.tensorboard)
     fpt = flops_per_token(cfg.model, model.vocab_size, t.seq_len)
     peak = peak_flops(device)
     unigram = unigram_loss(corpus.train_counts, corpus.val_tokens, t.seq_len)
     if main:
         print(
-            f"leanlm: {count_parameters(model) / 1e6:.2f}M parameters ({count_parameters(model, True) / 1e6:.2f}M non-embedding), "
+            f"leanlm: {n_params / 1e6:.2f}M parameters ({count_parameters(model, True) / 1e6:.2f}M non-embedding), "
             f"vocab {model.vocab_size}, {t.tokens_per_step():,} tokens/step x {t.steps} steps = {t.tokens_per_step() * t.steps:,} tokens, "
-            f"grad accum {t.grad_accum_steps(dist.world_size())} x world {dist.world_size()}, device {device}\n"
+            f"grad accum {t.grad_accum_steps(dist.world_size())} x world {dist.world_size()} ({backend}), device {device}\n"
             f"leanlm: data {corpus.description}\n"
             f"leanlm: run folder {run_dir}"
             + (f", resuming from {resume_from} (step {step})" if resume_from else "")
@@ -244,7 +318,13 @@ def _train(cfg: RunConfig, device: torch.device, stop_at: int | None) -> TrainRe
         return res
 
     def do_save(at: int) -> Path | None:
-        if not main:
+        """Backends none/ddp: the main rank writes model.pt + optim.pt. fsdp2 / deepspeed: every
+        rank writes its shards (DCP / DeepSpeed files), the main rank the rest."""
+        writer = {
+            "fsdp2": lambda tmp: sharded.save_dcp(tmp / sharded.DCP_DIR, model, optimizer),
+            "deepspeed": lambda tmp: sharded.save_deepspeed(tmp / sharded.DS_DIR, net),
+        }.get(backend)
+        if writer is None and not main:
             return None
         train_state = {
             "step": at,
@@ -253,17 +333,24 @@ def _train(cfg: RunConfig, device: torch.device, stop_at: int | None) -> TrainRe
             "data": corpus.train.state_dict(),
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "backend": backend,
+            "world_size": dist.world_size(),
+            "zero_stage": cfg_zero_stage(net),
+            "param_groups": [
+                {k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups
+            ],
         }
         files = {
-            "config.yaml": (run_dir / "config.yaml").read_bytes(),
+            "config.yaml": (run_dir / "config.yaml").read_bytes() if main else b"",
             "tokenizer.model": corpus.tokenizer.proto,
         }
-        tensors = {
-            "model": model.state_dict(),
-            "optim": optimizer.state_dict(),
-            "train": train_state,
-        }
-        return ckpt.save_checkpoint(run_dir, at, tensors, files, keep=cfg.checkpoint.keep)
+        tensors = {"train": train_state}
+        if writer is None:
+            tensors.update(model=model.state_dict(), optim=optimizer.state_dict())
+        path = ckpt.save_checkpoint(
+            run_dir, at, tensors, files, keep=cfg.checkpoint.keep, shared_writer=writer
+        )
+        return path if main else None
 
     recorder = (
         scaling_recorder(cfg, model, run_dir, fpt, corpus) if main and cfg.log.scaling else None
@@ -335,7 +422,7 @@ def _train(cfg: RunConfig, device: torch.device, stop_at: int | None) -> TrainRe
                 val = do_eval(step)
                 if main:
                     bar.write(f"step {step}: val loss {val.loss:.4f}, ppl {val.ppl:.2f}")
-            stopping = stop.signal is not None or step == stop_at
+            stopping = dist.any_rank(stop.signal is not None) or step == stop_at
             if (
                 (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
                 or stopping
@@ -343,6 +430,8 @@ def _train(cfg: RunConfig, device: torch.device, stop_at: int | None) -> TrainRe
             ):
                 last_ckpt = do_save(step) or last_ckpt
             paused += time.perf_counter() - pause
+            if dist.fault_injection_due(step):
+                os.kill(os.getpid(), signal.SIGKILL)
             if stopping:
                 result.interrupted = stop.signal is not None
                 break

@@ -21,6 +21,15 @@ Optimizer state holds tensors only (moments, a step count, the refresh count, th
 indices or basis), so ``torch.load(weights_only=True)`` round-trips it; subspaces come from a
 private generator seeded by (seed, parameter index, refresh count), so ranks agree without
 communication and a resumed run picks the same subspaces.
+
+Sharded parameters (see ``leanlm.optim.sharding``): under FSDP2 (``DTensor``, rows sharded) the
+``columns`` and ``blocks`` updates run on the local rows with no communication and keep their
+moments sharded like the parameter; ``rows``, ``randk``, ``svd`` and ``random`` gather the full
+gradient (one all-gather per matrix per step), compute the update redundantly on every rank and
+keep their (small) state replicated. Under DeepSpeed ZeRO-1/2 the optimizer sees one flat 1-D
+partition per group; ``attach_flat_layout`` (or ``leanlm.optim.zero.attach_deepspeed``) maps it
+back to the parameters' (offset, shape) so ``columns`` and ``randk`` become masks on the flat
+slice with the same subspaces and the same moment memory as on whole matrices.
 """
 
 from __future__ import annotations
@@ -45,6 +54,15 @@ from leanlm.optim.projections import (
     subspace_generator,
     svd_basis,
     svd_rank,
+)
+from leanlm.optim.sharding import (
+    FlatSegment,
+    flat_positions,
+    is_dtensor,
+    local,
+    local_view,
+    row_range,
+    sharded_zeros,
 )
 
 STATE_FREE = ("sign", "sgd", "none")
@@ -112,12 +130,32 @@ class FRUGAL(torch.optim.Optimizer):
             id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])
         }
         self._scratch: dict[tuple, torch.Tensor] = {}
+        # DeepSpeed ZeRO-1/2: flat partition -> its segments, and cached state-full positions.
+        self._flat: dict[int, list[FlatSegment]] = {}
+        self._flat_pos: dict[int, tuple[int, torch.Tensor]] = {}
+
+    def param_index(self, p: torch.Tensor) -> int:
+        """The parameter's position at construction: it seeds the subspace generator."""
+        return self._index[id(p)]
+
+    def attach_flat_layout(self, flat: torch.Tensor, segments: list[FlatSegment]) -> None:
+        """Declare that ``flat`` (a 1-D partition that replaced a group's parameters) holds
+        ``segments`` of the original parameters. Only ``columns`` and ``randk`` have a flat form."""
+        group = next((g for g in self.param_groups if any(p is flat for p in g["params"])), None)
+        if group is None:
+            raise ValueError("attach_flat_layout: the tensor is not in any parameter group")
+        if group["projectable"] and group["projection"] not in ("columns", "randk"):
+            raise ValueError(
+                f"FRUGAL on flat (ZeRO-1/2) partitions supports projection columns or randk, "
+                f"not {group['projection']!r}"
+            )
+        self._flat[id(flat)] = list(segments)
+        self._flat_pos.pop(id(flat), None)
 
     # ------------------------------------------------------------------ bookkeeping + dispatch
 
-    @staticmethod
-    def is_projectable(group: dict[str, Any], p: torch.Tensor) -> bool:
-        return bool(group["projectable"]) and p.ndim == 2
+    def is_projectable(self, group: dict[str, Any], p: torch.Tensor) -> bool:
+        return bool(group["projectable"]) and (p.ndim == 2 or id(p) in self._flat)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -134,7 +172,7 @@ class FRUGAL(torch.optim.Optimizer):
                 continue
             lr, wd = group["lr"], group["weight_decay"]
             if wd:  # decoupled, before the update, on every parameter (FRUGAL's order)
-                torch._foreach_mul_(with_grad, 1.0 - lr * wd)
+                torch._foreach_mul_([local(p) for p in with_grad], 1.0 - lr * wd)
             dense = [p for p in with_grad if not self.is_projectable(group, p)]
             proj = [p for p in with_grad if self.is_projectable(group, p)]
             if dense:
@@ -142,7 +180,7 @@ class FRUGAL(torch.optim.Optimizer):
             if proj:
                 self._maybe_refresh(group, proj)
                 for p in proj:
-                    self._update_projectable(group, p)
+                    self._update(group, p)
         return loss
 
     # ------------------------------------------------------------------ state-full AdamW
@@ -155,9 +193,14 @@ class FRUGAL(torch.optim.Optimizer):
                     exp_avg=torch.zeros_like(p),
                     exp_avg_sq=torch.zeros_like(p),
                 )
-        states = [self.state[p] for p in params]
+        states = [local_view(self.state[p]) for p in params]
         adam_foreach_(
-            params, [p.grad for p in params], states, group["lr"], group["betas"], group["eps"]
+            [local(p) for p in params],
+            [local(p.grad) for p in params],
+            states,
+            group["lr"],
+            group["betas"],
+            group["eps"],
         )
 
     # ------------------------------------------------------------------ subspace refresh
@@ -171,7 +214,30 @@ class FRUGAL(torch.optim.Optimizer):
             self._refresh_blocks(group, proj)
         else:
             for p in proj:
-                self._refresh(group, p)
+                (self._refresh_flat if id(p) in self._flat else self._refresh)(group, p)
+
+    def _refresh_flat(self, group: dict[str, Any], p: torch.Tensor) -> None:
+        st = self.state[p]
+        refresh = int(st["refresh"]) + 1 if st else 0
+        count = self._positions(group, p, refresh).numel()
+        keep = "exp_avg" in st and not group["reset_on_refresh"]
+        if not keep:
+            st["exp_avg"] = torch.zeros(count, dtype=p.dtype, device=p.device)
+            st["exp_avg_sq"] = torch.zeros(count, dtype=p.dtype, device=p.device)
+            st["step"] = torch.zeros((), dtype=torch.float32)
+        st["age"] = torch.zeros((), dtype=torch.int64)
+        st["refresh"] = torch.tensor(refresh, dtype=torch.int64)
+
+    def _positions(self, group: dict[str, Any], p: torch.Tensor, refresh: int) -> torch.Tensor:
+        """State-full positions in a flat partition (recomputed from the generator, never saved:
+        they cost no more state than the subspace indices of whole matrices would)."""
+        cached = self._flat_pos.get(id(p))
+        if cached is None or cached[0] != refresh:
+            pos = flat_positions(
+                self._flat[id(p)], group["projection"], group["density"], group["seed"], refresh
+            ).to(p.device)
+            cached = self._flat_pos[id(p)] = (refresh, pos)
+        return cached[1]
 
     def _refresh(self, group: dict[str, Any], p: torch.Tensor) -> None:
         st = self.state[p]
@@ -189,13 +255,18 @@ class FRUGAL(torch.optim.Optimizer):
             shape, dtype = (st["index"].numel(),), p.dtype
         else:  # svd / random: a float32 basis on the shorter side
             r = svd_rank(rho, (m, n))
-            basis = svd_basis(p.grad, r) if kind == "svd" else random_basis((m, n), r, gen)
+            grad = p.grad.full_tensor() if is_dtensor(p.grad) else p.grad  # svd needs all of G
+            basis = svd_basis(grad, r) if kind == "svd" else random_basis((m, n), r, gen)
             st["basis"] = basis.to(p.device)
             shape, dtype = ((m, r) if m >= n else (r, n)), torch.float32
         keep = "exp_avg" in st and not group["reset_on_refresh"] and st["exp_avg"].shape == shape
         if not keep:
-            st["exp_avg"] = torch.zeros(shape, dtype=dtype, device=p.device)
-            st["exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=p.device)
+            if kind == "columns" and is_dtensor(p):  # rows stay local: shard the moments like p
+                st["exp_avg"] = sharded_zeros(p, shape, dtype)
+                st["exp_avg_sq"] = sharded_zeros(p, shape, dtype)
+            else:
+                st["exp_avg"] = torch.zeros(shape, dtype=dtype, device=p.device)
+                st["exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=p.device)
             st["step"] = torch.zeros((), dtype=torch.float32)
         st["age"] = torch.zeros((), dtype=torch.int64)
         st["refresh"] = torch.tensor(refresh, dtype=torch.int64)
@@ -223,8 +294,45 @@ class FRUGAL(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ the split update
 
-    def _update_projectable(self, group: dict[str, Any], p: torch.Tensor) -> None:
-        st, g, kind = self.state[p], p.grad, group["projection"]
+    def _update(self, group: dict[str, Any], p: torch.Tensor) -> None:
+        """Route to the whole-matrix math: directly, on the local shard, gathered, or flat."""
+        if id(p) in self._flat:
+            self._update_flat(group, p)
+        elif not is_dtensor(p):
+            self._update_projectable(group, self.state[p], p, p.grad)
+        elif group["projection"] in ("columns", "blocks"):  # whole columns / tensors are local
+            self._update_projectable(group, local_view(self.state[p]), local(p), local(p.grad))
+        else:  # rows / randk / svd / random need all of G: gather, update redundantly, keep ours
+            g = p.grad.full_tensor()  # (m, n) on every rank
+            upd = self._scratch_like(g, slot=3).zero_()
+            self._update_projectable(group, self.state[p], upd, g)
+            lo, hi = row_range(p)
+            local(p).add_(upd[lo:hi])
+
+    def _update_flat(self, group: dict[str, Any], p: torch.Tensor) -> None:
+        """A ZeRO flat partition: the randk-style update with positions from the layout."""
+        st, g = self.state[p], p.grad
+        pos = self._positions(group, p, int(st["refresh"]))
+        lr_full = group["lr"] * group["proj_lr_scale"]
+        lr_free = lr_full * group["state_free_lr_scale"]
+        st["age"] += 1
+        low = g.index_select(0, pos)
+        upd = (
+            adam_direction_(low, st, group["betas"], group["eps"], lr_full) if low.numel() else low
+        )
+        if group["state_free"] == "none":
+            p.index_add_(0, pos, upd.to(p.dtype))
+            return
+        u = state_free_update(g, group["state_free"], self._scratch_like(g)).mul_(-lr_free)
+        u.index_copy_(0, pos, upd.to(u.dtype))
+        p.add_(u)
+
+    def _update_projectable(
+        self, group: dict[str, Any], st: dict[str, Any], p: torch.Tensor, g: torch.Tensor
+    ) -> None:
+        """The split update of one matrix ``p`` (m, n) from its gradient ``g``, adding into ``p``.
+        ``st`` is the parameter's state (local views under FSDP2)."""
+        kind = group["projection"]
         lr_full = group["lr"] * group["proj_lr_scale"]
         lr_free = lr_full * group["state_free_lr_scale"]
         st["age"] += 1
@@ -288,6 +396,7 @@ class FRUGAL(torch.optim.Optimizer):
         """Like the base class, but keeps every saved tensor's dtype (the base class would cast
         integer subspace indices and float32 bases to the parameter's dtype)."""
         super().load_state_dict(state_dict)
+        self._flat_pos.clear()
         params = [p for g in self.param_groups for p in g["params"]]
         for idx, saved in state_dict["state"].items():
             if not isinstance(idx, int) or idx >= len(params):

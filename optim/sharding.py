@@ -1,0 +1,130 @@
+"""How FRUGAL sees sharded parameters: FSDP2's ``DTensor`` shards and ZeRO's flat partitions.
+
+FSDP2 (``fully_shard``) shards every parameter on dim 0 (``Shard(0)``, torch.chunk sizes): a rank
+holds whole rows, so it holds every column of its rows. Column-wise state (the ``columns``
+projection's moments, shape (m, k)) is therefore sharded exactly like the parameter and needs no
+communication; we keep it as a ``DTensor`` with the parameter's placement so that
+``torch.distributed.checkpoint`` saves each rank's rows (plain per-rank tensors would be taken as
+replicated and collapsed to one rank's copy) and reshards it on a different world size.
+
+DeepSpeed ZeRO-1/2 hands the optimizer one flat 1-D partition per parameter group. A
+``FlatSegment`` says which slice of which parameter sits where in it; ``flat_positions`` turns a
+subspace choice on whole matrices into the positions of the partition it covers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from leanlm.optim.projections import (
+    num_selected,
+    select_entries,
+    select_indices,
+    subspace_generator,
+)
+
+try:  # torch >= 2.5
+    from torch.distributed.tensor import DTensor, Shard
+except ImportError:  # torch 2.4
+    try:
+        from torch.distributed._tensor import DTensor, Shard
+    except ImportError:  # a build without distributed support
+        DTensor, Shard = None, None
+
+
+def is_dtensor(t: Any) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The rank-local tensor of a DTensor (shares storage: in-place ops update the DTensor)."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def local_view(state: dict[str, Any]) -> dict[str, Any]:
+    """The same state with DTensors replaced by their local tensors (scalars stay the same objects,
+    so in-place step counters still update the real state)."""
+    return {k: local(v) if torch.is_tensor(v) else v for k, v in state.items()}
+
+
+def _check_row_sharded(p: torch.Tensor) -> None:
+    mesh, placements = p.device_mesh, p.placements
+    if mesh.ndim != 1 or len(placements) != 1 or placements[0] != Shard(0):
+        raise NotImplementedError(
+            f"FRUGAL supports parameters sharded on dim 0 over a 1-D mesh (FSDP2), got {placements} "
+            f"on a {mesh.ndim}-D mesh"
+        )
+
+
+def row_range(p: torch.Tensor) -> tuple[int, int]:
+    """[lo, hi): the global rows this rank holds of a ``Shard(0)`` DTensor (torch.chunk layout)."""
+    _check_row_sharded(p)
+    m, world = p.shape[0], p.device_mesh.size()
+    chunk = -(-m // world)
+    lo = min(p.device_mesh.get_local_rank() * chunk, m)
+    return lo, lo + p.to_local().shape[0]
+
+
+def sharded_zeros(p: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Zeros of global ``shape`` whose rows are sharded like the DTensor ``p``'s rows."""
+    _check_row_sharded(p)
+    lo, hi = row_range(p)
+    local_t = torch.zeros((hi - lo, *shape[1:]), dtype=dtype, device=p.to_local().device)
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(
+        local_t,
+        p.device_mesh,
+        p.placements,
+        run_check=False,
+        shape=torch.Size(shape),
+        stride=stride,
+    )
+
+
+@dataclass(frozen=True)
+class FlatSegment:
+    """``length`` elements of parameter ``index`` (construction order in the optimizer; shape
+    ``shape``), starting at element ``start`` of its flattened form, stored at ``offset`` of the
+    flat partition."""
+
+    index: int
+    shape: tuple[int, ...]
+    start: int
+    length: int
+    offset: int
+
+
+def flat_positions(
+    segments: list[FlatSegment], projection: str, density: float, seed: int, refresh: int
+) -> torch.Tensor:
+    """Sorted int64 positions of a flat partition that are state-full after ``refresh``.
+
+    For each 2-D segment the subspace is drawn exactly as for the whole matrix (same generator,
+    same (seed, index, refresh)), then restricted to the segment: ``columns`` keeps the elements
+    whose column is selected, ``randk`` the selected flat entries. Other segments (1-D tensors in a
+    projectable group) are state-full throughout, as on whole tensors.
+    """
+    parts = []
+    for s in segments:
+        span = torch.arange(s.start, s.start + s.length)  # element ids within the parameter
+        if len(s.shape) != 2:
+            parts.append(span - s.start + s.offset)
+            continue
+        m, n = s.shape
+        gen = subspace_generator(seed, s.index, refresh)
+        if projection == "columns":
+            chosen = torch.zeros(n, dtype=torch.bool)
+            chosen[select_indices(n, num_selected(density, n), gen)] = True
+            keep = span[chosen[span % n]]
+        elif projection == "randk":
+            entries = select_entries(m * n, num_selected(density, m * n), gen).long()
+            keep = entries[(entries >= s.start) & (entries < s.start + s.length)]
+        else:
+            raise ValueError(f"no flat form for projection {projection!r}; use columns or randk")
+        parts.append(keep - s.start + s.offset)
+    if not parts:
+        return torch.zeros(0, dtype=torch.long)
+    return torch.cat(parts)
