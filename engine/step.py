@@ -107,6 +107,7 @@ def _deepspeed_step(engine, micro_batches, device, autocast, reweight, chunk_tok
     total = torch.zeros((), device=device)
     tokens = 0
     stats: list[WeightStats] = []
+    measured = None
     for batch in micro_batches:
         batch = batch.to(device, non_blocking=True)
         inputs, targets = batch[:, :-1], batch[:, 1:]
@@ -114,12 +115,18 @@ def _deepspeed_step(engine, micro_batches, device, autocast, reweight, chunk_tok
             rows = engine(inputs, targets=targets, chunk_tokens=chunk_tokens)
         loss, st = batch_loss(rows, *(reweight or (None,)))
         engine.backward(loss)
+        if engine.is_gradient_accumulation_boundary() and not hasattr(
+            engine.optimizer, "_global_grad_norm"
+        ):  # ZeRO-0 fp32 steps our optimizer directly and measures no norm: measure it here
+            grads = [p for p in engine.module.parameters() if p.grad is not None]
+            measured = torch.nn.utils.clip_grad_norm_(grads, float("inf")).item()
         engine.step()
         total += rows.detach().float().mean() / accum
         tokens += targets.numel()
         if st is not None:
             stats.append(st)
     norm = engine.get_global_grad_norm()
+    norm = measured if norm is None else norm
     return StepResult(
         loss=total.item(),
         grad_norm=float(norm) if norm is not None else float("nan"),
