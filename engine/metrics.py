@@ -41,23 +41,48 @@ def peak_memory_gib(device: torch.device) -> float:
     return rss / (2**30 if sys.platform == "darwin" else 2**20)
 
 
+def _step_of(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return 2**62  # a torn last line from a crash: drop it
+
+
 class MetricsLogger:
     """Writes scalars to TensorBoard and ``metrics.jsonl``; a no-op on non-main ranks."""
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = True) -> None:
+    def __init__(
+        self, run_dir: Path, enabled: bool, tensorboard: bool = True, resume_step: int | None = None
+    ) -> None:
+        """``resume_step``: the run restarts from this step's checkpoint; records logged after it by
+        the interrupted attempt are dropped (from metrics.jsonl, and purged in TensorBoard) so the
+        logs read as one uninterrupted run."""
         self.enabled = enabled
         self.writer = None
         self.jsonl = None
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
+        path = run_dir / "metrics.jsonl"
+        if resume_step is not None and path.is_file():
+            kept = [
+                line
+                for line in path.read_text().splitlines(keepends=True)
+                if line.strip() and _step_of(line) <= resume_step
+            ]
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(kept))
+            tmp.replace(path)
         self.jsonl = open(  # noqa: SIM115 (closed in close(); lives as long as the run)
             run_dir / "metrics.jsonl", "a", buffering=1
         )  # line-buffered: survives crashes
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(run_dir / "tb"), max_queue=100)
+            purge = None if resume_step is None else resume_step + 1
+            self.writer = SummaryWriter(
+                log_dir=str(run_dir / "tb"), max_queue=100, purge_step=purge
+            )
 
     def log(self, step: int, scalars: dict[str, float], **extra: Any) -> None:
         if not self.enabled:

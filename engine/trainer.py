@@ -283,7 +283,9 @@ def _train(cfg: RunConfig, device: torch.device, backend: str, stop_at: int | No
 
     if t.compile and not dist.is_deepspeed(net):
         net = torch.compile(net)
-    logger = MetricsLogger(run_dir, main, cfg.log.tensorboard)
+    logger = MetricsLogger(
+        run_dir, main, cfg.log.tensorboard, resume_step=step if resume_from is not None else None
+    )
     fpt = flops_per_token(cfg.model, model.vocab_size, t.seq_len)
     peak = peak_flops(device)
     unigram = unigram_loss(corpus.train_counts, corpus.val_tokens, t.seq_len)

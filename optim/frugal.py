@@ -149,6 +149,11 @@ class FRUGAL(torch.optim.Optimizer):
                 f"FRUGAL on flat (ZeRO-1/2) partitions supports projection columns or randk, "
                 f"not {group['projection']!r}"
             )
+        if group["projectable"] and any(len(s.shape) != 2 for s in segments):
+            raise ValueError(
+                "FRUGAL on flat partitions: a projectable group may hold only matrices; put 1-D "
+                "tensors in a non-projectable group (frugal_param_groups does)"
+            )
         self._flat[id(flat)] = list(segments)
         self._flat_pos.pop(id(flat), None)
 

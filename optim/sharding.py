@@ -104,15 +104,11 @@ def flat_positions(
 
     For each 2-D segment the subspace is drawn exactly as for the whole matrix (same generator,
     same (seed, index, refresh)), then restricted to the segment: ``columns`` keeps the elements
-    whose column is selected, ``randk`` the selected flat entries. Other segments (1-D tensors in a
-    projectable group) are state-full throughout, as on whole tensors.
+    whose column is selected, ``randk`` the selected flat entries.
     """
     parts = []
     for s in segments:
         span = torch.arange(s.start, s.start + s.length)  # element ids within the parameter
-        if len(s.shape) != 2:
-            parts.append(span - s.start + s.offset)
-            continue
         m, n = s.shape
         gen = subspace_generator(seed, s.index, refresh)
         if projection == "columns":
