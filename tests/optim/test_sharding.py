@@ -12,8 +12,12 @@ import pytest
 import torch
 
 from leanlm.optim import FRUGAL, state_bytes
-from leanlm.optim.projections import num_selected, select_entries, select_indices
-from leanlm.optim.projections import subspace_generator
+from leanlm.optim.projections import (
+    num_selected,
+    select_entries,
+    select_indices,
+    subspace_generator,
+)
 from leanlm.optim.sharding import flat_positions
 from leanlm.optim.zero import zero_segments
 
