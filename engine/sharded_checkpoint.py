@@ -17,6 +17,7 @@ the right destination before reading.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +107,11 @@ def load_dcp(
                 )
             placed[key] = (p, name)
         dest["optim"] = optim_dest
-    dcp.load(dest, checkpoint_id=str(folder))
+    with (
+        warnings.catch_warnings()
+    ):  # "loading in a single process" is what we mean without torchrun
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single")
+        dcp.load(dest, checkpoint_id=str(folder))
     model.load_state_dict(model_sd)
     if optimizer is not None:
         optimizer.state.clear()

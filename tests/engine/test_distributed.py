@@ -1,0 +1,229 @@
+"""Multi-process training under torchrun on CPU (gloo): DDP, FSDP2 and DeepSpeed ZeRO against one
+process, exact resume (also FSDP2 saved on 2 ranks, resumed on 1), elastic restart after a killed
+worker, and a two-node launch on loopback. Each launch costs a few seconds: marked slow."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from leanlm.engine.config import load_config
+from leanlm.engine.distributed import resolve_backend
+from leanlm.engine.errors import CheckpointError, ConfigError
+from leanlm.engine.trainer import train
+
+TINY = str(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml")
+HAS_DS = importlib.util.find_spec("deepspeed") is not None
+needs_ds = pytest.mark.skipif(not HAS_DS, reason="needs deepspeed")
+
+BACKENDS = {  # name -> overrides
+    "ddp": ["distributed.backend=ddp"],
+    "fsdp2": ["distributed.backend=fsdp2"],
+    "ds0": ["distributed.backend=deepspeed", "distributed.zero_stage=0"],
+    "ds1": ["distributed.backend=deepspeed", "distributed.zero_stage=1"],
+    "ds2": ["distributed.backend=deepspeed", "distributed.zero_stage=2"],
+    "ds3": ["distributed.backend=deepspeed", "distributed.zero_stage=3"],
+}
+
+
+def env() -> dict[str, str]:
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "DS_ACCELERATOR": "cpu",
+        # gloo workers restarted by the elastic agent must not reuse the agent's TCP store.
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+    }
+
+
+def losses(run_dir: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["train/loss"] for r in rows if "train/loss" in r]
+
+
+def steps_logged(run_dir: Path) -> list[int]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in rows if "train/loss" in r]
+
+
+class Runs:
+    """Runs launched once per module and shared by the tests that compare against them."""
+
+    def __init__(self, base: list[str], root: Path) -> None:
+        self.base, self.root, self.done = base, root, {}
+
+    def overrides(self, optim: str, out: Path, extra=()) -> list[str]:
+        return [*self.base, f"optim.name={optim}", f"train.out_dir={out}", *extra]
+
+    def launch(self, optim, out, extra=(), nproc=2, launcher=(), extra_env=None, resume=False):
+        over = self.overrides(optim, out, [*extra, *(["train.resume=auto"] if resume else [])])
+        cmd = [sys.executable, "-m", "torch.distributed.run", *(launcher or ["--standalone"])]
+        cmd += [f"--nproc-per-node={nproc}", "-m", "leanlm.engine.cli", "train", TINY, *over]
+        out_p = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=400, env={**env(), **(extra_env or {})}
+        )
+        assert out_p.returncode == 0, out_p.stdout[-2000:] + out_p.stderr[-4000:]
+        return out
+
+    def get(self, backend: str, optim: str) -> Path:
+        key = (backend, optim)
+        if key not in self.done:
+            out = self.root / f"{backend}-{optim}"
+            if backend == "single":
+                train(load_config(TINY, self.overrides(optim, out)))
+            else:
+                self.launch(optim, out, BACKENDS[backend])
+            self.done[key] = out
+        return self.done[key]
+
+
+@pytest.fixture(scope="module")
+def runs(corpus_dir, cache_dir, tmp_path_factory) -> Runs:
+    base = [
+        f"data.source={corpus_dir}", f"data.cache_dir={cache_dir}", "data.vocab_size=512",
+        "data.val_fraction=0.15", "model.d_model=64", "model.n_layers=2", "model.n_heads=2",
+        "model.ffn_dim=128", "train.seq_len=32", "train.batch_size=4", "train.steps=6",
+        "train.threads=1", "optim.warmup_steps=2", "optim.update_gap=2", "eval.every=3",
+        "eval.tokens=512", "eval.batch_size=4", "log.every=1", "log.progress=false",
+        "checkpoint.every=3",
+    ]  # fmt: skip
+    return Runs(base, tmp_path_factory.mktemp("dist"))
+
+
+CASES = [
+    ("ddp", "adamw"), ("ddp", "frugal"), ("fsdp2", "adamw"), ("fsdp2", "frugal"),
+    pytest.param("ds0", "frugal", marks=needs_ds), pytest.param("ds1", "adamw", marks=needs_ds),
+    pytest.param("ds1", "frugal", marks=needs_ds), pytest.param("ds2", "adamw", marks=needs_ds),
+    pytest.param("ds2", "frugal", marks=needs_ds), pytest.param("ds3", "adamw", marks=needs_ds),
+]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend,optim", CASES)
+def test_two_ranks_match_one_process(runs, backend, optim):
+    """Same global batch (2 x 2 rows vs 4 rows), 6 steps across a FRUGAL refresh: same losses."""
+    single = losses(runs.get("single", optim))
+    multi = losses(runs.get(backend, optim))
+    assert len(multi) == len(single) == 6
+    assert multi == pytest.approx(single, rel=1e-5, abs=1e-6)
+
+
+def _resume_copy(src: Path, dst: Path) -> Path:
+    (dst / "checkpoints").mkdir(parents=True)
+    shutil.copytree(src / "checkpoints" / "step-00000003", dst / "checkpoints" / "step-00000003")
+    return dst
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "backend,optim,nproc",
+    [
+        ("ddp", "frugal", 2),
+        ("fsdp2", "frugal", 2),
+        ("fsdp2", "frugal", 1),  # saved on 2 ranks, resumed on 1 (torchrun, FSDP2 on one rank)
+        ("fsdp2", "adamw", 0),  # saved on 2 ranks, resumed in a plain process (no torchrun)
+        pytest.param("ds2", "frugal", 2, marks=needs_ds),
+        pytest.param("ds3", "adamw", 2, marks=needs_ds),
+    ],
+)
+def test_resume_continues_the_loss_sequence_exactly(runs, tmp_path, backend, optim, nproc):
+    full = losses(runs.get(backend, optim))
+    out = _resume_copy(runs.get(backend, optim), tmp_path / "resumed")
+    if nproc == 0:
+        train(load_config(TINY, runs.overrides(optim, out, ["train.resume=auto"])))
+    else:
+        runs.launch(optim, out, BACKENDS[backend], nproc=nproc, resume=True)
+    assert losses(out) == pytest.approx(full[3:], rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_killed_worker_restarts_and_finishes_like_an_uninterrupted_run(runs, tmp_path):
+    full = losses(runs.get("fsdp2", "frugal"))
+    out = tmp_path / "elastic"
+    runs.launch(
+        "frugal", out, BACKENDS["fsdp2"], launcher=["--standalone", "--max-restarts=1"],
+        extra_env={"LEANLM_FAULT_AT": "4:1"}, resume=True,
+    )  # fmt: skip
+    assert steps_logged(out) == [1, 2, 3, 4, 5, 6]  # step 4 of the killed attempt was dropped
+    assert losses(out) == pytest.approx(full, rel=1e-5, abs=1e-6)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_node_launch_on_loopback_agrees_with_one_node(runs, tmp_path):
+    full = losses(runs.get("fsdp2", "frugal"))
+    out = tmp_path / "two-node"
+    port = _free_port()
+    launcher = [
+        "--nnodes=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+        "--rdzv-id=leanlm-test",
+    ]  # fmt: skip
+    over = runs.overrides("frugal", out, BACKENDS["fsdp2"])
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, "--nproc-per-node=1"]
+    cmd += ["-m", "leanlm.engine.cli", "train", TINY, *over]
+    nodes = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=env()) for _ in range(2)]  # fmt: skip
+    for node in nodes:
+        text, _ = node.communicate(timeout=400)
+        assert node.returncode == 0, text[-3000:]
+    assert losses(out) == pytest.approx(full, rel=1e-5, abs=1e-6)
+
+
+# ---------------------------------------------------------------------- fast checks
+
+
+def test_sharded_backends_need_torchrun(monkeypatch):
+    for var in ("TORCHELASTIC_RUN_ID", "RANK", "MASTER_ADDR", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(ConfigError, match="torchrun"):
+        resolve_backend("fsdp2")
+    assert resolve_backend("auto") == "none"
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["distributed.zero_stage=2"], "needs distributed.backend=deepspeed"),
+        (["distributed.backend=deepspeed", "distributed.zero_stage=3", "optim.name=frugal"],
+         "ZeRO-3 is not supported"),
+        (["distributed.backend=deepspeed", "distributed.zero_stage=1", "optim.name=galore"],
+         "no flat form"),
+        (["distributed.backend=deepspeed", "distributed.zero_stage=2", "optim.name=frugal",
+          "optim.projection=rows"], "no flat form"),
+        (["distributed.backend=fsdpp"], "did you mean 'fsdp2'"),
+    ],
+)  # fmt: skip
+def test_impossible_backend_combinations_are_rejected_up_front(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(TINY, overrides)
+
+
+def test_allowed_combinations_validate():
+    for over in (
+        ["distributed.backend=deepspeed", "distributed.zero_stage=2", "optim.name=frugal"],
+        ["distributed.backend=deepspeed", "distributed.zero_stage=3", "optim.name=adamw"],
+        ["distributed.backend=deepspeed", "distributed.zero_stage=0", "optim.name=galore"],
+        ["distributed.backend=fsdp2", "optim.name=galore"],
+    ):
+        load_config(TINY, over)
+
+
+@pytest.mark.slow
+@needs_ds
+def test_deepspeed_checkpoint_refuses_another_backend(runs, tmp_path):
+    out = _resume_copy(runs.get("ds2", "frugal"), tmp_path / "other")
+    with pytest.raises(CheckpointError, match="resume it with that backend"):
+        train(load_config(TINY, runs.overrides("frugal", out, ["train.resume=auto"])))
