@@ -1,10 +1,15 @@
 """leanlm.kernels: Triton kernels with PyTorch references and a dispatch.
 
 Every op comes as ``op`` (dispatch), ``op_reference`` (plain PyTorch, any device) and a Triton
-implementation; ``LEANLM_KERNELS=reference|triton`` forces a path. The kernels themselves land
-with the LOST and FRUGAL issues; this package exists now so the layout and imports are fixed.
+implementation; ``LEANLM_KERNELS=reference|triton`` forces a path (``auto``, the default, takes
+Triton for CUDA tensors when it is installed).
+
+    lost_linear      fused LOST layer (lost_linear.py dispatch, lost_triton.py, lost_op.py)
+    frugal_update    fused FRUGAL step for the columns / rows projections (frugal_update.py)
 """
 
+import functools
+import importlib.util
 import os
 
 KERNELS_ENV = "LEANLM_KERNELS"
@@ -16,3 +21,9 @@ def kernel_path() -> str:
     if value not in ("auto", "reference", "triton"):
         raise ValueError(f"{KERNELS_ENV}={value!r} is not one of auto, reference, triton")
     return value
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Triton is importable (it is an optional dependency on CPU-only machines)."""
+    return importlib.util.find_spec("triton") is not None

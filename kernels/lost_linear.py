@@ -4,9 +4,11 @@ Shapes: x (..., n) (any leading dims, non-contiguous allowed), A (n, r), B (r, m
 index I (k,) int, sorted and unique; γ a Python float or 0-d tensor (an explicit scale on each
 path, never folded into the weights: Adam's steps are scale-free, so folding changes training).
 
-``lost_linear`` dispatches: the PyTorch reference runs everywhere; the fused Triton kernel (two
-launches forward, GEMM over the concatenated inner dimension r + k) lands with the kernels issue
-and will be picked on CUDA unless ``LEANLM_KERNELS=reference``.
+``lost_linear`` dispatches: the PyTorch reference runs everywhere; the fused Triton kernels
+(``leanlm.kernels.lost_triton``: two launches forward with a GEMM over the concatenated inner
+dimension r + k, fused backward; a ``torch.library`` custom op) are picked on CUDA when Triton is
+installed. ``LEANLM_KERNELS=reference|triton`` forces one (triton on CPU tensors needs
+``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from leanlm.kernels import kernel_path
+from leanlm.kernels import kernel_path, triton_available
 
 PHIS = ("identity", "silu", "relu2")
 
@@ -55,9 +57,36 @@ def lost_linear(
     gamma: float | torch.Tensor,
     phi: str = "silu",
 ) -> torch.Tensor:
-    """Dispatch: the reference today (the Triton path is not built yet; forcing it is an error)."""
-    if kernel_path() == "triton":
-        raise NotImplementedError(
-            "LEANLM_KERNELS=triton: the fused LOST kernel is not built yet; use reference"
-        )
-    return lost_linear_reference(x, lowrank_in, lowrank_out, sparse, index, gamma, phi)
+    """Dispatch: Triton on CUDA (or when forced), the PyTorch reference otherwise."""
+    path = kernel_path()
+    if path == "reference" or (path == "auto" and not (x.is_cuda and triton_available())):
+        return lost_linear_reference(x, lowrank_in, lowrank_out, sparse, index, gamma, phi)
+    if not triton_available():
+        raise RuntimeError("LEANLM_KERNELS=triton but Triton is not installed: pip install triton")
+    if phi not in PHIS:
+        raise ValueError(f"unknown phi {phi!r}; choose one of {', '.join(PHIS)}")
+    from leanlm.kernels.lost_op import lost_linear_fwd
+
+    dtype = _compute_dtype(x)
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, x.shape[-1]).to(dtype)  # a view when the leading dims allow it
+    y, _ = lost_linear_fwd(
+        x2d, lowrank_in.to(dtype), lowrank_out.to(dtype), sparse.to(dtype), index,
+        float(gamma), phi,
+    )  # fmt: skip
+    return y.reshape(*lead, lowrank_out.shape[1])
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype autocast would compute a matmul in (custom ops are not autocast themselves)."""
+    device = x.device.type
+    try:
+        enabled = torch.is_autocast_enabled(device)
+    except TypeError:  # torch 2.4: no device argument
+        enabled = torch.is_autocast_enabled() if device == "cuda" else False
+    if not enabled:
+        return x.dtype
+    try:
+        return torch.get_autocast_dtype(device)
+    except AttributeError:  # torch 2.4
+        return torch.get_autocast_gpu_dtype()

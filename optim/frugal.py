@@ -40,6 +40,13 @@ from typing import Any
 
 import torch
 
+from leanlm.kernels.frugal_update import (
+    adam_direction_,
+    frugal_update,
+    inverse_index,
+    state_free_update,
+    use_triton,
+)
 from leanlm.optim.groups import frugal_param_groups, is_named_params
 from leanlm.optim.projections import (
     BLOCK_ORDERS,
@@ -176,17 +183,31 @@ class FRUGAL(torch.optim.Optimizer):
             if not with_grad:
                 continue
             lr, wd = group["lr"], group["weight_decay"]
-            if wd:  # decoupled, before the update, on every parameter (FRUGAL's order)
-                torch._foreach_mul_([local(p) for p in with_grad], 1.0 - lr * wd)
             dense = [p for p in with_grad if not self.is_projectable(group, p)]
             proj = [p for p in with_grad if self.is_projectable(group, p)]
+            # The fused kernel applies weight decay itself; everything else gets it here.
+            fused = {id(p) for p in proj if self._fused(group, p)}
+            if wd:  # decoupled, before the update, on every parameter (FRUGAL's order)
+                torch._foreach_mul_(
+                    [local(p) for p in with_grad if id(p) not in fused], 1.0 - lr * wd
+                )
             if dense:
                 self._adam_dense(group, dense)
             if proj:
                 self._maybe_refresh(group, proj)
                 for p in proj:
-                    self._update(group, p)
+                    self._update(group, p, decay=1.0 - lr * wd if id(p) in fused else 1.0)
         return loss
+
+    def _fused(self, group: dict[str, Any], p: torch.Tensor) -> bool:
+        """columns / rows on a whole (unsharded, contiguous) matrix on the Triton path."""
+        return (
+            group["projection"] in ("columns", "rows")
+            and id(p) not in self._flat
+            and not is_dtensor(p)
+            and p.is_contiguous()
+            and use_triton(p)
+        )
 
     # ------------------------------------------------------------------ state-full AdamW
 
@@ -299,12 +320,13 @@ class FRUGAL(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ the split update
 
-    def _update(self, group: dict[str, Any], p: torch.Tensor) -> None:
-        """Route to the whole-matrix math: directly, on the local shard, gathered, or flat."""
+    def _update(self, group: dict[str, Any], p: torch.Tensor, decay: float = 1.0) -> None:
+        """Route to the whole-matrix math: directly, on the local shard, gathered, or flat.
+        ``decay``: weight decay still to apply (only the fused kernel's path gets one)."""
         if id(p) in self._flat:
             self._update_flat(group, p)
         elif not is_dtensor(p):
-            self._update_projectable(group, self.state[p], p, p.grad)
+            self._update_projectable(group, self.state[p], p, p.grad, decay)
         elif group["projection"] in ("columns", "blocks"):  # whole columns / tensors are local
             self._update_projectable(group, local_view(self.state[p]), local(p), local(p.grad))
         else:  # rows / randk / svd / random need all of G: gather, update redundantly, keep ours
@@ -333,8 +355,9 @@ class FRUGAL(torch.optim.Optimizer):
         p.add_(u)
 
     def _update_projectable(
-        self, group: dict[str, Any], st: dict[str, Any], p: torch.Tensor, g: torch.Tensor
-    ) -> None:
+        self, group: dict[str, Any], st: dict[str, Any], p: torch.Tensor, g: torch.Tensor,
+        decay: float = 1.0,
+    ) -> None:  # fmt: skip
         """The split update of one matrix ``p`` (m, n) from its gradient ``g``, adding into ``p``.
         ``st`` is the parameter's state (local views under FSDP2)."""
         kind = group["projection"]
@@ -342,16 +365,19 @@ class FRUGAL(torch.optim.Optimizer):
         lr_free = lr_full * group["state_free_lr_scale"]
         st["age"] += 1
         free = group["state_free"]
+        if kind in ("columns", "rows"):  # leanlm.kernels: fused on CUDA, the reference elsewhere
+            dim = 1 if kind == "columns" else 0
+            frugal_update(
+                p, g, st, dim, lr_full, lr_free, group["betas"], group["eps"], free, decay,
+                scratch=self._scratch_like(g), inv=self._inverse(p, st, dim),
+            )  # fmt: skip
+            return
         if kind == "blocks" and not bool(st["active"]):
             if free != "none":
                 p.add_(state_free_update(g, free, self._scratch_like(g)), alpha=-lr_free)
             return
         # Gather the state-full coordinates: low has the moments' shape.
-        if kind == "columns":
-            low = g.index_select(1, st["index"])
-        elif kind == "rows":
-            low = g.index_select(0, st["index"])
-        elif kind == "randk":
+        if kind == "randk":
             low = g.reshape(-1).index_select(0, st["index"].long())
         elif kind == "blocks":
             low = g
@@ -383,6 +409,17 @@ class FRUGAL(torch.optim.Optimizer):
         u = state_free_update(g, free, self._scratch_like(g)).mul_(-lr_free)
         _scatter(u, kind, st["index"], upd, add=False)
         p.add_(u)
+
+    def _inverse(self, p: torch.Tensor, st: dict[str, Any], dim: int) -> torch.Tensor | None:
+        """The fused kernel's inverse index map, cached per (parameter, refresh); None off CUDA."""
+        if not (p.is_cuda or use_triton(p)):
+            return None
+        key = ("inverse", id(p), int(st["refresh"]))
+        if key not in self._scratch:
+            for old in [k for k in self._scratch if k[:2] == ("inverse", id(p))]:
+                del self._scratch[old]
+            self._scratch[key] = inverse_index(st["index"], p.shape[dim])
+        return self._scratch[key]
 
     def _scratch_like(
         self, t: torch.Tensor, dtype: torch.dtype | None = None, slot: int = 0
@@ -432,30 +469,6 @@ def adam_foreach_(params, grads, states, lr: float, betas, eps: float) -> None:
     torch._foreach_div_(denom, bc2_sqrt)
     torch._foreach_add_(denom, eps)
     torch._foreach_addcdiv_(params, exp_avgs, denom, step_sizes)
-
-
-def adam_direction_(
-    low: torch.Tensor, st: dict[str, Any], betas, eps: float, lr: float
-) -> torch.Tensor:
-    """Update the moments with ``low`` and return the Adam step (already scaled by −lr/bc1)."""
-    b1, b2 = betas
-    st["step"] += 1
-    k = float(st["step"])
-    low = low.to(st["exp_avg"].dtype)
-    st["exp_avg"].lerp_(low, 1 - b1)
-    st["exp_avg_sq"].mul_(b2).addcmul_(low, low, value=1 - b2)
-    out = st["exp_avg_sq"].sqrt().div_(math.sqrt(1 - b2**k)).add_(eps)  # the denominator...
-    return torch.div(st["exp_avg"], out, out=out).mul_(
-        -lr / (1 - b1**k)
-    )  # ...then the step, in place
-
-
-def state_free_update(
-    residual: torch.Tensor, rule: str, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """The state-free direction (before −lr scaling): sign(residual) or the residual itself."""
-    out = torch.empty_like(residual) if out is None else out
-    return torch.sign(residual, out=out) if rule == "sign" else out.copy_(residual)
 
 
 def _scatter(

@@ -75,4 +75,5 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     for projection in sys.argv[1:] or ["columns", "rows", "randk", "blocks", "svd", "random"]:
         run(projection)
+    tdist.barrier()  # nobody tears gloo down while a peer still talks to it
     tdist.destroy_process_group()

@@ -1,0 +1,349 @@
+"""Triton kernels for the LOST linear layer (forward and backward).
+
+Notation: x (N, n), A (n, r), B (r, m), W_s (m, k), I (k,) sorted unique input channels,
+γ a float, φ ∈ {identity, silu, relu2}; H_pre = x A, H = φ(H_pre).
+
+Forward, two launches:
+  1. ``H_pre = x A`` (a plain GEMM: cuBLAS through ``torch.mm``; H_pre is all φ' needs later).
+  2. ``Y = [H | x[:, I]] · [γ B ; (1 − γ) W_sᵀ]``: one kernel whose inner loop runs over the
+     concatenated r + k dimension: φ is applied to the H_pre tiles as they load, and the x[:, I]
+     tiles are loaded through the index (no gathered copy of x, no second output to add).
+Backward:
+  3. ``T = dY · [γ B ; (1 − γ) W_sᵀ]ᵀ``: one launch over r + k output columns; the first r get
+     φ'(H_pre) in the epilogue (dH_pre), the last k are the gradient of x[:, I] (T_k).
+  4. ``dx = dH_pre Aᵀ`` with T_k added in the epilogue through the inverse index map (each input
+     channel receives at most one sparse term: no atomics, deterministic).
+  5. ``dW_s = (1 − γ) dYᵀ x[:, I]`` with the x tiles loaded through the index.
+  ``dB = γ Hᵀ dY`` and ``dA = xᵀ dH_pre`` are plain GEMMs (cuBLAS).
+
+Accumulation is fp32; fp32 inputs use exact (IEEE) dots unless TF32 matmuls are enabled in torch.
+Tails (k = 25, 68, 273, ...) are masked. Under ``TRITON_INTERPRET=1`` the same kernels run on CPU
+tensors (small blocks, no autotuning), which is how CI tests them.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+PHI_CODE = {"identity": 0, "silu": 1, "relu2": 2}
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _configs(big: bool = True) -> list[triton.Config]:
+    if INTERPRET:  # one small config: the interpreter runs every autotune candidate
+        return [triton.Config({"BM": 16, "BN": 16, "BK": 16}, num_warps=1)]
+    shapes = [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 64, 4, 3)]
+    if big:
+        shapes.append((128, 256, 64, 8, 3))
+    return [
+        triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in shapes
+    ]
+
+
+@triton.jit
+def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """tl.dot; under the interpreter bf16 tiles are widened first (Triton's interpreter computes
+    bf16 dots wrongly: it was measured returning ~1e10 for unit-scale inputs)."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return _dot(a, b, PREC, UPCAST)
+
+
+@triton.jit
+def _phi(h, PHI: tl.constexpr):
+    if PHI == 1:
+        h = h * tl.sigmoid(h)
+    elif PHI == 2:
+        h = tl.maximum(h, 0.0)
+        h = h * h
+    return h
+
+
+@triton.jit
+def _dphi(h, PHI: tl.constexpr):
+    if PHI == 1:
+        s = tl.sigmoid(h)
+        return s + h * s * (1.0 - s)
+    elif PHI == 2:
+        return 2.0 * tl.maximum(h, 0.0)
+    else:
+        return tl.full(h.shape, 1.0, tl.float32)
+
+
+# ------------------------------------------------------------------------------------- forward
+
+
+@triton.autotune(configs=_configs(), key=["N", "M", "R", "K"])
+@triton.jit
+def _lost_out_kernel(
+    h_ptr, x_ptr, b_ptr, ws_ptr, idx_ptr, y_ptr,
+    N, M, R, K, gamma,
+    s_hn, s_hr, s_xn, s_xc, s_br, s_bm, s_wm, s_wk, s_yn, s_ym,
+    PHI: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    """Y[rows, cols] = γ φ(H_pre) B + (1 − γ) x[:, I] W_sᵀ over the concatenated inner dim."""
+    pid_n, pid_m = tl.program_id(0), tl.program_id(1)
+    rows = pid_n * BM + tl.arange(0, BM)  # tokens
+    cols = pid_m * BN + tl.arange(0, BN)  # output features
+    row_ok, col_ok = rows < N, cols < M
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for r0 in range(0, R, BK):  # the low-rank part: φ applied to H_pre tiles on load
+        kk = r0 + tl.arange(0, BK)
+        kk_ok = kk < R
+        h = tl.load(
+            h_ptr + rows[:, None] * s_hn + kk[None, :] * s_hr,
+            mask=row_ok[:, None] & kk_ok[None, :], other=0.0,
+        )  # fmt: skip
+        h = _phi(h.to(tl.float32), PHI).to(h_ptr.dtype.element_ty)
+        b = tl.load(
+            b_ptr + kk[:, None] * s_br + cols[None, :] * s_bm,
+            mask=kk_ok[:, None] & col_ok[None, :], other=0.0,
+        )  # fmt: skip
+        acc += _dot(h, b, PREC, UPCAST)
+    acc = acc * gamma
+    sp = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):  # the sparse part: x tiles through the channel index
+        kk = k0 + tl.arange(0, BK)
+        kk_ok = kk < K
+        ch = tl.load(idx_ptr + kk, mask=kk_ok, other=0)
+        xs = tl.load(
+            x_ptr + rows[:, None] * s_xn + ch[None, :] * s_xc,
+            mask=row_ok[:, None] & kk_ok[None, :], other=0.0,
+        )  # fmt: skip
+        w = tl.load(
+            ws_ptr + cols[None, :] * s_wm + kk[:, None] * s_wk,
+            mask=kk_ok[:, None] & col_ok[None, :], other=0.0,
+        )  # fmt: skip
+        sp += _dot(xs, w, PREC, UPCAST)
+    acc += sp * (1.0 - gamma)
+    tl.store(
+        y_ptr + rows[:, None] * s_yn + cols[None, :] * s_ym,
+        acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :],
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------ backward
+
+
+@triton.autotune(configs=_configs(big=False), key=["N", "M", "R", "K"])
+@triton.jit
+def _lost_t_kernel(
+    dy_ptr, b_ptr, ws_ptr, hpre_ptr, dh_ptr, tk_ptr,
+    N, M, R, K, gamma,
+    s_dn, s_dm, s_br, s_bm, s_wm, s_wk, s_hn, s_hr, s_tn, s_tk,
+    PHI: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    """Column blocks [0, ⌈R/BN⌉): dH_pre = γ (dY Bᵀ) ⊙ φ'(H_pre); the rest: T_k = (1 − γ) dY W_s."""
+    pid_n, pid_c = tl.program_id(0), tl.program_id(1)
+    r_blocks = tl.cdiv(R, BN)
+    rows = pid_n * BM + tl.arange(0, BM)
+    row_ok = rows < N
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    if pid_c < r_blocks:
+        cols = pid_c * BN + tl.arange(0, BN)
+        col_ok = cols < R
+        for m0 in range(0, M, BK):
+            mm = m0 + tl.arange(0, BK)
+            mm_ok = mm < M
+            d = tl.load(
+                dy_ptr + rows[:, None] * s_dn + mm[None, :] * s_dm,
+                mask=row_ok[:, None] & mm_ok[None, :], other=0.0,
+            )  # fmt: skip
+            bt = tl.load(  # Bᵀ tile: B[cols, mm]
+                b_ptr + cols[None, :] * s_br + mm[:, None] * s_bm,
+                mask=mm_ok[:, None] & col_ok[None, :], other=0.0,
+            )  # fmt: skip
+            acc += _dot(d, bt, PREC, UPCAST)
+        mask = row_ok[:, None] & col_ok[None, :]
+        if PHI != 0:
+            hp = tl.load(
+                hpre_ptr + rows[:, None] * s_hn + cols[None, :] * s_hr, mask=mask, other=0.0
+            )
+            acc = acc * _dphi(hp.to(tl.float32), PHI)
+        acc = acc * gamma
+        tl.store(
+            dh_ptr + rows[:, None] * s_hn + cols[None, :] * s_hr,
+            acc.to(dh_ptr.dtype.element_ty), mask=mask,
+        )  # fmt: skip
+    else:
+        cols = (pid_c - r_blocks) * BN + tl.arange(0, BN)
+        col_ok = cols < K
+        for m0 in range(0, M, BK):
+            mm = m0 + tl.arange(0, BK)
+            mm_ok = mm < M
+            d = tl.load(
+                dy_ptr + rows[:, None] * s_dn + mm[None, :] * s_dm,
+                mask=row_ok[:, None] & mm_ok[None, :], other=0.0,
+            )  # fmt: skip
+            w = tl.load(
+                ws_ptr + mm[:, None] * s_wm + cols[None, :] * s_wk,
+                mask=mm_ok[:, None] & col_ok[None, :], other=0.0,
+            )  # fmt: skip
+            acc += _dot(d, w, PREC, UPCAST)
+        acc = acc * (1.0 - gamma)
+        tl.store(
+            tk_ptr + rows[:, None] * s_tn + cols[None, :] * s_tk,
+            acc.to(tk_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :],
+        )  # fmt: skip
+
+
+@triton.autotune(configs=_configs(big=False), key=["N", "C", "R"])
+@triton.jit
+def _lost_dx_kernel(
+    dh_ptr, a_ptr, tk_ptr, inv_ptr, dx_ptr,
+    N, C, R,
+    s_hn, s_hr, s_ac, s_ar, s_tn, s_tk, s_xn, s_xc,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    """dx = dH_pre Aᵀ, plus T_k[:, inv[c]] on every input channel c in I (epilogue)."""
+    pid_n, pid_c = tl.program_id(0), tl.program_id(1)
+    rows = pid_n * BM + tl.arange(0, BM)
+    cols = pid_c * BN + tl.arange(0, BN)  # input channels
+    row_ok, col_ok = rows < N, cols < C
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for r0 in range(0, R, BK):
+        kk = r0 + tl.arange(0, BK)
+        kk_ok = kk < R
+        d = tl.load(
+            dh_ptr + rows[:, None] * s_hn + kk[None, :] * s_hr,
+            mask=row_ok[:, None] & kk_ok[None, :], other=0.0,
+        )  # fmt: skip
+        at = tl.load(  # Aᵀ tile: A[cols, kk]
+            a_ptr + cols[None, :] * s_ac + kk[:, None] * s_ar,
+            mask=kk_ok[:, None] & col_ok[None, :], other=0.0,
+        )  # fmt: skip
+        acc += _dot(d, at, PREC, UPCAST)
+    inv = tl.load(inv_ptr + cols, mask=col_ok, other=-1)
+    hit = inv >= 0
+    sp = tl.load(
+        tk_ptr + rows[:, None] * s_tn + tl.maximum(inv, 0)[None, :] * s_tk,
+        mask=row_ok[:, None] & hit[None, :], other=0.0,
+    )  # fmt: skip
+    acc += sp.to(tl.float32)
+    tl.store(
+        dx_ptr + rows[:, None] * s_xn + cols[None, :] * s_xc,
+        acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :],
+    )  # fmt: skip
+
+
+@triton.autotune(configs=_configs(big=False), key=["N", "M", "K"])
+@triton.jit
+def _lost_dws_kernel(
+    dy_ptr, x_ptr, idx_ptr, dws_ptr,
+    N, M, K, scale,
+    s_dn, s_dm, s_xn, s_xc, s_wm, s_wk,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    """dW_s[m, j] = (1 − γ) Σ_t dY[t, m] x[t, I[j]], the x tiles loaded through the index."""
+    pid_m, pid_k = tl.program_id(0), tl.program_id(1)
+    outs = pid_m * BM + tl.arange(0, BM)
+    cols = pid_k * BN + tl.arange(0, BN)
+    out_ok, col_ok = outs < M, cols < K
+    ch = tl.load(idx_ptr + cols, mask=col_ok, other=0)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for t0 in range(0, N, BK):
+        tt = t0 + tl.arange(0, BK)
+        tt_ok = tt < N
+        dt = tl.load(  # dYᵀ tile: dY[tt, outs]
+            dy_ptr + tt[None, :] * s_dn + outs[:, None] * s_dm,
+            mask=out_ok[:, None] & tt_ok[None, :], other=0.0,
+        )  # fmt: skip
+        xs = tl.load(
+            x_ptr + tt[:, None] * s_xn + ch[None, :] * s_xc,
+            mask=tt_ok[:, None] & col_ok[None, :], other=0.0,
+        )  # fmt: skip
+        acc += _dot(dt, xs, PREC, UPCAST)
+    acc = acc * scale
+    tl.store(
+        dws_ptr + outs[:, None] * s_wm + cols[None, :] * s_wk,
+        acc.to(dws_ptr.dtype.element_ty), mask=out_ok[:, None] & col_ok[None, :],
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------ launchers
+
+
+def _precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _grid(rows: int, cols: int):
+    return lambda meta: (triton.cdiv(rows, meta["BM"]), triton.cdiv(cols, meta["BN"]))
+
+
+def forward(
+    x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, ws: torch.Tensor, index: torch.Tensor,
+    gamma: float, phi: str,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """x (N, n) -> (Y (N, m), H_pre (N, r)); H_pre is kept for the backward."""
+    n_tok, m, r, k = x.shape[0], b.shape[1], a.shape[1], ws.shape[1]
+    hpre = torch.mm(x, a)  # (N, r)
+    y = torch.empty((n_tok, m), dtype=x.dtype, device=x.device)
+    _lost_out_kernel[_grid(n_tok, m)](
+        hpre, x, b, ws, index, y, n_tok, m, r, k, float(gamma),
+        hpre.stride(0), hpre.stride(1), x.stride(0), x.stride(1), b.stride(0), b.stride(1),
+        ws.stride(0), ws.stride(1), y.stride(0), y.stride(1),
+        PHI=PHI_CODE[phi], PREC=_precision(x.dtype), UPCAST=INTERPRET,
+    )  # fmt: skip
+    return y, hpre
+
+
+def inverse_index(index: torch.Tensor, n: int) -> torch.Tensor:
+    """(n,) int32: position of each input channel in ``index``, −1 where it is not selected."""
+    inv = torch.full((n,), -1, dtype=torch.int32, device=index.device)
+    inv[index.long()] = torch.arange(index.numel(), dtype=torch.int32, device=index.device)
+    return inv
+
+
+def backward(
+    dy: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, ws: torch.Tensor,
+    index: torch.Tensor, hpre: torch.Tensor, gamma: float, phi: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Gradients (dx, dA, dB, dW_s) of Y = forward(...) given dY (N, m)."""
+    n_tok, n, m, r, k = x.shape[0], x.shape[1], b.shape[1], a.shape[1], ws.shape[1]
+    code, prec = PHI_CODE[phi], _precision(x.dtype)
+    dy = dy.contiguous()
+    dh = torch.empty_like(hpre)  # (N, r) dH_pre
+    tk = torch.empty((n_tok, k), dtype=x.dtype, device=x.device)  # (N, k) grad of x[:, I]
+
+    def t_grid(meta):
+        return (
+            triton.cdiv(n_tok, meta["BM"]),
+            triton.cdiv(r, meta["BN"]) + triton.cdiv(k, meta["BN"]),
+        )
+
+    _lost_t_kernel[t_grid](
+        dy, b, ws, hpre, dh, tk, n_tok, m, r, k, float(gamma),
+        dy.stride(0), dy.stride(1), b.stride(0), b.stride(1), ws.stride(0), ws.stride(1),
+        hpre.stride(0), hpre.stride(1), tk.stride(0), tk.stride(1), PHI=code, PREC=prec, UPCAST=INTERPRET,
+    )  # fmt: skip
+    dx = torch.empty((n_tok, n), dtype=x.dtype, device=x.device)
+    _lost_dx_kernel[_grid(n_tok, n)](
+        dh, a, tk, inverse_index(index, n), dx, n_tok, n, r,
+        dh.stride(0), dh.stride(1), a.stride(0), a.stride(1), tk.stride(0), tk.stride(1),
+        dx.stride(0), dx.stride(1), PREC=prec, UPCAST=INTERPRET,
+    )  # fmt: skip
+    dws = torch.empty_like(ws)
+    if k:
+        _lost_dws_kernel[_grid(m, k)](
+            dy, x, index, dws, n_tok, m, k, 1.0 - float(gamma),
+            dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), dws.stride(0), dws.stride(1),
+            PREC=prec, UPCAST=INTERPRET,
+        )  # fmt: skip
+    h = hpre if code == 0 else _phi_torch(hpre, phi)
+    db = torch.mm(h.t(), dy).mul_(gamma)  # (r, m)
+    da = torch.mm(x.t(), dh)  # (n, r)
+    return dx, da, db, dws
+
+
+def _phi_torch(h: torch.Tensor, phi: str) -> torch.Tensor:
+    from leanlm.kernels.lost_linear import apply_phi
+
+    return apply_phi(h.float(), phi).to(h.dtype)
