@@ -104,8 +104,9 @@ def frugal_update(
 
     if inv is None:
         inv = inverse_index(st["index"], p.shape[dim])
-    st["step"] += 1
-    k = float(st["step"])
+    if st["index"].numel():  # as in the reference: no Adam coordinates, no Adam step
+        st["step"] += 1
+    k = max(float(st["step"]), 1.0)
     b1, b2 = betas
     fused_update(
         p, g, st["exp_avg"], st["exp_avg_sq"], inv, dim, st["index"].numel(),

@@ -187,10 +187,9 @@ class FRUGAL(torch.optim.Optimizer):
             proj = [p for p in with_grad if self.is_projectable(group, p)]
             # The fused kernel applies weight decay itself; everything else gets it here.
             fused = {id(p) for p in proj if self._fused(group, p)}
-            if wd:  # decoupled, before the update, on every parameter (FRUGAL's order)
-                torch._foreach_mul_(
-                    [local(p) for p in with_grad if id(p) not in fused], 1.0 - lr * wd
-                )
+            decayed = [local(p) for p in with_grad if id(p) not in fused]
+            if wd and decayed:  # decoupled, before the update, on every parameter (FRUGAL's order)
+                torch._foreach_mul_(decayed, 1.0 - lr * wd)
             if dense:
                 self._adam_dense(group, dense)
             if proj:

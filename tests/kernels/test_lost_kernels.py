@@ -85,7 +85,7 @@ def test_bf16_within_one_percent(shape, device, monkeypatch):
 
 def test_leading_dims_and_gamma_extremes(device, monkeypatch):
     for gamma in (0.0, 1.0):
-        x3, a, b, ws, idx, dy = _inputs((30, 48, 40, 16, 25), torch.float32, device)
+        x3, a, b, ws, idx, _ = _inputs((30, 48, 40, 16, 25), torch.float32, device)
         monkeypatch.setenv("LEANLM_KERNELS", "triton")
         x3 = x3.float().to(device).view(5, 6, 48)
         args = [t.float().to(device) for t in (a, b, ws)]
