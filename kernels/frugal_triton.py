@@ -1,8 +1,8 @@
 """Triton kernel for the fused FRUGAL columns / rows update (see ``frugal_update`` for the math).
 
-One program handles BLOCK consecutive elements of the contiguous matrix W (m, n). Each element's
-column (or row) looks up its slot in the state-full index through the inverse map ``inv``
-(int32, −1 when unselected); only selected elements load and store the moments.
+One program handles up to BLOCK columns of one row of the contiguous matrix W (m, n). Each
+element's column (or row) looks up its slot in the state-full index through the inverse map
+``inv`` (int32, −1 when unselected); only selected elements load and store the moments.
 """
 
 from __future__ import annotations
@@ -15,21 +15,21 @@ import triton.language as tl
 @triton.jit
 def _frugal_kernel(
     p_ptr, g_ptr, m_ptr, v_ptr, inv_ptr,
-    numel, n_cols, k_sel,
+    n_cols, k_sel,
     decay, step_size, bc2_sqrt, b1, b2, eps, lr_free,
     DIM: tl.constexpr, FREE: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < numel
-    row = offs // n_cols
-    col = offs % n_cols
+    """Program (row, column block): no per-element integer division on the GPU."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < n_cols
+    offs = row * n_cols + cols
     if DIM == 1:  # columns: moments (m, k)
-        pos = tl.load(inv_ptr + col, mask=ok, other=-1)
+        pos = tl.load(inv_ptr + cols, mask=ok, other=-1)
         sidx = row * k_sel + pos
-    else:  # rows: moments (k, n)
-        pos = tl.load(inv_ptr + row, mask=ok, other=-1)
-        sidx = pos.to(tl.int64) * n_cols + col
+    else:  # rows: moments (k, n), one slot for the whole row
+        pos = tl.load(inv_ptr + row + tl.zeros_like(cols), mask=ok, other=-1)
+        sidx = pos.to(tl.int64) * n_cols + cols
     sel = ok & (pos >= 0)
     p = tl.load(p_ptr + offs, mask=ok, other=0.0).to(tl.float32) * decay
     g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
@@ -53,12 +53,13 @@ def _frugal_kernel(
 def fused_update(
     p: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
     inv: torch.Tensor, dim: int, k: int, *, decay: float, step_size: float, bc2_sqrt: float,
-    b1: float, b2: float, eps: float, lr_free: float, free: int, block: int = 1024,
+    b1: float, b2: float, eps: float, lr_free: float, free: int,
 ) -> None:  # fmt: skip
     """One launch over the whole matrix; p, exp_avg, exp_avg_sq are updated in place."""
-    numel, n_cols = p.numel(), p.shape[1]
-    _frugal_kernel[(triton.cdiv(numel, block),)](
-        p, g, exp_avg, exp_avg_sq, inv, numel, n_cols, k,
+    m, n = p.shape
+    block = min(1024, triton.next_power_of_2(n))
+    _frugal_kernel[(m, triton.cdiv(n, block))](
+        p, g, exp_avg, exp_avg_sq, inv, n, k,
         decay, step_size, bc2_sqrt, b1, b2, eps, lr_free,
         DIM=dim, FREE=free, BLOCK=block, num_warps=4,
     )  # fmt: skip

@@ -234,21 +234,25 @@ def _lost_dx_kernel(
 @triton.autotune(configs=_configs(big=False), key=["N", "M", "K"])
 @triton.jit
 def _lost_dws_kernel(
-    dy_ptr, x_ptr, idx_ptr, dws_ptr,
-    N, M, K, scale,
-    s_dn, s_dm, s_xn, s_xc, s_wm, s_wk,
+    dy_ptr, x_ptr, idx_ptr, part_ptr,
+    N, M, K, tokens_per_split,
+    s_dn, s_dm, s_xn, s_xc,
     PREC: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
-    """dW_s[m, j] = (1 − γ) Σ_t dY[t, m] x[t, I[j]], the x tiles loaded through the index."""
-    pid_m, pid_k = tl.program_id(0), tl.program_id(1)
+    """Split s of dW_s[m, j] = Σ_t dY[t, m] x[t, I[j]] over its slice of tokens, the x tiles
+    loaded through the index; partial sums go to part[s] (fp32), summed afterwards (split-K keeps
+    the small (m, k) output spread over many programs, deterministically: no atomics)."""
+    pid_m, pid_k, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     outs = pid_m * BM + tl.arange(0, BM)
     cols = pid_k * BN + tl.arange(0, BN)
     out_ok, col_ok = outs < M, cols < K
     ch = tl.load(idx_ptr + cols, mask=col_ok, other=0)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for t0 in range(0, N, BK):
+    t_lo = pid_s * tokens_per_split
+    t_hi = tl.minimum(t_lo + tokens_per_split, N)
+    for t0 in range(t_lo, t_hi, BK):
         tt = t0 + tl.arange(0, BK)
-        tt_ok = tt < N
+        tt_ok = tt < t_hi
         dt = tl.load(  # dYᵀ tile: dY[tt, outs]
             dy_ptr + tt[None, :] * s_dn + outs[:, None] * s_dm,
             mask=out_ok[:, None] & tt_ok[None, :], other=0.0,
@@ -258,10 +262,9 @@ def _lost_dws_kernel(
             mask=tt_ok[:, None] & col_ok[None, :], other=0.0,
         )  # fmt: skip
         acc += _dot(dt, xs, PREC, UPCAST)
-    acc = acc * scale
     tl.store(
-        dws_ptr + outs[:, None] * s_wm + cols[None, :] * s_wk,
-        acc.to(dws_ptr.dtype.element_ty), mask=out_ok[:, None] & col_ok[None, :],
+        part_ptr + pid_s * M * K + outs[:, None] * K + cols[None, :],
+        acc, mask=out_ok[:, None] & col_ok[None, :],
     )  # fmt: skip
 
 
@@ -293,6 +296,16 @@ def forward(
         PHI=PHI_CODE[phi], PREC=_precision(x.dtype), UPCAST=INTERPRET,
     )  # fmt: skip
     return y, hpre
+
+
+def _splits(tokens: int, m: int, k: int, device: torch.device) -> int:
+    """Token splits for dW_s: enough programs to fill the GPU twice over (128 x 128 tiles), each
+    split at least 512 tokens long."""
+    if device.type != "cuda":
+        return 2 if tokens >= 32 else 1  # the interpreter: exercise the split path, cheaply
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    tiles = triton.cdiv(m, 128) * triton.cdiv(k, 128)
+    return max(1, min(triton.cdiv(2 * sms, tiles), tokens // 512, 64))
 
 
 def inverse_index(index: torch.Tensor, n: int) -> torch.Tensor:
@@ -330,13 +343,20 @@ def backward(
         dh.stride(0), dh.stride(1), a.stride(0), a.stride(1), tk.stride(0), tk.stride(1),
         dx.stride(0), dx.stride(1), PREC=prec, UPCAST=INTERPRET,
     )  # fmt: skip
-    dws = torch.empty_like(ws)
+    dws = torch.zeros_like(ws)
     if k:
-        _lost_dws_kernel[_grid(m, k)](
-            dy, x, index, dws, n_tok, m, k, 1.0 - float(gamma),
-            dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), dws.stride(0), dws.stride(1),
-            PREC=prec, UPCAST=INTERPRET,
+        splits = _splits(n_tok, m, k, x.device)
+        per = triton.cdiv(n_tok, splits)
+        part = torch.empty((splits, m, k), dtype=torch.float32, device=x.device)
+
+        def dws_grid(meta):
+            return (triton.cdiv(m, meta["BM"]), triton.cdiv(k, meta["BN"]), splits)
+
+        _lost_dws_kernel[dws_grid](
+            dy, x, index, part, n_tok, m, k, per,
+            dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), PREC=prec, UPCAST=INTERPRET,
         )  # fmt: skip
+        dws = part.sum(0).mul_(1.0 - float(gamma)).to(ws.dtype)
     h = hpre if code == 0 else _phi_torch(hpre, phi)
     db = torch.mm(h.t(), dy).mul_(gamma)  # (r, m)
     da = torch.mm(x.t(), dh)  # (n, r)

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# One prepared GPU session: kernel parity at real shapes, then timings (scripts/bench_kernels.py).
+# Works without installing leanlm (the GPU machine has no package registry): the three package
+# folders are linked under a temporary leanlm/ namespace on PYTHONPATH.
+#   bash scripts/gpu_check.sh [--quick]        # writes $OUT/gpu_check.txt when $OUT is set
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+NS=$(mktemp -d)
+mkdir -p "$NS/leanlm"
+for pkg in engine optim kernels; do ln -s "$ROOT/$pkg" "$NS/leanlm/$pkg"; done
+export PYTHONPATH="$NS${PYTHONPATH:+:$PYTHONPATH}"
+LOG="${OUT:-/tmp}/gpu_check.txt"
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+  date -u
+  if python -c "import pytest" 2>/dev/null; then
+    # The kernel tests on the real device (no interpreter): parity on small ragged shapes.
+    python -m pytest -q -p no:cacheprovider tests/kernels -x 2>&1 | tail -5
+  fi
+  python scripts/bench_kernels.py "$@"
+} 2>&1 | tee "$LOG"
