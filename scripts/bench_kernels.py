@@ -137,7 +137,7 @@ def parity(tokens: int) -> tuple[list[str], bool]:
     e = max(rel(p, ref_p), rel(st["exp_avg"], ref_st["exp_avg"]))
     ok &= e < 1e-5
     lines.append(
-        f"| FRUGAL update 2048x5461, 3 steps | max rel err {e:.2e} (< 1e-5) | | {'ok' if e < 1e-5 else 'FAIL'} |"
+        f"| FRUGAL update {D}x{FFN}, 3 steps | max rel err {e:.2e} (< 1e-5) | | {'ok' if e < 1e-5 else 'FAIL'} |"
     )
     torch.backends.cuda.matmul.allow_tf32 = True
     return lines, ok
