@@ -55,6 +55,27 @@ def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _gemm_tiles(
+    acc, a_ptr, s_a_row, s_a_k, b_ptr, s_b_k, s_b_col, rows, row_ok, cols, col_ok, K,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    """acc += A[rows, :K] @ B[:K, cols] for strided A and B (transposes are just strides)."""
+    for k0 in range(0, K, BK):
+        kk = k0 + tl.arange(0, BK)
+        kk_ok = kk < K
+        a = tl.load(
+            a_ptr + rows[:, None] * s_a_row + kk[None, :] * s_a_k,
+            mask=row_ok[:, None] & kk_ok[None, :], other=0.0,
+        )  # fmt: skip
+        b = tl.load(
+            b_ptr + kk[:, None] * s_b_k + cols[None, :] * s_b_col,
+            mask=kk_ok[:, None] & col_ok[None, :], other=0.0,
+        )  # fmt: skip
+        acc += _dot(a, b, PREC, UPCAST)
+    return acc
+
+
+@triton.jit
 def _phi(h, PHI: tl.constexpr):
     if PHI == 1:
         h = h * tl.sigmoid(h)
@@ -147,18 +168,10 @@ def _lost_t_kernel(
     if pid_c < r_blocks:
         cols = pid_c * BN + tl.arange(0, BN)
         col_ok = cols < R
-        for m0 in range(0, M, BK):
-            mm = m0 + tl.arange(0, BK)
-            mm_ok = mm < M
-            d = tl.load(
-                dy_ptr + rows[:, None] * s_dn + mm[None, :] * s_dm,
-                mask=row_ok[:, None] & mm_ok[None, :], other=0.0,
-            )  # fmt: skip
-            bt = tl.load(  # Bᵀ tile: B[cols, mm]
-                b_ptr + cols[None, :] * s_br + mm[:, None] * s_bm,
-                mask=mm_ok[:, None] & col_ok[None, :], other=0.0,
-            )  # fmt: skip
-            acc += _dot(d, bt, PREC, UPCAST)
+        acc = _gemm_tiles(  # dY @ Bᵀ: Bᵀ[mm, cols] = B[cols, mm]
+            acc, dy_ptr, s_dn, s_dm, b_ptr, s_bm, s_br, rows, row_ok, cols, col_ok, M,
+            PREC, UPCAST, BK,
+        )  # fmt: skip
         mask = row_ok[:, None] & col_ok[None, :]
         if PHI != 0:
             hp = tl.load(
@@ -173,18 +186,10 @@ def _lost_t_kernel(
     else:
         cols = (pid_c - r_blocks) * BN + tl.arange(0, BN)
         col_ok = cols < K
-        for m0 in range(0, M, BK):
-            mm = m0 + tl.arange(0, BK)
-            mm_ok = mm < M
-            d = tl.load(
-                dy_ptr + rows[:, None] * s_dn + mm[None, :] * s_dm,
-                mask=row_ok[:, None] & mm_ok[None, :], other=0.0,
-            )  # fmt: skip
-            w = tl.load(
-                ws_ptr + mm[:, None] * s_wm + cols[None, :] * s_wk,
-                mask=mm_ok[:, None] & col_ok[None, :], other=0.0,
-            )  # fmt: skip
-            acc += _dot(d, w, PREC, UPCAST)
+        acc = _gemm_tiles(  # dY @ W_s
+            acc, dy_ptr, s_dn, s_dm, ws_ptr, s_wm, s_wk, rows, row_ok, cols, col_ok, M,
+            PREC, UPCAST, BK,
+        )  # fmt: skip
         acc = acc * (1.0 - gamma)
         tl.store(
             tk_ptr + rows[:, None] * s_tn + cols[None, :] * s_tk,
@@ -206,18 +211,10 @@ def _lost_dx_kernel(
     cols = pid_c * BN + tl.arange(0, BN)  # input channels
     row_ok, col_ok = rows < N, cols < C
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for r0 in range(0, R, BK):
-        kk = r0 + tl.arange(0, BK)
-        kk_ok = kk < R
-        d = tl.load(
-            dh_ptr + rows[:, None] * s_hn + kk[None, :] * s_hr,
-            mask=row_ok[:, None] & kk_ok[None, :], other=0.0,
-        )  # fmt: skip
-        at = tl.load(  # Aᵀ tile: A[cols, kk]
-            a_ptr + cols[None, :] * s_ac + kk[:, None] * s_ar,
-            mask=kk_ok[:, None] & col_ok[None, :], other=0.0,
-        )  # fmt: skip
-        acc += _dot(d, at, PREC, UPCAST)
+    acc = _gemm_tiles(  # dH_pre @ Aᵀ: Aᵀ[kk, cols] = A[cols, kk]
+        acc, dh_ptr, s_hn, s_hr, a_ptr, s_ar, s_ac, rows, row_ok, cols, col_ok, R,
+        PREC, UPCAST, BK,
+    )  # fmt: skip
     inv = tl.load(inv_ptr + cols, mask=col_ok, other=-1)
     hit = inv >= 0
     sp = tl.load(
