@@ -368,7 +368,8 @@ class FRUGAL(torch.optim.Optimizer):
             dim = 1 if kind == "columns" else 0
             frugal_update(
                 p, g, st, dim, lr_full, lr_free, group["betas"], group["eps"], free, decay,
-                scratch=self._scratch_like(g), inv=self._inverse(p, st, dim),
+                scratch=None if use_triton(p) else self._scratch_like(g),
+                inv=self._inverse(p, st, dim),
             )  # fmt: skip
             return
         if kind == "blocks" and not bool(st["active"]):
