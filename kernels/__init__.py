@@ -8,7 +8,6 @@ Triton for CUDA tensors when it is installed).
     frugal_update    fused FRUGAL step for the columns / rows projections (frugal_update.py)
 """
 
-import functools
 import importlib.util
 import os
 
@@ -23,7 +22,10 @@ def kernel_path() -> str:
     return value
 
 
-@functools.cache
+# Looked up once at import (a plain constant, which torch.compile traces without a cache wrapper).
+_TRITON = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    """Triton is importable (it is an optional dependency on CPU-only machines)."""
-    return importlib.util.find_spec("triton") is not None
+    """Triton is importable (Linux installs it with leanlm; elsewhere it may be missing)."""
+    return _TRITON

@@ -15,9 +15,9 @@ from leanlm.kernels import lost_triton
 
 @torch.library.custom_op("leanlm::lost_linear_fwd", mutates_args=())
 def lost_linear_fwd(
-    x: Tensor, a: Tensor, b: Tensor, ws: Tensor, index: Tensor, gamma: float, phi: str
+    x: Tensor, a: Tensor, b: Tensor, ws: Tensor, index: Tensor, gamma: Tensor, phi: str
 ) -> tuple[Tensor, Tensor]:
-    """x (N, n) -> (Y (N, m), H_pre (N, r))."""
+    """x (N, n) -> (Y (N, m), H_pre (N, r)); ``gamma`` a 0-d float32 tensor on x's device."""
     return lost_triton.forward(x, a, b, ws, index, gamma, phi)
 
 
@@ -29,7 +29,7 @@ def _(x, a, b, ws, index, gamma, phi):
 @torch.library.custom_op("leanlm::lost_linear_bwd", mutates_args=())
 def lost_linear_bwd(
     dy: Tensor, x: Tensor, a: Tensor, b: Tensor, ws: Tensor, index: Tensor, hpre: Tensor,
-    gamma: float, phi: str,
+    gamma: Tensor, phi: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """(dx, dA, dB, dW_s)."""
     return lost_triton.backward(dy, x, a, b, ws, index, hpre, gamma, phi)
@@ -47,13 +47,13 @@ def _(dy, x, a, b, ws, index, hpre, gamma, phi):
 
 def _setup_context(ctx, inputs, output) -> None:
     x, a, b, ws, index, gamma, phi = inputs
-    ctx.save_for_backward(x, a, b, ws, index, output[1])
-    ctx.gamma, ctx.phi = gamma, phi
+    ctx.save_for_backward(x, a, b, ws, index, output[1], gamma)
+    ctx.phi = phi
 
 
 def _backward(ctx, dy, _dhpre):
-    x, a, b, ws, index, hpre = ctx.saved_tensors
-    dx, da, db, dws = lost_linear_bwd(dy, x, a, b, ws, index, hpre, ctx.gamma, ctx.phi)
+    x, a, b, ws, index, hpre, gamma = ctx.saved_tensors
+    dx, da, db, dws = lost_linear_bwd(dy, x, a, b, ws, index, hpre, gamma, ctx.phi)
     return dx, da, db, dws, None, None, None
 
 

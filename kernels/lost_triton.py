@@ -102,12 +102,13 @@ def _dphi(h, PHI: tl.constexpr):
 @triton.autotune(configs=_configs(), key=["N", "M", "R", "K"])
 @triton.jit
 def _lost_out_kernel(
-    h_ptr, x_ptr, b_ptr, ws_ptr, idx_ptr, y_ptr,
-    N, M, R, K, gamma,
+    h_ptr, x_ptr, b_ptr, ws_ptr, idx_ptr, y_ptr, gamma_ptr,
+    N, M, R, K,
     s_hn, s_hr, s_xn, s_xc, s_br, s_bm, s_wm, s_wk, s_yn, s_ym,
     PHI: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
     """Y[rows, cols] = γ φ(H_pre) B + (1 − γ) x[:, I] W_sᵀ over the concatenated inner dim."""
+    gamma = tl.load(gamma_ptr).to(tl.float32)  # a device scalar: no host sync, compile-friendly
     pid_n, pid_m = tl.program_id(0), tl.program_id(1)
     rows = pid_n * BM + tl.arange(0, BM)  # tokens
     cols = pid_m * BN + tl.arange(0, BN)  # output features
@@ -154,12 +155,13 @@ def _lost_out_kernel(
 @triton.autotune(configs=_configs(big=False), key=["N", "M", "R", "K"])
 @triton.jit
 def _lost_t_kernel(
-    dy_ptr, b_ptr, ws_ptr, hpre_ptr, dh_ptr, tk_ptr,
-    N, M, R, K, gamma,
+    dy_ptr, b_ptr, ws_ptr, hpre_ptr, dh_ptr, tk_ptr, gamma_ptr,
+    N, M, R, K,
     s_dn, s_dm, s_br, s_bm, s_wm, s_wk, s_hn, s_hr, s_tn, s_tk,
     PHI: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
     """Column blocks [0, ⌈R/BN⌉): dH_pre = γ (dY Bᵀ) ⊙ φ'(H_pre); the rest: T_k = (1 − γ) dY W_s."""
+    gamma = tl.load(gamma_ptr).to(tl.float32)
     pid_n, pid_c = tl.program_id(0), tl.program_id(1)
     r_blocks = tl.cdiv(R, BN)
     rows = pid_n * BM + tl.arange(0, BM)
@@ -280,14 +282,15 @@ def _grid(rows: int, cols: int):
 
 def forward(
     x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, ws: torch.Tensor, index: torch.Tensor,
-    gamma: float, phi: str,
+    gamma: torch.Tensor, phi: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """x (N, n) -> (Y (N, m), H_pre (N, r)); H_pre is kept for the backward."""
+    """x (N, n) -> (Y (N, m), H_pre (N, r)); H_pre is kept for the backward. ``gamma``: a 0-d
+    float32 tensor on x's device (LOST keeps γ as a buffer; read on the device, never synced)."""
     n_tok, m, r, k = x.shape[0], b.shape[1], a.shape[1], ws.shape[1]
     hpre = torch.mm(x, a)  # (N, r)
     y = torch.empty((n_tok, m), dtype=x.dtype, device=x.device)
     _lost_out_kernel[_grid(n_tok, m)](
-        hpre, x, b, ws, index, y, n_tok, m, r, k, float(gamma),
+        hpre, x, b, ws, index, y, gamma, n_tok, m, r, k,
         hpre.stride(0), hpre.stride(1), x.stride(0), x.stride(1), b.stride(0), b.stride(1),
         ws.stride(0), ws.stride(1), y.stride(0), y.stride(1),
         PHI=PHI_CODE[phi], PREC=_precision(x.dtype), UPCAST=INTERPRET,
@@ -314,7 +317,7 @@ def inverse_index(index: torch.Tensor, n: int) -> torch.Tensor:
 
 def backward(
     dy: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, ws: torch.Tensor,
-    index: torch.Tensor, hpre: torch.Tensor, gamma: float, phi: str,
+    index: torch.Tensor, hpre: torch.Tensor, gamma: torch.Tensor, phi: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Gradients (dx, dA, dB, dW_s) of Y = forward(...) given dY (N, m)."""
     n_tok, n, m, r, k = x.shape[0], x.shape[1], b.shape[1], a.shape[1], ws.shape[1]
@@ -330,7 +333,7 @@ def backward(
         )
 
     _lost_t_kernel[t_grid](
-        dy, b, ws, hpre, dh, tk, n_tok, m, r, k, float(gamma),
+        dy, b, ws, hpre, dh, tk, gamma, n_tok, m, r, k,
         dy.stride(0), dy.stride(1), b.stride(0), b.stride(1), ws.stride(0), ws.stride(1),
         hpre.stride(0), hpre.stride(1), tk.stride(0), tk.stride(1), PHI=code, PREC=prec, UPCAST=INTERPRET,
     )  # fmt: skip
@@ -353,9 +356,9 @@ def backward(
             dy, x, index, part, n_tok, m, k, per,
             dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), PREC=prec, UPCAST=INTERPRET,
         )  # fmt: skip
-        dws = part.sum(0).mul_(1.0 - float(gamma)).to(ws.dtype)
+        dws = part.sum(0).mul_(1.0 - gamma).to(ws.dtype)
     h = hpre if code == 0 else _phi_torch(hpre, phi)
-    db = torch.mm(h.t(), dy).mul_(gamma)  # (r, m)
+    db = torch.mm(h.t(), dy).mul_(gamma.to(dy.dtype))  # (r, m)
     da = torch.mm(x.t(), dh)  # (n, r)
     return dx, da, db, dws
 

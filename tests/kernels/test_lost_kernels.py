@@ -103,13 +103,34 @@ def test_custom_op_has_a_fake_implementation_for_compile(device):
     with FakeTensorMode():
         x, a = torch.empty(10, 32), torch.empty(32, 16)
         b, ws, idx = torch.empty(16, 24), torch.empty(24, 5), torch.empty(5, dtype=torch.long)
-        y, hpre = lost_linear_fwd(x, a, b, ws, idx, 0.5, "silu")
+        g = torch.empty(())
+        y, hpre = lost_linear_fwd(x, a, b, ws, idx, g, "silu")
         assert y.shape == (10, 24) and hpre.shape == (10, 16)
-        grads = lost_linear_bwd(y, x, a, b, ws, idx, hpre, 0.5, "silu")
+        grads = lost_linear_bwd(y, x, a, b, ws, idx, hpre, g, "silu")
         assert [tuple(g.shape) for g in grads] == [(10, 32), (32, 16), (16, 24), (24, 5)]
     torch.library.opcheck(
         lost_linear_fwd,
         (torch.randn(10, 32), torch.randn(32, 16), torch.randn(16, 24), torch.randn(24, 5),
-         torch.tensor([1, 4, 9, 20, 31]), 0.5, "silu"),
+         torch.tensor([1, 4, 9, 20, 31]), torch.tensor(0.5), "silu"),
         test_utils=("test_schema", "test_faketensor"),
     )  # fmt: skip
+
+
+def test_lost_layer_compiles_with_the_custom_op(device, monkeypatch):
+    """torch.compile traces the fused op as one node (fake impl + registered autograd)."""
+    from leanlm.optim.lost import LOSTLinear
+
+    monkeypatch.setenv("LEANLM_KERNELS", "triton")
+    torch.manual_seed(0)
+    layer = LOSTLinear.from_dense(torch.nn.Linear(48, 40), rank=16, channel_density=0.5).to(device)
+    x = torch.randn(3, 7, 48, device=device)
+    eager = layer(x)
+    eager.sum().backward()
+    want = [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad()
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    got = compiled(x)
+    got.sum().backward()
+    torch.testing.assert_close(got, eager)
+    for p, g in zip(layer.parameters(), want, strict=True):
+        torch.testing.assert_close(p.grad, g)
