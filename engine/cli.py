@@ -64,6 +64,10 @@ def _parser() -> argparse.ArgumentParser:
     mm.add_argument(
         "--cpu", action="store_true", help="estimate for CPU training (fp32 activations)"
     )
+    mm.add_argument(
+        "--world", type=int, default=1,
+        help="ranks: per-rank figures under the config's distributed.backend (fsdp2, deepspeed)",
+    )  # fmt: skip
     sc = sub.add_parser(
         "scaling", help="scaling-law records: export runs' scaling.jsonl as a ColPret CSV"
     )
@@ -235,6 +239,8 @@ def cmd_memory(args) -> int:
         Tokenizer.load(cfg.data.tokenizer).vocab_size if cfg.data.tokenizer else cfg.data.vocab_size
     )
     report = memory_report(cfg, vocab, on_gpu=not args.cpu)
+    backend = cfg.distributed.backend
+    report = report.per_rank(backend, cfg.distributed.zero_stage, args.world)
     print(
         report.table(
             f"{args.config} (vocab {vocab}, {cfg.train.param_dtype} weights)", cfg.optim.name

@@ -9,7 +9,7 @@ LLaMA block keeps for backward, per token), and the allocator's fragmentation an
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -27,10 +27,35 @@ class MemoryReport:
     optim_bytes: int
     activation_bytes: int
     tokens_per_micro_batch: int
+    block_bytes: int = 0  # one transformer block's parameters (what FSDP2 / ZeRO-3 gather)
+    layout: str = "data parallel, one replica"
 
     @property
     def total_bytes(self) -> int:
         return self.param_bytes + self.grad_bytes + self.optim_bytes + self.activation_bytes
+
+    def per_rank(self, backend: str, zero_stage: int, world: int) -> MemoryReport:
+        """The same run sharded over ``world`` ranks. FSDP2 shards parameters, gradients and
+        optimizer state (and gathers one block at a time: counted once, in the parameter row);
+        ZeRO-1 shards optimizer state, ZeRO-2 also gradients, ZeRO-3 also parameters. FRUGAL's
+        state divides like AdamW's (measured: BENCHMARKS.md). DDP replicates everything."""
+        if world <= 1 or backend in ("none", "ddp", "auto"):
+            return replace(
+                self, layout=f"replicated on each of {world} ranks" if world > 1 else self.layout
+            )
+        shard_params = backend == "fsdp2" or zero_stage >= 3
+        shard_grads = backend == "fsdp2" or zero_stage >= 2
+        shard_optim = backend == "fsdp2" or zero_stage >= 1
+        what = "FSDP2" if backend == "fsdp2" else f"DeepSpeed ZeRO-{zero_stage}"
+        return replace(
+            self,
+            param_bytes=(
+                self.param_bytes // world + self.block_bytes if shard_params else self.param_bytes
+            ),
+            grad_bytes=self.grad_bytes // world if shard_grads else self.grad_bytes,
+            optim_bytes=self.optim_bytes // world if shard_optim else self.optim_bytes,
+            layout=f"{what}, per rank of {world}",
+        )
 
     def table(self, name: str, optimizer: str) -> str:
         rows = [
@@ -47,7 +72,7 @@ class MemoryReport:
                 f"{self.tokens_per_micro_batch:,} tokens per micro-batch",
             ),
         ]
-        lines = [f"{name}: memory per GPU (data parallel, one replica)"]
+        lines = [f"{name}: memory per GPU ({self.layout})"]
         lines += [f"  {label:<32} {b / GIB:9.2f} GiB  {note}" for label, b, note in rows]
         lines.append(f"  {'total':<32} {self.total_bytes / GIB:9.2f} GiB")
         for card in (24, 40, 80):
@@ -103,6 +128,7 @@ def memory_report(cfg: RunConfig, vocab: int, on_gpu: bool = True) -> MemoryRepo
         or dtype == torch.bfloat16
     )
     act = activation_bytes(cfg, vocab, 2 if uses_bf16 else 4, elt)
+    block = sum(p.numel() for p in model.layers[0].parameters()) * elt
     return MemoryReport(
-        n, n * elt, n * elt, optim, act, cfg.train.micro_batch(1) * cfg.train.seq_len
+        n, n * elt, n * elt, optim, act, cfg.train.micro_batch(1) * cfg.train.seq_len, block
     )

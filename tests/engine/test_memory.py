@@ -46,3 +46,18 @@ def test_memory_accounts_for_lost():
     lost = memory_report(load_config(CONFIGS / "llama_1b.yaml", ["model.lost.enabled=true"]), 32000)
     assert lost.parameters == 669_520_288 and dense.parameters == 1_339_082_752
     assert lost.optim_bytes == pytest.approx(8 * 669_520_288, rel=1e-5)
+
+
+def test_per_rank_memory_under_sharded_backends(capsys):
+    cfg = load_config(CONFIGS / "frugal_1b.yaml")
+    one = memory_report(cfg, 32000)
+    fsdp = one.per_rank("fsdp2", 0, 8)
+    assert fsdp.optim_bytes == one.optim_bytes // 8 and fsdp.grad_bytes == one.grad_bytes // 8
+    assert fsdp.param_bytes == one.param_bytes // 8 + one.block_bytes
+    z1, z2 = one.per_rank("deepspeed", 1, 8), one.per_rank("deepspeed", 2, 8)
+    assert z1.optim_bytes == one.optim_bytes // 8 and z1.grad_bytes == one.grad_bytes
+    assert z2.grad_bytes == one.grad_bytes // 8 and z2.param_bytes == one.param_bytes
+    assert one.per_rank("ddp", 0, 8).total_bytes == one.total_bytes
+    assert main(["memory", str(CONFIGS / "frugal_1b.yaml"), "distributed.backend=fsdp2",
+                 "--world", "8"]) == 0  # fmt: skip
+    assert "FSDP2, per rank of 8" in capsys.readouterr().out
