@@ -140,6 +140,8 @@ class FRUGAL(torch.optim.Optimizer):
         # DeepSpeed ZeRO-1/2: flat partition -> its segments, and cached state-full positions.
         self._flat: dict[int, list[FlatSegment]] = {}
         self._flat_pos: dict[int, tuple[int, torch.Tensor]] = {}
+        # Fused kernel: parameter -> (the index it was built from, its inverse map).
+        self._inverses: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def param_index(self, p: torch.Tensor) -> int:
         """The parameter's position at construction: it seeds the subspace generator."""
@@ -327,11 +329,13 @@ class FRUGAL(torch.optim.Optimizer):
         elif not is_dtensor(p):
             self._update_projectable(group, self.state[p], p, p.grad, decay)
         elif group["projection"] in ("columns", "blocks"):  # whole columns / tensors are local
-            self._update_projectable(group, local_view(self.state[p]), local(p), local(p.grad))
+            self._update_projectable(
+                group, local_view(self.state[p]), local(p), local(p.grad), key=p
+            )
         else:  # rows / randk / svd / random need all of G: gather, update redundantly, keep ours
             g = p.grad.full_tensor()  # (m, n) on every rank
             upd = self._scratch_like(g, slot=3).zero_()
-            self._update_projectable(group, self.state[p], upd, g)
+            self._update_projectable(group, self.state[p], upd, g, key=p)
             lo, hi = row_range(p)
             local(p).add_(upd[lo:hi])
 
@@ -355,10 +359,11 @@ class FRUGAL(torch.optim.Optimizer):
 
     def _update_projectable(
         self, group: dict[str, Any], st: dict[str, Any], p: torch.Tensor, g: torch.Tensor,
-        decay: float = 1.0,
+        decay: float = 1.0, key: torch.Tensor | None = None,
     ) -> None:  # fmt: skip
         """The split update of one matrix ``p`` (m, n) from its gradient ``g``, adding into ``p``.
-        ``st`` is the parameter's state (local views under FSDP2)."""
+        ``st`` is the parameter's state (local views under FSDP2); ``key`` the parameter itself
+        when ``p`` is a per-step stand-in (a shard's local tensor, a gathered buffer)."""
         kind = group["projection"]
         lr_full = group["lr"] * group["proj_lr_scale"]
         lr_free = lr_full * group["state_free_lr_scale"]
@@ -369,7 +374,7 @@ class FRUGAL(torch.optim.Optimizer):
             frugal_update(
                 p, g, st, dim, lr_full, lr_free, group["betas"], group["eps"], free, decay,
                 scratch=None if use_triton(p) else self._scratch_like(g),
-                inv=self._inverse(p, st, dim),
+                inv=self._inverse(p if key is None else key, p, st, dim),
             )  # fmt: skip
             return
         if kind == "blocks" and not bool(st["active"]):
@@ -410,16 +415,20 @@ class FRUGAL(torch.optim.Optimizer):
         _scatter(u, kind, st["index"], upd, add=False)
         p.add_(u)
 
-    def _inverse(self, p: torch.Tensor, st: dict[str, Any], dim: int) -> torch.Tensor | None:
-        """The fused kernel's inverse index map, cached per (parameter, refresh); None off CUDA."""
-        if not (p.is_cuda or use_triton(p)):
+    def _inverse(
+        self, key: torch.Tensor, p: torch.Tensor, st: dict[str, Any], dim: int
+    ) -> torch.Tensor | None:
+        """The fused kernel's inverse index map of ``st["index"]`` for the matrix ``p``, cached per
+        parameter ``key`` until the index changes (a refresh); None off the Triton path."""
+        if not use_triton(p):
             return None
-        key = ("inverse", id(p), int(st["refresh"]))
-        if key not in self._scratch:
-            for old in [k for k in self._scratch if k[:2] == ("inverse", id(p))]:
-                del self._scratch[old]
-            self._scratch[key] = inverse_index(st["index"], p.shape[dim])
-        return self._scratch[key]
+        cached = self._inverses.get(id(key))
+        if cached is None or cached[0] is not st["index"]:
+            cached = self._inverses[id(key)] = (
+                st["index"],
+                inverse_index(st["index"], p.shape[dim]),
+            )
+        return cached[1]
 
     def _scratch_like(
         self, t: torch.Tensor, dtype: torch.dtype | None = None, slot: int = 0

@@ -9,6 +9,7 @@ are sharded like the parameter. Prints ``OK <projection> <state bytes this rank>
 from __future__ import annotations
 
 import copy
+import os
 import sys
 
 import torch
@@ -77,3 +78,8 @@ if __name__ == "__main__":
         run(projection)
     tdist.barrier()  # nobody tears gloo down while a peer still talks to it
     tdist.destroy_process_group()
+    # Every check has passed by now. Skip interpreter teardown: a C++ worker thread left by the
+    # DTensor collectives occasionally aborts it ("terminate called without an active exception",
+    # about 1 run in 10 here), which would fail a run whose checks all passed.
+    sys.stdout.flush()
+    os._exit(0)

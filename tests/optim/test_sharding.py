@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -24,11 +25,26 @@ from leanlm.optim.zero import zero_segments
 WORKER = Path(__file__).with_name("sharded_worker.py")
 
 
-def torchrun(*args: str, nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def torchrun(
+    *args: str, nproc: int = 2, timeout: int = 300, extra_env: dict | None = None
+) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(extra_env or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     cmd += [f"--nproc-per-node={nproc}", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_fsdp2_shards_on_the_fused_kernel_path():
+    """The same parity with the fused FRUGAL kernel (interpreted on CPU) on local row shards."""
+    env = {"LEANLM_KERNELS": "triton", "TRITON_INTERPRET": "1"}
+    out = torchrun(str(WORKER), "columns", "rows", extra_env=env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert len(re.findall(r"OK (columns|rows) ", out.stdout)) == 4
 
 
 @pytest.mark.slow
