@@ -27,9 +27,10 @@ Sharded parameters (see ``leanlm.optim.sharding``): under FSDP2 (``DTensor``, ro
 moments sharded like the parameter; ``rows``, ``randk``, ``svd`` and ``random`` gather the full
 gradient (one all-gather per matrix per step), compute the update redundantly on every rank and
 keep their state replicated (every rank holds all of it). Under DeepSpeed ZeRO-1/2 the optimizer
-sees one flat 1-D partition per group; ``attach_flat_layout`` (or ``leanlm.optim.zero.attach_deepspeed``) maps it
-back to the parameters' (offset, shape) so ``columns`` and ``randk`` become masks on the flat
-slice with the same subspaces and the same moment memory as on whole matrices.
+sees one flat 1-D partition per group; ``attach_flat_layout`` (or
+``leanlm.optim.zero.attach_deepspeed``) maps it back to the parameters' (offset, shape) so
+``columns`` and ``randk`` become masks on the flat slice with the same subspaces and the same
+moment memory as on whole matrices.
 """
 
 from __future__ import annotations
