@@ -69,9 +69,9 @@ def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
-@pytest.fixture
-def tiny_overrides(corpus_dir, cache_dir, tmp_path):
-    """Overrides for a model and run that train in about a second on 2 cores."""
+@pytest.fixture(scope="session")
+def tiny_base(corpus_dir, cache_dir) -> list[str]:
+    """Overrides for a model and run that train in about a second on 2 cores (no run folder)."""
     return [
         f"data.source={corpus_dir}",
         f"data.cache_dir={cache_dir}",
@@ -84,7 +84,6 @@ def tiny_overrides(corpus_dir, cache_dir, tmp_path):
         "train.seq_len=32",
         "train.batch_size=4",
         "train.steps=6",
-        f"train.out_dir={tmp_path / 'run'}",
         "train.threads=2",
         "optim.warmup_steps=2",
         "eval.every=3",
@@ -94,6 +93,12 @@ def tiny_overrides(corpus_dir, cache_dir, tmp_path):
         "log.progress=false",
         "checkpoint.every=3",
     ]
+
+
+@pytest.fixture
+def tiny_overrides(tiny_base, tmp_path):
+    """``tiny_base`` with a fresh run folder."""
+    return [*tiny_base, f"train.out_dir={tmp_path / 'run'}"]
 
 
 @pytest.fixture

@@ -95,29 +95,10 @@ class Runs:
 
 
 @pytest.fixture(scope="module")
-def runs(corpus_dir, cache_dir, tmp_path_factory) -> Runs:
-    base = [
-        f"data.source={corpus_dir}",
-        f"data.cache_dir={cache_dir}",
-        "data.vocab_size=512",
-        "data.val_fraction=0.15",
-        "model.d_model=64",
-        "model.n_layers=2",
-        "model.n_heads=2",
-        "model.ffn_dim=128",
-        "train.seq_len=32",
-        "train.batch_size=4",
-        "train.steps=6",
-        "train.threads=1",
-        "optim.warmup_steps=2",
-        "optim.update_gap=2",
-        "eval.every=3",
-        "eval.tokens=544",
-        "eval.batch_size=4",
-        "log.every=1",
-        "log.progress=false",
-        "checkpoint.every=3",
-    ]  # fmt: skip  (eval.tokens=544: 17 windows, split 9 / 8 over two ranks)
+def runs(tiny_base, tmp_path_factory) -> Runs:
+    # One thread per rank; a refresh inside the 6 steps; 17 held-out windows (split 9 / 8).
+    extra = ["train.threads=1", "optim.update_gap=2", "eval.tokens=544"]
+    base = [*tiny_base, *extra]
     return Runs(base, tmp_path_factory.mktemp("dist"))
 
 
