@@ -34,11 +34,11 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _configs(big: bool = True) -> list[triton.Config]:
+    """A few Hopper/Ampere-friendly tiles (few, to keep first-call autotuning short)."""
     if INTERPRET:  # one small config: the interpreter runs every autotune candidate
         return [triton.Config({"BM": 16, "BN": 16, "BK": 16}, num_warps=1)]
-    shapes = [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 64, 4, 3)]
-    if big:
-        shapes.append((128, 256, 64, 8, 3))
+    shapes = [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4)]
+    shapes += [(64, 128, 32, 4, 4), (128, 256, 64, 8, 3)] if big else [(64, 64, 64, 4, 3)]
     return [
         triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s)
         for bm, bn, bk, w, s in shapes
