@@ -300,7 +300,7 @@ class DistributedConfig:
         choices=("auto", "none", "ddp", "fsdp2", "deepspeed"),
     )
     zero_stage: int = _f(
-        0, "DeepSpeed ZeRO stage 0-3 (FRUGAL: 0, or 1-2 with columns/randk)", choices=(0, 1, 2, 3)
+        0, "DeepSpeed ZeRO stage 0-3 (FRUGAL: 0, or 1-3 with columns/randk)", choices=(0, 1, 2, 3)
     )
     reshard_after_forward: bool = _f(
         True, "FSDP2: free gathered block weights after forward (ZeRO-3 like); false = ZeRO-2 like"
@@ -604,11 +604,6 @@ def _distributed_problems(cfg: RunConfig) -> list[str]:
     projection = {"galore": "svd", "badam": "blocks"}.get(o.name, o.projection)
     if o.name == "adamw" or dc.zero_stage == 0:
         return []
-    if dc.zero_stage == 3:
-        return [
-            f"optim.name={o.name} under ZeRO-3 is not supported (ZeRO-3 partitions each parameter "
-            "separately); use distributed.zero_stage=0/1/2 or distributed.backend=fsdp2"
-        ]
     if projection not in ("columns", "randk"):
         return [
             f"optim.name={o.name} with projection {projection} has no flat form under ZeRO-"

@@ -189,7 +189,7 @@ def wrap_deepspeed(
     model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict[str, Any]
 ) -> nn.Module:
     """``deepspeed.initialize`` with our model and client optimizer; a FRUGAL client optimizer
-    under ZeRO-1/2 gets its flat-partition layout attached. Returns the DeepSpeed engine (whose
+    under ZeRO-1/2/3 gets its flat-partition layout attached. Returns the DeepSpeed engine (whose
     ``.optimizer`` wraps ours; the client optimizer keeps the param groups the scheduler drives)."""
     try:
         import deepspeed

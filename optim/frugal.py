@@ -26,8 +26,8 @@ Sharded parameters (see ``leanlm.optim.sharding``): under FSDP2 (``DTensor``, ro
 ``columns`` and ``blocks`` updates run on the local rows with no communication and keep their
 moments sharded like the parameter; ``rows``, ``randk``, ``svd`` and ``random`` gather the full
 gradient (one all-gather per matrix per step), compute the update redundantly on every rank and
-keep their state replicated (every rank holds all of it). Under DeepSpeed ZeRO-1/2 the optimizer
-sees one flat 1-D partition per group; ``attach_flat_layout`` (or
+keep their state replicated (every rank holds all of it). Under DeepSpeed ZeRO-1/2/3 the optimizer
+sees flat 1-D partitions; ``attach_flat_layout`` (or
 ``leanlm.optim.zero.attach_deepspeed``) maps it back to the parameters' (offset, shape) so
 ``columns`` and ``randk`` become masks on the flat slice with the same subspaces and the same
 moment memory as on whole matrices.
@@ -138,7 +138,7 @@ class FRUGAL(torch.optim.Optimizer):
             id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])
         }
         self._scratch: dict[tuple, torch.Tensor] = {}
-        # DeepSpeed ZeRO-1/2: flat partition -> its segments, and cached state-full positions.
+        # DeepSpeed ZeRO-1/2/3: flat partition -> its segments, and cached state-full positions.
         self._flat: dict[int, list[FlatSegment]] = {}
         self._flat_pos: dict[int, tuple[int, torch.Tensor]] = {}
         # Fused kernel: parameter -> (the index it was built from, its inverse map).
@@ -148,15 +148,22 @@ class FRUGAL(torch.optim.Optimizer):
         """The parameter's position at construction: it seeds the subspace generator."""
         return self._index[id(p)]
 
-    def attach_flat_layout(self, flat: torch.Tensor, segments: list[FlatSegment]) -> None:
+    def attach_flat_layout(
+        self, flat: torch.Tensor, segments: list[FlatSegment], group: dict | None = None
+    ) -> None:
         """Declare that ``flat`` (a 1-D partition that replaced a group's parameters) holds
-        ``segments`` of the original parameters. Only ``columns`` and ``randk`` have a flat form."""
-        group = next((g for g in self.param_groups if any(p is flat for p in g["params"])), None)
+        ``segments`` of the original parameters. Only ``columns`` and ``randk`` have a flat form.
+        ``group``: the parameter group it steps in, when it is not in ``group["params"]`` now
+        (ZeRO-3 puts each sub-group's buffer there only for its step)."""
+        if group is None:
+            group = next(
+                (g for g in self.param_groups if any(p is flat for p in g["params"])), None
+            )
         if group is None:
             raise ValueError("attach_flat_layout: the tensor is not in any parameter group")
         if group["projectable"] and group["projection"] not in ("columns", "randk"):
             raise ValueError(
-                f"FRUGAL on flat (ZeRO-1/2) partitions supports projection columns or randk, "
+                f"FRUGAL on flat (ZeRO) partitions supports projection columns or randk, "
                 f"not {group['projection']!r}"
             )
         if group["projectable"] and any(len(s.shape) != 2 for s in segments):

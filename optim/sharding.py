@@ -7,7 +7,7 @@ communication; we keep it as a ``DTensor`` with the parameter's placement so tha
 ``torch.distributed.checkpoint`` saves each rank's rows (plain per-rank tensors would be taken as
 replicated and collapsed to one rank's copy) and reshards it on a different world size.
 
-DeepSpeed ZeRO-1/2 hands the optimizer one flat 1-D partition per parameter group. A
+DeepSpeed ZeRO-1/2/3 hands the optimizer flat 1-D partitions (ZeRO-1/2: one per group). A
 ``FlatSegment`` says which slice of which parameter sits where in it; ``flat_positions`` turns a
 subspace choice on whole matrices into the positions of the partition it covers.
 """

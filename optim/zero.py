@@ -1,4 +1,4 @@
-"""FRUGAL under DeepSpeed ZeRO-1/2: give it the map from flat partitions back to matrices.
+"""FRUGAL under DeepSpeed ZeRO-1/2/3: give it the map from flat partitions back to matrices.
 
 ZeRO-1/2 flattens each parameter group into one padded 1-D buffer, splits it evenly across ranks
 and replaces the client optimizer's ``group["params"]`` with this rank's fp32 partition. A
@@ -10,7 +10,9 @@ they would on the whole matrices (same subspaces, moments only for the state-ful
     engine, opt, _, _ = deepspeed.initialize(model=model, optimizer=FRUGAL(...), config=cfg)
     attach_deepspeed(opt)   # before the first step
 
-ZeRO-3 partitions each parameter separately and is not mapped: ``attach_deepspeed`` rejects it.
+ZeRO-3 partitions each parameter separately (rank r holds elements [r·P, (r+1)·P) of every
+flattened parameter, P = its partition size) and steps one sub-group's flat fp32 buffer at a time;
+the same segments describe that layout, so FRUGAL maps it too (``stage3_segments``).
 """
 
 from __future__ import annotations
@@ -37,17 +39,23 @@ def zero_segments(
 
 
 def attach_deepspeed(zero_optimizer: Any) -> None:
-    """Attach this rank's ZeRO-1/2 partition layout to the FRUGAL client optimizer inside
+    """Attach this rank's ZeRO-1/2/3 partition layout to the FRUGAL client optimizer inside
     ``zero_optimizer`` (the optimizer ``deepspeed.initialize`` returns). No-op at ZeRO-0."""
     from leanlm.optim.frugal import FRUGAL
 
     inner = getattr(zero_optimizer, "optimizer", None)
     if isinstance(zero_optimizer, FRUGAL) or not isinstance(inner, FRUGAL):
         return  # stage 0 (the client optimizer itself sees the matrices) or not FRUGAL
+    if hasattr(zero_optimizer, "fp32_partitioned_groups_flat"):  # ZeRO-3
+        if getattr(zero_optimizer, "offload_optimizer", False):
+            raise ValueError("FRUGAL under ZeRO-3 does not support optimizer offload")
+        for sub, flat, group, segments in stage3_segments(zero_optimizer, inner.param_index):
+            del sub
+            inner.attach_flat_layout(flat, segments, group=inner.param_groups[group])
+        return
     if not hasattr(zero_optimizer, "round_robin_bit16_groups"):
         raise ValueError(
-            f"FRUGAL cannot map {type(zero_optimizer).__name__} partitions (ZeRO-3 partitions each "
-            "parameter separately); use ZeRO stage 0, 1 or 2, or FSDP2"
+            f"FRUGAL cannot map {type(zero_optimizer).__name__} partitions; use ZeRO stage 0-3 or FSDP2"
         )
     if getattr(zero_optimizer, "round_robin_gradients", False):
         raise ValueError("FRUGAL needs round_robin_gradients=false in the ZeRO config")
@@ -70,3 +78,26 @@ def attach_deepspeed(zero_optimizer: Any) -> None:
             params, offsets, tdist.get_rank(group=pg) * size, size, inner.param_index
         )
         inner.attach_flat_layout(flat, segments)
+
+
+def stage3_segments(zero_optimizer: Any, index: Any) -> list[tuple[int, torch.Tensor, int, list]]:
+    """(sub-group, its flat fp32 buffer, client param-group index, segments) for ZeRO-3.
+
+    A sub-group's buffer is the concatenation of this rank's partition of each of its parameters
+    (``partition_numel()`` elements each, the last rank's padded past the parameter's end)."""
+    import torch.distributed as tdist
+
+    out = []
+    for sub, params in enumerate(zero_optimizer.fp16_groups):
+        segments, offset = [], 0
+        for p in params:
+            part = p.partition_numel()
+            pg = getattr(p, "ds_process_group", None) or zero_optimizer.dp_process_group
+            start = tdist.get_rank(group=pg) * part
+            length = max(0, min(p.ds_numel - start, part))
+            if length:
+                segments.append(FlatSegment(index(p), tuple(p.ds_shape), start, length, offset))
+            offset += part
+        flat = zero_optimizer.fp32_partitioned_groups_flat[sub]
+        out.append((sub, flat, zero_optimizer.sub_group_to_group_id[sub], segments))
+    return out

@@ -1,4 +1,4 @@
-"""Optimizer-state bytes per rank under FSDP2 and DeepSpeed ZeRO-2, against one process.
+"""Optimizer-state bytes per rank under FSDP2 and DeepSpeed ZeRO-2/3, against one process.
 
     DS_ACCELERATOR=cpu torchrun --standalone --nproc-per-node=2 scripts/bench_dist_state.py \
         --config configs/frugal_60m.yaml --set optim.projection=columns
@@ -35,8 +35,9 @@ def measure(
         dist.shard_fsdp2(model, list(model.layers), bf16=False)
     opt = build_optimizer(optim, model.named_parameters(), **cfg.optim.optimizer_kwargs(0))
     net = model
-    if backend == "zero2":
-        net = dist.wrap_deepspeed(model, opt, dist.deepspeed_config(1, 1, 1.0, 2, bf16=False))
+    if backend.startswith("zero"):
+        stage = int(backend[-1])
+        net = dist.wrap_deepspeed(model, opt, dist.deepspeed_config(1, 1, 1.0, stage, bf16=False))
     tokens = torch.randint(0, vocab, (1, seq + 1))
     train_step(net, opt, [tokens], torch.device("cpu"), grad_clip=1.0)
     return state_bytes(opt), single
@@ -45,7 +46,7 @@ def measure(
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/frugal_60m.yaml")
-    ap.add_argument("--backends", nargs="+", default=["fsdp2", "zero2"])
+    ap.add_argument("--backends", nargs="+", default=["fsdp2", "zero2", "zero3"])
     ap.add_argument("--optims", nargs="+", default=["frugal", "adamw"])
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--seq", type=int, default=64)

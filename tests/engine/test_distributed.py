@@ -109,6 +109,7 @@ CASES = [
     pytest.param("ds0", "frugal", marks=needs_ds), pytest.param("ds1", "adamw", marks=needs_ds),
     pytest.param("ds1", "frugal", marks=needs_ds), pytest.param("ds2", "adamw", marks=needs_ds),
     pytest.param("ds2", "frugal", marks=needs_ds), pytest.param("ds3", "adamw", marks=needs_ds),
+    pytest.param("ds3", "frugal", marks=needs_ds),
 ]  # fmt: skip
 
 
@@ -142,6 +143,7 @@ def _resume_copy(src: Path, dst: Path) -> Path:
         ("fsdp2", "adamw", 0),  # saved on 2 ranks, resumed in a plain process (no torchrun)
         pytest.param("ds2", "frugal", 2, marks=needs_ds),
         pytest.param("ds3", "adamw", 2, marks=needs_ds),
+        pytest.param("ds3", "frugal", 2, marks=needs_ds),
     ],
 )
 def test_resume_continues_the_loss_sequence_exactly(runs, tmp_path, backend, optim, nproc):
@@ -207,8 +209,8 @@ def test_sharded_backends_need_torchrun(monkeypatch):
     "overrides,message",
     [
         (["distributed.zero_stage=2"], "needs distributed.backend=deepspeed"),
-        (["distributed.backend=deepspeed", "distributed.zero_stage=3", "optim.name=frugal"],
-         "ZeRO-3 is not supported"),
+        (["distributed.backend=deepspeed", "distributed.zero_stage=3", "optim.name=badam"],
+         "no flat form"),
         (["distributed.backend=deepspeed", "distributed.zero_stage=1", "optim.name=galore"],
          "no flat form"),
         (["distributed.backend=deepspeed", "distributed.zero_stage=2", "optim.name=frugal",
@@ -225,6 +227,7 @@ def test_allowed_combinations_validate():
     for over in (
         ["distributed.backend=deepspeed", "distributed.zero_stage=2", "optim.name=frugal"],
         ["distributed.backend=deepspeed", "distributed.zero_stage=3", "optim.name=adamw"],
+        ["distributed.backend=deepspeed", "distributed.zero_stage=3", "optim.name=frugal"],
         ["distributed.backend=deepspeed", "distributed.zero_stage=0", "optim.name=galore"],
         ["distributed.backend=fsdp2", "optim.name=galore"],
     ):
