@@ -281,7 +281,10 @@ def _train(cfg: RunConfig, device: torch.device, backend: str, stop_at: int | No
         save_yaml(cfg, run_dir / "config.yaml")
         corpus.tokenizer.save(run_dir / "tokenizer.model")
 
-    if t.compile and not dist.is_deepspeed(net):
+    if t.compile and dist.is_deepspeed(net):
+        if main:
+            print("leanlm: train.compile is ignored under DeepSpeed (its engine wraps the module)")
+    elif t.compile:
         net = torch.compile(net)
     logger = MetricsLogger(
         run_dir, main, cfg.log.tensorboard, resume_step=step if resume_from is not None else None
