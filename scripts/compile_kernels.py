@@ -4,8 +4,9 @@
     python scripts/compile_kernels.py --arch 90
 
 Each kernel goes through Triton's real lowering (TTIR -> TTGIR -> LLVM -> PTX -> cubin, ptxas
-included) at every autotune tile, in bf16 and fp32: the interpreter tests check the math, this
-checks that the code compiles for the device it is written for. Must run without
+included) at every autotune tile (with its warps and stages), in bf16 and fp32, and checks the shared memory
+each needs against the architecture's limit: the interpreter tests check the math, this checks
+that the code compiles for the device it is written for. Must run without
 ``TRITON_INTERPRET=1`` (the kernels would be interpreted functions). Prints one line per kernel.
 """
 
@@ -19,7 +20,14 @@ import time
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 
-def _compile(fn, arch: int, pointers: dict, constexprs: dict, ints=(), floats=()) -> None:
+# Largest dynamic shared memory per block (bytes): sm_90 (H100/H200) 227 KiB, sm_80 (A100) 163 KiB.
+SHARED_LIMIT = {90: 232448, 80: 166912}
+
+
+def _compile(
+    fn, arch: int, pointers: dict, constexprs: dict, ints=(), floats=(), warps=4, stages=3
+) -> int:
+    """Compile; return the shared memory the kernel needs (bytes)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -30,8 +38,13 @@ def _compile(fn, arch: int, pointers: dict, constexprs: dict, ints=(), floats=()
     sig.update({name: "fp32" for name in floats})
     sig = {name: sig[name] for name in fn.arg_names}  # the kernel's order; fails if one is missing
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32))
+    options = {"num_warps": warps, "num_stages": stages}
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     assert kernel.asm["cubin"], "no cubin"
+    shared = int(kernel.metadata.shared)
+    limit = SHARED_LIMIT.get(arch)
+    assert limit is None or shared <= limit, f"needs {shared} B of shared memory (> {limit})"
+    return shared
 
 
 def strides(fn) -> list[str]:
@@ -75,12 +88,18 @@ def main() -> int:
                     consts = {**const, "PREC": prec, "UPCAST": False, **cfg.kwargs}
                     t0 = time.perf_counter()
                     try:
-                        _compile(fn, arch, ptrs, consts, ints=[*ints, *strides(fn)])
-                        status = f"ok ({time.perf_counter() - t0:.1f} s)"
+                        shared = _compile(
+                            fn, arch, ptrs, consts, ints=[*ints, *strides(fn)],
+                            warps=cfg.num_warps, stages=cfg.num_stages,
+                        )  # fmt: skip
+                        status = (
+                            f"ok ({shared // 1024} KiB shared, {time.perf_counter() - t0:.1f} s)"
+                        )
                     except Exception as e:  # report every failure, not just the first
                         failures += 1
                         status = f"FAILED: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
-                    print(f"sm_{arch} {name} {dtype} {cfg.kwargs} -> {status}", flush=True)
+                    tile = f"{cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages}"
+                    print(f"sm_{arch} {name} {dtype} {tile} -> {status}", flush=True)
         for dim in (0, 1):
             for dtype in ("bf16", "fp32"):
                 ptrs = {k: f"*{dtype}" for k in ("p_ptr", "g_ptr", "m_ptr", "v_ptr")}
