@@ -137,6 +137,9 @@ def test_lost_layer_compiles_with_the_custom_op(device, monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"
+)  # also without the root conftest
 def test_bf16_tensor_cores_at_a_1b_projection_shape(monkeypatch):
     """Real bf16 tensor-core dots (the interpreter widens them): 2048 -> 5461, r 512, ρ 0.05."""
     _check((1024, 2048, 5461, 512, 102), "silu", torch.bfloat16, torch.device("cuda"), 1e-2,
