@@ -11,6 +11,8 @@ Triton for CUDA tensors when it is installed).
 import importlib.util
 import os
 
+import torch
+
 KERNELS_ENV = "LEANLM_KERNELS"
 
 
@@ -29,3 +31,11 @@ _TRITON = importlib.util.find_spec("triton") is not None
 def triton_available() -> bool:
     """Triton is importable (Linux installs it with leanlm; elsewhere it may be missing)."""
     return _TRITON
+
+
+def inverse_index(index: torch.Tensor, size: int) -> torch.Tensor:
+    """(size,) int32: the position of each column / row / channel in ``index``, −1 where it is not
+    selected (the kernels' way from a coordinate to its slot in the selection)."""
+    inv = torch.full((size,), -1, dtype=torch.int32, device=index.device)
+    inv[index.long()] = torch.arange(index.numel(), dtype=torch.int32, device=index.device)
+    return inv

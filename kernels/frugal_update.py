@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from leanlm.kernels import kernel_path, triton_available
+from leanlm.kernels import inverse_index, kernel_path, triton_available
 
 FREE_CODE = {"sign": 0, "sgd": 1, "none": 2}
 
@@ -66,13 +66,6 @@ def frugal_update_reference(
     u = state_free_update(g, free, scratch).mul_(-lr_free)
     u.index_copy_(dim, index, upd.to(u.dtype))
     p.add_(u)
-
-
-def inverse_index(index: torch.Tensor, size: int) -> torch.Tensor:
-    """(size,) int32: the position of each column / row in ``index``, −1 where not selected."""
-    inv = torch.full((size,), -1, dtype=torch.int32, device=index.device)
-    inv[index.long()] = torch.arange(index.numel(), dtype=torch.int32, device=index.device)
-    return inv
 
 
 def use_triton(p: torch.Tensor) -> bool:

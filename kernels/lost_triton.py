@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from leanlm.kernels import inverse_index
+
 PHI_CODE = {"identity": 0, "silu": 1, "relu2": 2}
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -318,13 +320,6 @@ def _splits(tokens: int, m: int, k: int, device: torch.device) -> int:
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     tiles = triton.cdiv(m, 128) * triton.cdiv(k, 128)
     return max(1, min(triton.cdiv(2 * sms, tiles), tokens // 512, 64))
-
-
-def inverse_index(index: torch.Tensor, n: int) -> torch.Tensor:
-    """(n,) int32: position of each input channel in ``index``, −1 where it is not selected."""
-    inv = torch.full((n,), -1, dtype=torch.int32, device=index.device)
-    inv[index.long()] = torch.arange(index.numel(), dtype=torch.int32, device=index.device)
-    return inv
 
 
 def backward(
