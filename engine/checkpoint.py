@@ -15,6 +15,7 @@ leaves a folder that looks complete. Files are loaded with ``torch.load(weights_
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -30,6 +31,7 @@ import torch
 
 from leanlm.engine import distributed as dist
 from leanlm.engine.errors import CheckpointError
+from leanlm.engine.safe_load import scan_torch_files, torch_load
 
 FORMAT_VERSION = 1
 STEP_RE = re.compile(r"^step-(\d{8})$")
@@ -59,6 +61,53 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+# Checkpoint folders this process wrote (resolved paths): the only ones it may replace.
+_WRITTEN: set[Path] = set()
+
+
+def _tensor_bytes(obj: Any) -> int:
+    """Bytes of every tensor inside nested dicts/lists (an estimate of a checkpoint's size)."""
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _disk_full(error: BaseException, root: Path, need: int) -> bool:
+    """Whether ``error`` came from a full disk or quota (torch.save's zip writer reports it only
+    as "unexpected pos", so the free space decides when the error carries no errno)."""
+    e: BaseException | None = error
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        e = e.__cause__ or e.__context__
+    try:
+        return shutil.disk_usage(root).free < max(need, 1 << 20)
+    except OSError:
+        return False
+
+
+def _write_files(tmp: Path, tensors: dict[str, Any], files: dict[str, bytes], step: int) -> None:
+    """Write the tensors and files, fsync them, then the manifest (last: it marks completion)."""
+    entries = {}
+    for name, obj in tensors.items():
+        torch.save(obj, tmp / f"{name}.pt")
+    for name, data in files.items():
+        (tmp / name).write_bytes(data)
+    for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
+        _fsync(path)
+        entries[path.relative_to(tmp).as_posix()] = {
+            "sha256": _sha256(path),
+            "bytes": path.stat().st_size,
+        }
+    manifest = {"format": FORMAT_VERSION, "step": step, "created": time.time(), "files": entries}
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    _fsync(tmp / "manifest.json")
+
+
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
@@ -72,7 +121,8 @@ def save_checkpoint(
     ``shared_writer(tmp)``: a collective write that every rank joins (FSDP2's DCP shards, a
     DeepSpeed engine's files); then call this on every rank. Without it, call it on the main rank
     only. Returns the final folder. Older checkpoints beyond the newest ``keep`` are deleted
-    afterwards (``keep=0`` keeps all).
+    afterwards (``keep=0`` keeps all); a folder of the same step that this process did not write
+    is moved aside, never replaced. A full disk removes the partial folder and raises one line.
     """
     root = checkpoint_dir(run_dir)
     final = root / step_name(step)
@@ -92,24 +142,30 @@ def save_checkpoint(
     if not main:
         dist.barrier()  # wait for the rename below
         return final
-    entries = {}
-    for name, obj in tensors.items():
-        torch.save(obj, tmp / f"{name}.pt")
-    for name, data in files.items():
-        (tmp / name).write_bytes(data)
-    for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
-        _fsync(path)
-        entries[path.relative_to(tmp).as_posix()] = {
-            "sha256": _sha256(path),
-            "bytes": path.stat().st_size,
-        }
-    manifest = {"format": FORMAT_VERSION, "step": step, "created": time.time(), "files": entries}
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    _fsync(tmp / "manifest.json")
-    if final.exists():  # re-saving the same step (e.g. interrupted right after a periodic save)
-        shutil.rmtree(final)
+    try:
+        _write_files(tmp, tensors, files, step)
+    except (OSError, RuntimeError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        need = _tensor_bytes(tensors) + sum(len(d) for d in files.values())
+        if _disk_full(e, root, need):
+            raise CheckpointError(
+                f"no space left on the device of {root} while saving step {step} (it needs about "
+                f"{need / 2**20:.0f} MiB); free space or lower checkpoint.keep, then continue with "
+                "train.resume=auto (earlier checkpoints are intact)"
+            ) from None
+        raise
+    if final.exists():
+        if final.resolve() in _WRITTEN:  # re-saving a step (interrupted right after a save)
+            shutil.rmtree(final)
+        else:  # written by an earlier attempt: keep it, out of the way of resume=auto
+            aside = final.with_name(f"{final.name}.superseded-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(final, aside)
+            warnings.warn(
+                f"checkpoint {final} of an earlier attempt moved to {aside}", stacklevel=2
+            )
     os.replace(tmp, final)
-    prune(root, keep)
+    _WRITTEN.add(final.resolve())
+    prune(root, keep, step)
     if collective:
         dist.barrier()
     return final
@@ -126,39 +182,77 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def prune(root: Path, keep: int) -> None:
+def prune(root: Path, keep: int, newest: int) -> None:
+    """Keep the newest ``keep`` checkpoints up to step ``newest`` (the one just written and
+    verified); folders of later steps are never pruned."""
     if keep <= 0:
         return
-    for _, path in list_checkpoints(root.parent)[:-keep]:
+    older = [(s, p) for s, p in list_checkpoints(root.parent) if s < newest]
+    for _, path in older[: max(0, len(older) - (keep - 1))]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def remove_stale_temps(run_dir: str | Path) -> list[Path]:
+    """Delete ``.tmp-step-*`` folders left by crashed saves. Call it only while holding the run's
+    lock (``leanlm.engine.run_lock``): then no other process can be writing them."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return []
+    stale = [p for p in root.iterdir() if p.name.startswith(".tmp-step-") and p.is_dir()]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
+def _file_entries(path: Path, manifest: Any) -> dict[str, dict[str, Any]]:
+    """The manifest's ``files`` table, checked for shape (a hostile or damaged manifest must give
+    a ``CheckpointError``, not a ``KeyError``) and for names that stay inside the folder."""
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not files:
+        raise CheckpointError(f"{path}: manifest.json is corrupt (no file table)")
+    for name, info in files.items():
+        rel = Path(name)
+        if rel.is_absolute() or ".." in rel.parts or not name:
+            raise CheckpointError(
+                f"{path}: manifest.json names a file outside the folder ({name!r})"
+            )
+        ok = isinstance(info, dict) and isinstance(info.get("sha256"), str)
+        if not ok or not isinstance(info.get("bytes"), int) or isinstance(info["bytes"], bool):
+            raise CheckpointError(f"{path}: manifest.json is corrupt (bad entry for {name!r})")
+    return files
+
+
 def verify(path: str | Path) -> dict[str, Any]:
-    """Check the manifest and every file's size and checksum; return the manifest."""
+    """Check the manifest and every file's size and checksum, and open every serialized file
+    through the allowlist (``leanlm.engine.safe_load``); return the manifest."""
     path = Path(path)
     mpath = path / "manifest.json"
     if not mpath.is_file():
         raise CheckpointError(f"{path}: no manifest.json (incomplete or not a leanlm checkpoint)")
     try:
-        manifest = json.loads(mpath.read_text())
-    except json.JSONDecodeError:
+        manifest = json.loads(mpath.read_bytes().decode("utf-8"))
+    except (ValueError, OSError):  # JSON, UTF-8 and read errors alike
         raise CheckpointError(f"{path}: manifest.json is corrupt") from None
-    if manifest.get("format") != FORMAT_VERSION:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
         raise CheckpointError(
-            f"{path}: checkpoint format {manifest.get('format')} is not supported (expected {FORMAT_VERSION})"
+            f"{path}: checkpoint format {found} is not supported (expected {FORMAT_VERSION})"
         )
-    for name, info in manifest["files"].items():
+    for name, info in _file_entries(path, manifest).items():
         f = path / name
         if not f.is_file():
             raise CheckpointError(f"{path}: {name} is missing")
         if f.stat().st_size != info["bytes"] or _sha256(f) != info["sha256"]:
             raise CheckpointError(f"{path}: {name} is truncated or corrupt (checksum mismatch)")
+    scan_torch_files(path, str(path))  # no file in it may run code when unpickled
     return manifest
 
 
 def resolve_resume(run_dir: str | Path, resume: str) -> Path | None:
-    """``none`` -> None; ``auto`` -> newest checkpoint that verifies (None if there is none);
-    a path -> that checkpoint, verified. Corrupt newer checkpoints are reported and skipped."""
+    """``none`` -> None; ``auto`` -> newest checkpoint that verifies (None when the run has no
+    checkpoint folder at all); a path -> that checkpoint, verified. Corrupt newer checkpoints are
+    reported and skipped; when folders exist but none verifies, the run must not start over: a
+    ``CheckpointError`` lists each folder and why."""
     if resume in ("", "none"):
         return None
     if resume != "auto":
@@ -167,26 +261,27 @@ def resolve_resume(run_dir: str | Path, resume: str) -> Path | None:
             raise CheckpointError(f"train.resume={resume!r}: no such checkpoint folder")
         verify(path)
         return path
+    failures = []
     for step, path in reversed(list_checkpoints(run_dir)):
         try:
             verify(path)
-            return path
         except CheckpointError as e:
             warnings.warn(f"skipping checkpoint at step {step}: {e}", stacklevel=2)
+            failures.append(str(e))
+            continue
+        return path
+    if failures:
+        raise CheckpointError(
+            f"train.resume=auto: no checkpoint in {checkpoint_dir(run_dir)} verifies ("
+            + "; ".join(failures)
+            + "); nothing was changed: repair or move them, or pick a new train.out_dir"
+        )
     return None
 
 
 def load_file(path: str | Path, name: str, map_location: str | torch.device = "cpu") -> Any:
     """Load ``name.pt`` from a checkpoint with ``weights_only=True``."""
-    f = Path(path) / f"{name}.pt"
-    try:
-        return torch.load(f, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: {name}.pt is missing") from None
-    except Exception as e:  # unpickling errors come in many types
-        raise CheckpointError(
-            f"{path}: cannot load {name}.pt ({type(e).__name__}: {str(e).splitlines()[0]})"
-        ) from None
+    return torch_load(Path(path) / f"{name}.pt", str(path), map_location)
 
 
 def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:

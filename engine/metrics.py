@@ -44,8 +44,26 @@ def peak_memory_gib(device: torch.device) -> float:
 def _step_of(line: str) -> int:
     try:
         return int(json.loads(line).get("step", 0))
-    except (ValueError, AttributeError):
+    except (ValueError, TypeError, AttributeError):
         return 2**62  # a torn last line from a crash: drop it
+
+
+def trim_records(path: Path, last_step: int) -> None:
+    """Drop the records of a JSON-lines log whose step is after ``last_step`` (and torn lines),
+    atomically: what a resumed run will log again must not appear twice."""
+    if not path.is_file():
+        return
+    text = path.read_text(encoding="utf-8", errors="replace")
+    kept = [
+        line
+        for line in text.splitlines(keepends=True)
+        if line.strip() and _step_of(line) <= last_step
+    ]
+    if "".join(kept) == text:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    tmp.replace(path)
 
 
 class MetricsLogger:
@@ -64,15 +82,8 @@ class MetricsLogger:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
         path = run_dir / "metrics.jsonl"
-        if resume_step is not None and path.is_file():
-            kept = [
-                line
-                for line in path.read_text().splitlines(keepends=True)
-                if line.strip() and _step_of(line) <= resume_step
-            ]
-            tmp = path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(kept))
-            tmp.replace(path)
+        if resume_step is not None:
+            trim_records(path, resume_step)
         self.jsonl = open(  # noqa: SIM115 (closed in close(); lives as long as the run)
             run_dir / "metrics.jsonl", "a", buffering=1
         )  # line-buffered: survives crashes
@@ -85,7 +96,7 @@ class MetricsLogger:
             )
 
     def log(self, step: int, scalars: dict[str, float], **extra: Any) -> None:
-        if not self.enabled:
+        if not self.enabled or self.jsonl is None:
             return
         for tag, value in scalars.items():
             if self.writer is not None:
@@ -99,5 +110,7 @@ class MetricsLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+            self.writer = None
         if self.jsonl is not None:
             self.jsonl.close()
+            self.jsonl = None

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from leanlm.engine.errors import CheckpointError
+from leanlm.engine.safe_load import dcp_reader_and_planner, read_dcp_metadata, scan_torch_files
 from leanlm.optim.sharding import is_dtensor, local, sharded_zeros
 
 DCP_DIR = "dcp"
@@ -83,12 +84,12 @@ def load_dcp(
     The world size may differ from the one that saved it."""
     import torch.distributed.checkpoint as dcp
 
+    meta = read_dcp_metadata(folder).state_dict_metadata  # before DCP reads it (allowlisted)
     model_sd = model.state_dict()
     dest: dict[str, Any] = {"model": model_sd}
     placed: dict[str, tuple[nn.Parameter, str]] = {}
     if optimizer is not None:
-        meta = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
-        layout = json.loads((folder / LAYOUT_FILE).read_text())
+        layout = _read_layout(folder)
         params = dict(model.named_parameters())
         optim_dest = {}
         for key, kind in layout.items():
@@ -107,11 +108,24 @@ def load_dcp(
                 )
             placed[key] = (p, name)
         dest["optim"] = optim_dest
+    reader, planner = dcp_reader_and_planner(folder)
     with (
         warnings.catch_warnings()
     ):  # "loading in a single process" is what we mean without torchrun
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single")
-        dcp.load(dest, checkpoint_id=str(folder))
+        try:
+            dcp.load(dest, storage_reader=reader, planner=planner)
+        except CheckpointError:
+            raise
+        except Exception as e:  # DCP wraps rank failures in its own exception types
+            if isinstance(getattr(e, "failures", None), dict):
+                inner = next(iter(e.failures.values()), None)
+                if isinstance(inner, CheckpointError):
+                    raise inner from None
+            raise CheckpointError(
+                f"{folder.parent}: cannot load dcp/ ({type(e).__name__}: "
+                f"{(str(e).strip().splitlines() or [''])[0][:200]})"
+            ) from None
     model.load_state_dict(model_sd)
     if optimizer is not None:
         optimizer.state.clear()
@@ -122,12 +136,25 @@ def load_dcp(
             optimizer.state[p][name] = value
 
 
+def _read_layout(folder: Path) -> dict[str, str]:
+    try:
+        layout = json.loads((folder / LAYOUT_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{folder.parent}: cannot read dcp/{LAYOUT_FILE} ({e})") from None
+    if not isinstance(layout, dict) or not all(isinstance(v, str) for v in layout.values()):
+        raise CheckpointError(f"{folder.parent}: dcp/{LAYOUT_FILE} is not a layout mapping")
+    return layout
+
+
 def save_deepspeed(folder: Path, engine: Any) -> None:
     """Collective: DeepSpeed writes its model and (ZeRO-partitioned) optimizer files."""
     engine.save_checkpoint(str(folder), tag=DS_TAG)
 
 
 def load_deepspeed(folder: Path, engine: Any) -> None:
+    """Resume a DeepSpeed engine; DeepSpeed unpickles without an allowlist, so every file is
+    opened through ours first (``scan_torch_files``)."""
+    scan_torch_files(folder, str(folder.parent))
     path, _ = engine.load_checkpoint(
         str(folder), tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
     )
@@ -146,6 +173,7 @@ def load_weights(path: Path, model: nn.Module, device: torch.device) -> None:
     elif fmt == "dcp":
         load_dcp(path / DCP_DIR, model)
     else:
+        scan_torch_files(path / DS_DIR, str(path))  # before DeepSpeed's weights_only=False loads
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         # Works for every ZeRO stage: stage 3 keeps only partitions in the model file.

@@ -8,6 +8,7 @@ training loss, either the plain mean or the loss-reweighted sum (``leanlm.engine
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,7 @@ class StepResult:
     grad_norm: float  # global gradient norm before clipping
     tokens: int  # tokens processed on this rank
     reweight: WeightStats | None = None  # averaged over micro-batches, when reweighting is on
+    finite: bool = True  # False: a loss or the gradient norm was NaN/Inf on some rank; no update
 
 
 def batch_loss(
@@ -90,13 +92,19 @@ def train_step(
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor holding the global norm
         norm = norm.full_tensor()
-    optimizer.step()
+    loss, grad_norm = total.item(), norm.item()
+    # Checked before the update, on every rank alike: a NaN step never reaches the weights, so
+    # the last checkpoint stays a good one to resume from.
+    finite = not dist.any_rank(not (math.isfinite(loss) and math.isfinite(grad_norm)))
+    if finite:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return StepResult(
-        loss=total.item(),
-        grad_norm=norm.item(),
+        loss=loss,
+        grad_norm=grad_norm,
         tokens=tokens,
         reweight=WeightStats.mean(stats) if stats else None,
+        finite=finite,
     )
 
 
@@ -115,13 +123,20 @@ def _deepspeed_step(engine, micro_batches, device, autocast, reweight, chunk_tok
             rows = engine(inputs, targets=targets, chunk_tokens=chunk_tokens)
         loss, st = batch_loss(rows, *(reweight or (None,)))
         engine.backward(loss)
-        if engine.is_gradient_accumulation_boundary() and not hasattr(
-            engine.optimizer, "_global_grad_norm"
-        ):  # ZeRO-0 fp32 steps our optimizer directly and measures no norm: measure it here
-            grads = [p for p in engine.module.parameters() if p.grad is not None]
-            measured = torch.nn.utils.clip_grad_norm_(grads, float("inf")).item()
-        engine.step()
         total += rows.detach().float().mean() / accum
+        if engine.is_gradient_accumulation_boundary():
+            if not hasattr(engine.optimizer, "_global_grad_norm"):
+                # ZeRO-0 fp32 steps our optimizer directly and measures no norm: measure it here
+                grads = [p for p in engine.module.parameters() if p.grad is not None]
+                measured = torch.nn.utils.clip_grad_norm_(grads, float("inf")).item()
+            bad = not math.isfinite(total.item()) or (
+                measured is not None and not math.isfinite(measured)
+            )
+            if dist.any_rank(bad):  # before DeepSpeed's update: the weights stay finite
+                return StepResult(
+                    float(total.item()), float(measured or math.nan), tokens, None, False
+                )
+        engine.step()
         tokens += targets.numel()
         if st is not None:
             stats.append(st)

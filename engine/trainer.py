@@ -15,6 +15,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -22,12 +23,14 @@ from tqdm import tqdm
 from leanlm.engine import checkpoint as ckpt
 from leanlm.engine import distributed as dist
 from leanlm.engine import sharded_checkpoint as sharded
-from leanlm.engine.config import RunConfig, check_world, load_config, save_yaml
+from leanlm.engine.config import RunConfig, check_world, save_yaml
 from leanlm.engine.data import Corpus, build_corpus
-from leanlm.engine.errors import CheckpointError, ConfigError, TrainingError
+from leanlm.engine.errors import ConfigError, TrainingError
 from leanlm.engine.evaluate import EvalResult, evaluate, unigram_loss
-from leanlm.engine.metrics import MetricsLogger, peak_flops, peak_memory_gib
+from leanlm.engine.metrics import MetricsLogger, peak_flops, peak_memory_gib, trim_records
 from leanlm.engine.model import LLaMA, count_parameters, flops_per_token
+from leanlm.engine.resume import check_resume_config, restore, zero_stage_of
+from leanlm.engine.run_lock import RunLock
 from leanlm.engine.scaling import ScalingRecorder
 from leanlm.engine.schedule import build_scheduler
 from leanlm.engine.step import train_step
@@ -109,28 +112,12 @@ class StopFlag:
             signal.signal(sig, old)
 
 
-SHAPE_KEYS = ("d_model", "n_layers", "n_heads", "ffn_dim", "vocab_size", "rope_theta", "norm_eps")
-LOST_KEYS = ("enabled", "rank", "channel_density", "phi", "support")  # the rest only shape the init
-
-
-def _check_resume_config(cfg: RunConfig, path: Path) -> None:
-    """The model must be the one the checkpoint holds (activation checkpointing may change)."""
-    saved = load_config(path / "config.yaml")
-    diff = [k for k in SHAPE_KEYS if getattr(saved.model, k) != getattr(cfg.model, k)]
-    diff += [
-        f"lost.{k}" for k in LOST_KEYS if getattr(saved.model.lost, k) != getattr(cfg.model.lost, k)
-    ]
-    if diff:
-        raise CheckpointError(
-            f"{path}: model config differs from the checkpoint's in {', '.join('model.' + k for k in diff)}; "
-            "resume with the same model settings"
-        )
-
-
 def scaling_recorder(
-    cfg: RunConfig, model: LLaMA, run_dir: Path, fpt: float, corpus: Corpus
+    cfg: RunConfig, model: LLaMA, run_dir: Path, fpt: float, corpus: Corpus, step: int
 ) -> ScalingRecorder:
-    """The run's ``scaling.jsonl`` writer with its constant columns filled in."""
+    """The run's ``scaling.jsonl`` writer with its constant columns filled in; rows after the
+    restart ``step`` (written by a crashed attempt) are dropped first."""
+    trim_records(run_dir / "scaling.jsonl", step)
     from leanlm.engine import __version__
 
     o = cfg.optim
@@ -164,10 +151,29 @@ def train(cfg: RunConfig, stop_at: int | None = None) -> TrainResult:
     device = pick_device(cfg.train.device)
     backend = dist.resolve_backend(cfg.distributed.backend)
     dist.init(device, cfg.distributed.timeout_s, backend)
+    lock = RunLock(Path(cfg.train.out_dir))
     try:
+        _hold_run_folder(lock)
         return _train(cfg, device, backend, stop_at)
     finally:
+        lock.release()
         dist.shutdown()
+
+
+def _hold_run_folder(lock: RunLock) -> None:
+    """The main rank takes the run folder's lock (so it can be written and no other process
+    trains there), then removes temp folders of crashed saves. Every rank learns if it failed."""
+    error: Exception | None = None
+    if dist.is_main():
+        try:
+            lock.acquire()
+        except ConfigError as e:
+            error = e
+    if dist.any_rank(error is not None):
+        raise error or ConfigError(f"rank 0 could not take the run folder {lock.run_dir}")
+    if dist.is_main():
+        for stale in ckpt.remove_stale_temps(lock.run_dir):
+            print(f"leanlm: removed {stale.name}, left by a save that did not finish")
 
 
 def parallelize(
@@ -204,47 +210,25 @@ def parallelize(
     return model, optimizer, autocast
 
 
-EXPECTED_FORMAT = {"fsdp2": "dcp", "deepspeed": "deepspeed", "ddp": "torch", "none": "torch"}
-
-
-def load_resume_state(
-    path: Path,
-    backend: str,
-    model: LLaMA,
-    net: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    device: torch.device,
-) -> dict:
-    """Restore model and optimizer from checkpoint ``path`` for ``backend``; return train.pt."""  # fmt: skip
-    state = ckpt.load_file(path, "train")
-    fmt = sharded.checkpoint_format(path)
-    # DCP reshards onto anything; the other formats need the backend that wrote them.
-    if fmt != EXPECTED_FORMAT[backend] and not (fmt == "dcp" and backend in ("none", "ddp")):
-        raise CheckpointError(
-            f"{path}: written by distributed.backend={state.get('backend', 'none/ddp')} ({fmt} format); "
-            f"resume it with that backend, not {backend}"
+def _nan_message(res: Any, step: int, good: Path | None, latest: Path | None) -> str:
+    """The NaN stop's one line. ``good``: the newest checkpoint whose weights then trained a
+    finite step (resuming it with a lower lr works); ``latest`` may be the one that blew up."""
+    what = (
+        f"loss became {res.loss}"
+        if not math.isfinite(res.loss)
+        else f"gradient norm became {res.grad_norm}"
+    )
+    what += f" at step {step} (the update was not applied)"
+    if good is not None and good.is_dir():
+        return (
+            f"{what}; {good} is the last checkpoint known to train finitely: continue from it with "
+            f"train.resume={good} and a lower optim.lr or a larger optim.warmup_steps"
         )
-    if fmt == "torch":
-        ckpt.load_model_state(model, ckpt.load_file(path, "model", device), str(path))
-        optimizer.load_state_dict(ckpt.load_file(path, "optim", device))
-        return state
-    if fmt == "dcp":
-        sharded.load_dcp(path / sharded.DCP_DIR, model, optimizer)
-    else:
-        saved = (state.get("world_size"), state.get("zero_stage"))
-        if saved != (dist.world_size(), cfg_zero_stage(net)):
-            raise CheckpointError(
-                f"{path}: DeepSpeed checkpoint written with (world size, ZeRO stage) = {saved}; "
-                f"resume with the same, not {(dist.world_size(), cfg_zero_stage(net))}"
-            )
-        sharded.load_deepspeed(path / sharded.DS_DIR, net)
-    for group, saved_group in zip(optimizer.param_groups, state["param_groups"], strict=True):
-        group.update(saved_group)
-    return state
-
-
-def cfg_zero_stage(net: torch.nn.Module) -> int:
-    return int(net.zero_optimization_stage()) if dist.is_deepspeed(net) else 0
+    blown = f" (the weights in {latest} already diverge)" if latest is not None else ""
+    return (
+        f"{what}; no kept checkpoint is known to train finitely{blown}: start again in a new "
+        "train.out_dir with a lower optim.lr or a larger optim.warmup_steps"
+    )
 
 
 def _train(cfg: RunConfig, device: torch.device, backend: str, stop_at: int | None) -> TrainResult:
@@ -257,7 +241,7 @@ def _train(cfg: RunConfig, device: torch.device, backend: str, stop_at: int | No
             f"train.out_dir={t.out_dir!r} already holds checkpoints; pass train.resume=auto to continue it or pick a new train.out_dir"
         )
     if resume_from is not None:
-        _check_resume_config(cfg, resume_from)
+        check_resume_config(cfg, resume_from)
     if t.threads:
         torch.set_num_threads(t.threads)
     torch.manual_seed(t.seed)
@@ -269,13 +253,9 @@ def _train(cfg: RunConfig, device: torch.device, backend: str, stop_at: int | No
     scheduler = build_scheduler(optimizer, cfg.optim, t.steps)
     step, tokens_seen = 0, 0
     if resume_from is not None:
-        state = load_resume_state(resume_from, backend, model, net, optimizer, device)
-        scheduler.load_state_dict(state["scheduler"])
-        corpus.train.load_state_dict(state["data"])
-        torch.set_rng_state(state["rng_cpu"])
-        if device.type == "cuda" and state.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(state["rng_cuda"], device)
-        step, tokens_seen = int(state["step"]), int(state["tokens_seen"])
+        step, tokens_seen = restore(
+            resume_from, backend, model, net, optimizer, scheduler, corpus.train, device
+        )
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_yaml(cfg, run_dir / "config.yaml")
@@ -286,9 +266,9 @@ def _train(cfg: RunConfig, device: torch.device, backend: str, stop_at: int | No
             print("leanlm: train.compile is ignored under DeepSpeed (its engine wraps the module)")
     elif t.compile:
         net = torch.compile(net)
-    logger = MetricsLogger(
-        run_dir, main, cfg.log.tensorboard, resume_step=step if resume_from is not None else None
-    )
+    # Records past the restart step (all of them on a fresh start) belong to an attempt that
+    # crashed before saving them: dropped, so the logs read as one uninterrupted run.
+    logger = MetricsLogger(run_dir, main, cfg.log.tensorboard, resume_step=step)
     fpt = flops_per_token(cfg.model, model.vocab_size, t.seq_len)
     peak = peak_flops(device)
     unigram = unigram_loss(corpus.train_counts, corpus.val_tokens, t.seq_len)
@@ -340,7 +320,7 @@ def _train(cfg: RunConfig, device: torch.device, backend: str, stop_at: int | No
             "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             "backend": backend,
             "world_size": dist.world_size(),
-            "zero_stage": cfg_zero_stage(net),
+            "zero_stage": zero_stage_of(net),
             "param_groups": [
                 {k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups
             ],
@@ -358,13 +338,17 @@ def _train(cfg: RunConfig, device: torch.device, backend: str, stop_at: int | No
         return path if main else None
 
     recorder = (
-        scaling_recorder(cfg, model, run_dir, fpt, corpus) if main and cfg.log.scaling else None
+        scaling_recorder(cfg, model, run_dir, fpt, corpus, step)
+        if main and cfg.log.scaling
+        else None
     )
     start, start_tokens = time.perf_counter(), tokens_seen
     result = TrainResult(
         run_dir=run_dir, step=step, tokens_seen=tokens_seen, unigram_ppl=math.exp(unigram)
     )
     last_ckpt: Path | None = resume_from
+    # A checkpoint is "good" once the step after it trained finitely from its weights.
+    good_ckpt: Path | None = None
     bar = tqdm(
         total=t.steps,
         initial=step,
@@ -375,77 +359,72 @@ def _train(cfg: RunConfig, device: torch.device, backend: str, stop_at: int | No
     window_start = time.perf_counter()
     window_tokens, paused = 0, 0.0
     net.train()
-    with StopFlag() as stop:
-        while step < t.steps:
-            rw = (
-                t.reweight
-                if t.reweight.strategy != "uniform" and step >= t.reweight.warmup_steps
-                else None
-            )
-            res = train_step(
-                net, optimizer, corpus.train.next_step(), device, autocast, t.grad_clip,
-                reweight=(rw.strategy, rw.r) if rw else None, chunk_tokens=t.loss_chunk_tokens,
-            )  # fmt: skip
-            lr = scheduler.get_last_lr()[0]
-            scheduler.step()
-            step += 1
-            step_tokens = res.tokens * dist.world_size()
-            tokens_seen += step_tokens
-            window_tokens += step_tokens
-            loss = dist.all_reduce_mean(res.loss, device)
-            if not (math.isfinite(loss) and math.isfinite(res.grad_norm)):
-                what = (
-                    f"loss became {loss}"
-                    if not math.isfinite(loss)
-                    else f"gradient norm became {res.grad_norm}"
+    try:  # the logs are closed (flushed) however the loop ends
+        with StopFlag() as stop:
+            while step < t.steps:
+                rw = (
+                    t.reweight
+                    if t.reweight.strategy != "uniform" and step >= t.reweight.warmup_steps
+                    else None
                 )
-                where = f"; the last good checkpoint is {last_ckpt}" if last_ckpt else ""
-                raise TrainingError(
-                    f"{what} at step {step}{where}; lower optim.lr or raise optim.warmup_steps"
-                )
-            result.losses.append(loss)
-            if step % cfg.log.every == 0 or step == t.steps:
-                elapsed = time.perf_counter() - window_start - paused
-                tps = window_tokens / max(elapsed, 1e-9)
-                scalars = {
-                    "train/loss": loss,
-                    "train/grad_norm": res.grad_norm,
-                    "optim/lr": lr,
-                    "perf/tokens_per_s": tps,
-                    "mem/peak_gib": peak_memory_gib(device),
-                }
-                if peak:
-                    scalars["perf/mfu"] = fpt * tps / (peak * dist.world_size())
-                if res.reweight is not None:
-                    scalars.update(res.reweight.scalars())
-                logger.log(step, scalars, tokens_seen=tokens_seen)
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
-                window_start, window_tokens, paused = time.perf_counter(), 0, 0.0
-            bar.update(1)
-            pause = time.perf_counter()  # eval and checkpoint time stays out of tokens/s
-            if cfg.eval.is_eval_step(step) and step != t.steps:
-                val = do_eval(step)
-                if main:
-                    bar.write(f"step {step}: val loss {val.loss:.4f}, ppl {val.ppl:.2f}")
-            stopping = dist.any_rank(stop.signal is not None) or step == stop_at
-            if (
-                (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
-                or stopping
-                or step == t.steps
-            ):
-                last_ckpt = do_save(step) or last_ckpt
-            paused += time.perf_counter() - pause
-            if dist.fault_injection_due(step):
-                os.kill(os.getpid(), signal.SIGKILL)
-            if stopping:
-                result.interrupted = stop.signal is not None
-                break
-    bar.close()
-    result.wall_s = time.perf_counter() - start
-    result.tokens_per_s = (tokens_seen - result.tokens_seen) / max(result.wall_s, 1e-9)
-    result.step, result.tokens_seen, result.checkpoint = step, tokens_seen, last_ckpt
-    if step == t.steps:
-        result.final = do_eval(step)
-    logger.close()
+                res = train_step(
+                    net, optimizer, corpus.train.next_step(), device, autocast, t.grad_clip,
+                    reweight=(rw.strategy, rw.r) if rw else None, chunk_tokens=t.loss_chunk_tokens,
+                )  # fmt: skip
+                if not res.finite:
+                    raise TrainingError(_nan_message(res, step + 1, good_ckpt, last_ckpt))
+                good_ckpt = last_ckpt
+                lr = scheduler.get_last_lr()[0]
+                scheduler.step()
+                step += 1
+                step_tokens = res.tokens * dist.world_size()
+                tokens_seen += step_tokens
+                window_tokens += step_tokens
+                loss = dist.all_reduce_mean(res.loss, device)
+                result.losses.append(loss)
+                if step % cfg.log.every == 0 or step == t.steps:
+                    elapsed = time.perf_counter() - window_start - paused
+                    tps = window_tokens / max(elapsed, 1e-9)
+                    scalars = {
+                        "train/loss": loss,
+                        "train/grad_norm": res.grad_norm,
+                        "optim/lr": lr,
+                        "perf/tokens_per_s": tps,
+                        "mem/peak_gib": peak_memory_gib(device),
+                    }
+                    if peak:
+                        scalars["perf/mfu"] = fpt * tps / (peak * dist.world_size())
+                    if res.reweight is not None:
+                        scalars.update(res.reweight.scalars())
+                    logger.log(step, scalars, tokens_seen=tokens_seen)
+                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
+                    window_start, window_tokens, paused = time.perf_counter(), 0, 0.0
+                bar.update(1)
+                pause = time.perf_counter()  # eval and checkpoint time stays out of tokens/s
+                if cfg.eval.is_eval_step(step) and step != t.steps:
+                    val = do_eval(step)
+                    if main:
+                        bar.write(f"step {step}: val loss {val.loss:.4f}, ppl {val.ppl:.2f}")
+                stopping = dist.any_rank(stop.signal is not None) or step == stop_at
+                if (
+                    (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
+                    or stopping
+                    or step == t.steps
+                ):
+                    last_ckpt = do_save(step) or last_ckpt
+                paused += time.perf_counter() - pause
+                if dist.fault_injection_due(step):
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if stopping:
+                    result.interrupted = stop.signal is not None
+                    break
+        result.wall_s = time.perf_counter() - start
+        result.tokens_per_s = (tokens_seen - result.tokens_seen) / max(result.wall_s, 1e-9)
+        result.step, result.tokens_seen, result.checkpoint = step, tokens_seen, last_ckpt
+        if step == t.steps:
+            result.final = do_eval(step)
+    finally:
+        bar.close()
+        logger.close()
     dist.barrier()
     return result

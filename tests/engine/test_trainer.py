@@ -105,7 +105,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_override
     monkeypatch.setattr(model_mod, "row_losses", poisoned)
     with pytest.raises(
         TrainingError,
-        match=r"loss became nan at step 5; the last good checkpoint is .*step-00000003",
+        match=r"loss became nan at step 5 \(the update was not applied\); .*step-00000003 is the last",
     ):
         train(load_config(None, tiny_overrides))
     run = load_config(None, tiny_overrides).train.out_dir

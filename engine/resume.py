@@ -1,0 +1,153 @@
+"""Resuming a run from a checkpoint: what may change, what may not, and restoring the state.
+
+A resume continues the *same* run, so the keys that define its model, optimizer state, data
+order or tokenizer must match the checkpoint's config (``FIXED_KEYS``): a change is refused with
+one line naming the key. Everything else may change and takes effect from the resume step: the
+peak lr and schedule (``optim.lr=3e-4`` rescales the schedule from there), the optimizer's other
+hyperparameters (betas, eps, weight decay, FRUGAL's lr scales), ``train.steps``, batch size,
+clipping, reweighting, evaluation, logging and checkpoint cadence, device and threads. The run's
+``config.yaml`` records the config actually in use.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from leanlm.engine import checkpoint as ckpt
+from leanlm.engine import distributed as dist
+from leanlm.engine import sharded_checkpoint as sharded
+from leanlm.engine.config import RunConfig, _leaves, load_config
+from leanlm.engine.errors import CheckpointError
+
+# Keys a resume must keep (dotted, as in ``leanlm keys``); a prefix ending in "." covers a section.
+FIXED_KEYS = (
+    # the model's shape (activation checkpointing and the init-only LOST keys may change)
+    "model.d_model", "model.n_layers", "model.n_heads", "model.ffn_dim", "model.vocab_size",
+    "model.rope_theta", "model.norm_eps", "model.lost.enabled", "model.lost.rank",
+    "model.lost.channel_density", "model.lost.phi", "model.lost.support",
+    # the optimizer's state and subspaces
+    "optim.name", "optim.projection", "optim.density", "optim.update_gap", "optim.block_order",
+    # the data, its order and its tokenizer (a checkpoint carries its own tokenizer)
+    "data.source", "data.text_field", "data.hf_split", "data.hf_data_files", "data.val_fraction",
+    "data.tokenizer", "data.vocab_size", "data.tokenizer_sample_mb", "data.shuffle",
+    "train.seq_len", "train.seed", "train.param_dtype",
+)  # fmt: skip
+
+EXPECTED_FORMAT = {"fsdp2": "dcp", "deepspeed": "deepspeed", "ddp": "torch", "none": "torch"}
+
+
+def check_resume_config(cfg: RunConfig, path: Path) -> None:
+    """Refuse a resume whose config changes a key in ``FIXED_KEYS``, naming the first such key."""
+    try:
+        saved = load_config(path / "config.yaml")
+    except Exception as e:  # a checkpoint's config that no longer validates is not resumable
+        raise CheckpointError(f"{path}: its config.yaml cannot be read ({e})") from None
+    now = {
+        key: value
+        for sname in cfg.to_dict()
+        for key, _, value in _leaves(getattr(cfg, sname), sname)
+    }
+    then = {key: value for sname in saved.to_dict() for key, _, value in _leaves(getattr(saved, sname), sname)}  # fmt: skip
+    for key in FIXED_KEYS:
+        if now[key] != then[key]:
+            raise CheckpointError(
+                f"{path}: {key}={now[key]!r} differs from the checkpoint's {then[key]!r}, which a "
+                f"resume cannot change; set {key}={then[key]} or start a new train.out_dir"
+            )
+
+
+def zero_stage_of(net: torch.nn.Module) -> int:
+    return int(net.zero_optimization_stage()) if dist.is_deepspeed(net) else 0
+
+
+def _hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    return [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+
+
+def load_state(
+    path: Path,
+    backend: str,
+    model: torch.nn.Module,
+    net: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+) -> dict:
+    """Restore model and optimizer state from checkpoint ``path`` for ``backend``; return train.pt.
+
+    The optimizer's hyperparameters stay those of the current config (they are not state)."""
+    state = ckpt.load_file(path, "train")
+    if not isinstance(state, dict) or "step" not in state or "scheduler" not in state:
+        raise CheckpointError(f"{path}: train.pt is not a leanlm train state")
+    fmt = sharded.checkpoint_format(path)
+    # DCP reshards onto anything; the other formats need the backend that wrote them.
+    if fmt != EXPECTED_FORMAT[backend] and not (fmt == "dcp" and backend in ("none", "ddp")):
+        raise CheckpointError(
+            f"{path}: written by distributed.backend={state.get('backend', 'none/ddp')} ({fmt} format); "
+            f"resume it with that backend, not {backend}"
+        )
+    fresh = _hyperparameters(optimizer)
+    if fmt == "torch":
+        ckpt.load_model_state(model, ckpt.load_file(path, "model", device), str(path))
+        try:
+            optimizer.load_state_dict(ckpt.load_file(path, "optim", device))
+        except (ValueError, KeyError, RuntimeError) as e:
+            msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise CheckpointError(
+                f"{path}: the optimizer state does not fit this optimizer ({msg}); resume with the "
+                "optim.* settings the checkpoint was trained with"
+            ) from None
+    elif fmt == "dcp":
+        sharded.load_dcp(path / sharded.DCP_DIR, model, optimizer)
+    else:
+        saved = (state.get("world_size"), state.get("zero_stage"))
+        if saved != (dist.world_size(), zero_stage_of(net)):
+            raise CheckpointError(
+                f"{path}: DeepSpeed checkpoint written with (world size, ZeRO stage) = {saved}; "
+                f"resume with the same, not {(dist.world_size(), zero_stage_of(net))}"
+            )
+        sharded.load_deepspeed(path / sharded.DS_DIR, net)
+    for group, hyper in zip(optimizer.param_groups, fresh, strict=True):
+        group.update(
+            hyper
+        )  # the config's lr, betas, eps, weight decay, ... win over the saved ones
+    return state
+
+
+def resume_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> None:
+    """Put a freshly built schedule at ``step``: its peak lr and shape are the current config's,
+    so an ``optim.lr`` or ``optim.schedule`` change takes effect from the resume step. With an
+    unchanged config this gives the same lr, bit for bit, as the uninterrupted run."""
+    groups = scheduler.optimizer.param_groups
+    scheduler.base_lrs = [g["initial_lr"] for g in groups]
+    scheduler.last_epoch = step
+    lrs = [
+        base * fn(step) for fn, base in zip(scheduler.lr_lambdas, scheduler.base_lrs, strict=True)
+    ]
+    for group, lr in zip(groups, lrs, strict=True):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
+
+
+def restore(
+    path: Path,
+    backend: str,
+    model: torch.nn.Module,
+    net: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    data: Any,
+    device: torch.device,
+) -> tuple[int, int]:
+    """Everything a resume restores: weights, optimizer state, schedule position, data position
+    and RNG states. Returns (step, tokens seen)."""
+    state = load_state(path, backend, model, net, optimizer, device)
+    step = int(state["step"])
+    resume_schedule(scheduler, step)
+    data.load_state_dict(state["data"])
+    torch.set_rng_state(state["rng_cpu"])
+    if device.type == "cuda" and state.get("rng_cuda") is not None:
+        torch.cuda.set_rng_state(state["rng_cuda"], device)
+    return step, int(state["tokens_seen"])
