@@ -61,10 +61,6 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-# Checkpoint folders this process wrote (resolved paths): the only ones it may replace.
-_WRITTEN: set[Path] = set()
-
-
 def _tensor_bytes(obj: Any) -> int:
     """Bytes of every tensor inside nested dicts/lists (an estimate of a checkpoint's size)."""
     if torch.is_tensor(obj):
@@ -115,14 +111,16 @@ def save_checkpoint(
     files: dict[str, bytes],
     keep: int = 0,
     shared_writer: Callable[[Path], None] | None = None,
+    written: set[Path] | None = None,
 ) -> Path:
     """Write ``tensors`` (name -> object for torch.save) and raw ``files`` as checkpoint ``step``.
 
     ``shared_writer(tmp)``: a collective write that every rank joins (FSDP2's DCP shards, a
     DeepSpeed engine's files); then call this on every rank. Without it, call it on the main rank
     only. Returns the final folder. Older checkpoints beyond the newest ``keep`` are deleted
-    afterwards (``keep=0`` keeps all); a folder of the same step that this process did not write
-    is moved aside, never replaced. A full disk removes the partial folder and raises one line.
+    afterwards (``keep=0`` keeps all). ``written``: the folders this run wrote (updated here); a
+    folder of the same step not in it is moved aside, never replaced. A full disk removes the
+    partial folder and raises one line.
     """
     root = checkpoint_dir(run_dir)
     final = root / step_name(step)
@@ -155,7 +153,9 @@ def save_checkpoint(
             ) from None
         raise
     if final.exists():
-        if final.resolve() in _WRITTEN:  # re-saving a step (interrupted right after a save)
+        if (
+            written is not None and final.resolve() in written
+        ):  # re-saving a step (interrupted right after a save)
             shutil.rmtree(final)
         else:  # written by an earlier attempt: keep it, out of the way of resume=auto
             aside = final.with_name(f"{final.name}.superseded-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -164,7 +164,8 @@ def save_checkpoint(
                 f"checkpoint {final} of an earlier attempt moved to {aside}", stacklevel=2
             )
     os.replace(tmp, final)
-    _WRITTEN.add(final.resolve())
+    if written is not None:
+        written.add(final.resolve())
     prune(root, keep, step)
     if collective:
         dist.barrier()
@@ -233,8 +234,10 @@ def verify(path: str | Path) -> dict[str, Any]:
         manifest = json.loads(mpath.read_bytes().decode("utf-8"))
     except (ValueError, OSError):  # JSON, UTF-8 and read errors alike
         raise CheckpointError(f"{path}: manifest.json is corrupt") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
-        found = manifest.get("format") if isinstance(manifest, dict) else None
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{path}: manifest.json is corrupt (not a JSON object)")
+    if manifest.get("format") != FORMAT_VERSION:
+        found = manifest.get("format")
         raise CheckpointError(
             f"{path}: checkpoint format {found} is not supported (expected {FORMAT_VERSION})"
         )

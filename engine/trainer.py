@@ -333,10 +333,11 @@ def _train(cfg: RunConfig, device: torch.device, backend: str, stop_at: int | No
         if writer is None:
             tensors.update(model=model.state_dict(), optim=optimizer.state_dict())
         path = ckpt.save_checkpoint(
-            run_dir, at, tensors, files, keep=cfg.checkpoint.keep, shared_writer=writer
+            run_dir, at, tensors, files, cfg.checkpoint.keep, writer, written
         )
         return path if main else None
 
+    written: set[Path] = set()  # checkpoint folders of this call: the only ones a save may replace
     recorder = (
         scaling_recorder(cfg, model, run_dir, fpt, corpus, step)
         if main and cfg.log.scaling
