@@ -6,6 +6,8 @@ User mistakes (``LeanLMError``) print one line and exit 2; internal bugs keep th
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -22,8 +24,35 @@ USAGE_EXAMPLES = """examples:
 """
 
 
+def _number(kind: type, low: float, high: float = math.inf, low_open: bool = False):
+    """An argparse type: a finite ``kind`` in [low, high] (or (low, high] when ``low_open``)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a{'n integer' if kind is int else ' number'}"
+            ) from None
+        if not math.isfinite(value) or value < low or (low_open and value == low) or value > high:
+            bound = f"{'>' if low_open else '>='} {low:g}" + (
+                f" and <= {high:g}" if high < math.inf else ""
+            )
+            raise argparse.ArgumentTypeError(f"{text!r} must be a finite number {bound}")
+        return value
+
+    return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes get the same one ``leanlm: error:`` line (exit 2) as config mistakes."""
+
+    def error(self, message: str):
+        self.exit(2, f"leanlm: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="leanlm",
         description="Memory-efficient LLaMA pretraining.",
         epilog=USAGE_EXAMPLES,
@@ -48,9 +77,9 @@ def _parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="sample text from a checkpoint")
     g.add_argument("checkpoint", help="a checkpoint folder or a run folder (newest checkpoint)")
     g.add_argument("--prompt", default="", help="text to continue")
-    g.add_argument("--max-new-tokens", type=int, default=200)
-    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    g.add_argument("--top-k", type=int, default=50)
+    g.add_argument("--max-new-tokens", type=_number(int, 0), default=200)
+    g.add_argument("--temperature", type=_number(float, 0), default=0.8, help="0 = greedy")
+    g.add_argument("--top-k", type=_number(int, 0), default=50, help="0 = no top-k cut")
     g.add_argument("--seed", type=int, default=0)
     mm = sub.add_parser(
         "memory", help="parameter, gradient, optimizer-state and activation memory of a config"
@@ -65,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
         "--cpu", action="store_true", help="estimate for CPU training (fp32 activations)"
     )
     mm.add_argument(
-        "--world", type=int, default=1,
+        "--world", type=_number(int, 1), default=1,
         help="ranks: per-rank figures under the config's distributed.backend (fsdp2, deepspeed)",
     )  # fmt: skip
     sc = sub.add_parser(
@@ -89,14 +118,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     f.add_argument(
         "--drop-fraction",
-        type=float,
+        type=_number(float, 0, 1),
         default=0.1,
         help="drop each run's checkpoints before this fraction of its tokens",
     )
-    f.add_argument("--budget", type=float, help="FLOP budget C: print the compute-optimal N and D")
+    f.add_argument(
+        "--budget",
+        type=_number(float, 0, low_open=True),
+        help="FLOP budget C: print the compute-optimal N and D",
+    )
     f.add_argument(
         "--predict",
-        type=float,
+        type=_number(float, 0, low_open=True),
         nargs=2,
         metavar=("N", "D"),
         help="print the predicted loss at (N, D)",
@@ -108,7 +141,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     f.add_argument(
         "--bootstrap",
-        type=int,
+        type=_number(int, 0),
         default=0,
         help="bootstrap rounds (runs are resampled whole) for 95%% intervals",
     )
@@ -249,9 +282,25 @@ def cmd_memory(args) -> int:
     return 0
 
 
+def _output_path(option: str, spec: str | None) -> None:
+    """Check an output file path before any work is done: its folder exists, it is not a folder."""
+    from leanlm.engine.errors import ConfigError
+
+    if spec is None:
+        return
+    path = Path(spec)
+    if path.is_dir():
+        raise ConfigError(f"{option} {spec}: is a folder; give a file path such as {path / 'out'}")
+    if not path.parent.is_dir():
+        raise ConfigError(f"{option} {spec}: folder {path.parent} does not exist; create it first")
+    if not os.access(path.parent, os.W_OK):
+        raise ConfigError(f"{option} {spec}: folder {path.parent} is not writable")
+
+
 def cmd_scaling(args) -> int:
     from leanlm.engine.scaling import export_colpret_csv, load_records
 
+    _output_path("--csv", args.csv)
     n = export_colpret_csv(load_records(args.runs), args.csv)
     print(f"wrote {n} rows to {args.csv}")
     return 0
@@ -262,6 +311,8 @@ def cmd_fit(args) -> int:
 
     from leanlm.engine.scaling import fit, holdout_are, load_records, plot_fit, trajectory_points
 
+    _output_path("--json", args.json)
+    _output_path("--plot", args.plot)
     rows = load_records(args.inputs)
     N, D, L, G = trajectory_points(rows, args.drop_fraction)
     kw = dict(method=args.method, grid=args.grid)

@@ -107,7 +107,7 @@ class DataConfig:
     hf_val_split: str = _f(
         "validation", "HF split used for held-out eval; empty = hold out by document hash"
     )
-    hf_data_files: list = _f([], "data_files for HF builders such as hf:json or hf:parquet")
+    hf_data_files: list[str] = _f([], "data_files for HF builders such as hf:json or hf:parquet")
     val_fraction: float = _f(0.02, "fraction of documents (by stable hash) held out for eval")
     tokenizer: str = _f("", "sentencepiece .model to load; empty = train one on the train split")
     vocab_size: int = _f(4096, "vocabulary size when training a tokenizer")
@@ -123,7 +123,7 @@ class OptimConfig:
 
     name: str = _f("adamw", "optimizer", choices=("adamw", "frugal", "galore", "badam"))
     lr: float = _f(1e-3, "peak learning rate")
-    betas: list = _f([0.9, 0.95], "Adam betas [beta1, beta2]")
+    betas: list[float] = _f([0.9, 0.95], "Adam betas [beta1, beta2]")
     eps: float = _f(1e-8, "Adam epsilon")
     weight_decay: float = _f(
         0.1,
@@ -355,7 +355,14 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if path.resolve() in _seen:
         raise ConfigError(f"config {str(path)!r} extends itself through {[str(p) for p in _seen]}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"config {str(path)!r} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+            f"{e.start}); save it as UTF-8"
+        ) from None
+    except OSError as e:
+        raise ConfigError(f"config {str(path)!r} cannot be read ({e.strerror})") from None
     except yaml.YAMLError as e:
         raise ConfigError(
             f"config {str(path)!r} is not valid YAML: {str(e).splitlines()[0]}"
@@ -364,11 +371,36 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise ConfigError(
             f"config {str(path)!r} must be a mapping of sections, got {type(raw).__name__}"
         )
+    _check_sections(raw, str(path))
     parent = raw.pop("extends", None)
     if parent is None:
         return raw
+    if not isinstance(parent, str) or not parent.strip():
+        raise ConfigError(
+            f"config {str(path)!r}: extends must be one preset file name such as tiny.yaml, got {parent!r}"
+        )
     base = read_yaml(path.parent / parent, (*_seen, path.resolve()))
     return merge(base, raw)
+
+
+def _check_sections(raw: dict[str, Any], where: str) -> None:
+    """Sections (and nested groups such as ``model.lost``) must be mappings: ``train: 5`` would
+    otherwise vanish silently when an override of ``train.*`` is merged over it."""
+
+    def walk(values: Any, cls: type, prefix: str) -> None:
+        if values is None:
+            return
+        if not isinstance(values, dict):
+            raise ConfigError(
+                f"config {where!r}: '{prefix}' must be a mapping of keys (e.g. {prefix}: {{...}}), got {values!r}"
+            )
+        for f in dataclasses.fields(cls):
+            if f.name in values and dataclasses.is_dataclass(_field_type(cls, f.name)):
+                walk(values[f.name], _field_type(cls, f.name), f"{prefix}.{f.name}")
+
+    for name, values in raw.items():
+        if name in _SECTION_TYPES:
+            walk(values, _SECTION_TYPES[name], name)
 
 
 def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -401,8 +433,9 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Coerce a YAML or command-line value to the field type; raise ValueError with a reason."""
+def _coerce(value: Any, tp: Any, key: str, item: Any = None) -> Any:
+    """Coerce a YAML or command-line value to the field type (``item``: a list's element type);
+    raise ValueError with a reason."""
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -444,16 +477,23 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 value = [v.strip() for v in s.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"{key}={value!r}: expected a list (YAML list or comma-separated)")
-        return list(value)
+        if item is None:
+            return list(value)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     raise TypeError(f"unsupported config field type {tp!r} for {key}")
 
 
 def _field_type(cls: type, name: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    tp = hints[name]
+    tp = typing.get_type_hints(cls)[name]
     if isinstance(tp, types.GenericAlias):
         tp = typing.get_origin(tp)
     return tp
+
+
+def _item_type(cls: type, name: str) -> Any:
+    """The element type of a ``list[X]`` field, else None."""
+    args = typing.get_args(typing.get_type_hints(cls)[name])
+    return args[0] if args else None
 
 
 def _build(cls: type, values: dict[str, Any], prefix: str, problems: list[str]) -> Any:
@@ -474,7 +514,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str, problems: list[str]) 
             kwargs[k] = _build(tp, v, f"{prefix}.{k}", problems)
             continue
         try:
-            kwargs[k] = _coerce(v, tp, f"{prefix}.{k}")
+            kwargs[k] = _coerce(v, tp, f"{prefix}.{k}", _item_type(cls, k))
         except ValueError as e:
             problems.append(str(e))
     return cls(**kwargs)

@@ -225,5 +225,18 @@ def fault_injection_due(step: int) -> bool:
     spec = os.environ.get("LEANLM_FAULT_AT")
     if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
         return False
+    at, who = parse_fault_spec(spec)
+    return step == at and rank() == who
+
+
+def parse_fault_spec(spec: str) -> tuple[int, int]:
+    """``LEANLM_FAULT_AT=step[:rank]`` -> (step, rank); a ``ConfigError`` when malformed."""
+    from leanlm.engine.errors import ConfigError
+
     at, _, who = spec.partition(":")
-    return step == int(at) and rank() == int(who or 0)
+    try:
+        return int(at), int(who or 0)
+    except ValueError:
+        raise ConfigError(
+            f"LEANLM_FAULT_AT={spec!r}: expected STEP or STEP:RANK (a testing aid; unset it)"
+        ) from None

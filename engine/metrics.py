@@ -41,6 +41,23 @@ def peak_memory_gib(device: torch.device) -> float:
     return rss / (2**30 if sys.platform == "darwin" else 2**20)
 
 
+def available_memory_bytes(device: torch.device) -> int | None:
+    """Free memory on ``device`` now: CUDA's free bytes, or the kernel's MemAvailable on CPU
+    (None where it cannot be read)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def _step_of(line: str) -> int:
     try:
         return int(json.loads(line).get("step", 0))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,12 +89,39 @@ def load_records(paths: list[str | Path]) -> list[dict[str, Any]]:
                 for r in csv.DictReader(fh):
                     rows.append(_from_csv(r, p))
         else:
-            rows += [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+            rows += _jsonl_rows(p)
     if not rows:
         raise DataError(f"no scaling records in {', '.join(map(str, paths))}")
     # A resumed run re-records the evaluations it repeats: keep the newest row per (run, step).
     latest = {(r.get("model_name"), r.get("step", i)): r for i, r in enumerate(rows)}
     return list(latest.values())
+
+
+def _jsonl_rows(path: Path) -> list[dict[str, Any]]:
+    """The JSON-object lines of ``path``; a torn line (a crash mid-append) or any other line that
+    is not a JSON object is skipped with a warning, as ``metrics.jsonl`` readers do."""
+    rows, bad = [], []
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror})") from None
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            bad.append(i)
+    if bad:
+        warnings.warn(
+            f"{path}: skipped {len(bad)} line(s) that are not JSON records (line {', '.join(map(str, bad[:5]))})",
+            stacklevel=3,
+        )
+    return rows
 
 
 def _from_csv(r: dict[str, str], path: Path) -> dict[str, Any]:
@@ -126,6 +154,13 @@ def trajectory_points(
         by_run.setdefault(str(r.get("model_name", "run")), []).append(r)
     N, D, L, G = [], [], [], []
     for name, rs in by_run.items():
+        try:
+            rs = [dict(r, num_params=float(r["num_params"]), tokens_seen=float(r["tokens_seen"]),
+                       val_loss=float(r["val_loss"])) for r in rs]  # fmt: skip
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(
+                f"run {name}: a record lacks a numeric num_params, tokens_seen or val_loss ({e!r})"
+            ) from None
         last = max(float(r["tokens_seen"]) for r in rs)
         for r in rs:
             if float(r["tokens_seen"]) >= drop_fraction * last:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -110,6 +111,12 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, num_threads: int = 2)
         )
     except RuntimeError as e:
         msg = str(e).strip().splitlines()[-1] if str(e).strip() else "unknown error"
+        need = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", msg)
+        if need:  # byte pieces + specials + every character kept by character_coverage
+            raise DataError(
+                f"data.vocab_size={vocab_size} is too small for this corpus: sentencepiece needs "
+                f"at least {need.group(2)} pieces for its characters; raise data.vocab_size"
+            ) from None
         raise DataError(
             f"training a {vocab_size}-piece tokenizer failed ({msg}); lower data.vocab_size or use more text"
         ) from None

@@ -27,7 +27,13 @@ from leanlm.engine.config import RunConfig, check_world, save_yaml
 from leanlm.engine.data import Corpus, build_corpus
 from leanlm.engine.errors import ConfigError, TrainingError
 from leanlm.engine.evaluate import EvalResult, evaluate, unigram_loss
-from leanlm.engine.metrics import MetricsLogger, peak_flops, peak_memory_gib, trim_records
+from leanlm.engine.metrics import (
+    MetricsLogger,
+    available_memory_bytes,
+    peak_flops,
+    peak_memory_gib,
+    trim_records,
+)
 from leanlm.engine.model import LLaMA, count_parameters, flops_per_token
 from leanlm.engine.resume import check_resume_config, restore, zero_stage_of
 from leanlm.engine.run_lock import RunLock
@@ -72,11 +78,29 @@ def build_model(cfg: RunConfig, tokenizer_vocab: int, device: torch.device | str
             f"model.vocab_size={vocab} is smaller than the tokenizer's {tokenizer_vocab}; raise it or set 0"
         )
     dtype = torch.bfloat16 if cfg.train.param_dtype == "bf16" else torch.float32
+    if torch.device(device).type != "meta":
+        _check_weights_fit(cfg, vocab, torch.device(device), dtype)
     with torch.device(device):
         model = LLaMA(cfg.model, vocab, cfg.train.seq_len)
     if cfg.model.lost.enabled:
         apply_lost(model, cfg)
     return model.to(dtype)
+
+
+def _check_weights_fit(
+    cfg: RunConfig, vocab: int, device: torch.device, dtype: torch.dtype
+) -> None:
+    """Refuse, before allocating, a model whose weights alone exceed the device's free memory
+    (the dense init is built in float32 first, then cast)."""
+    with torch.device("meta"):
+        n = count_parameters(LLaMA(cfg.model, vocab, cfg.train.seq_len))
+    need, free = n * 4, available_memory_bytes(device)
+    if free is not None and need > free:
+        raise ConfigError(
+            f"the model has {n / 1e9:.2f}B parameters: {need / 2**30:.1f} GiB for the float32 "
+            f"weights alone, but {device} has {free / 2**30:.1f} GiB free; shrink model.* "
+            "(see `leanlm memory`) or use a larger device"
+        )
 
 
 def apply_lost(model: LLaMA, cfg: RunConfig):
@@ -148,6 +172,8 @@ def scaling_recorder(
 
 def train(cfg: RunConfig, stop_at: int | None = None) -> TrainResult:
     """Train as ``cfg`` says. ``stop_at``: save and return after this step (for tests and resumable jobs)."""
+    if os.environ.get("LEANLM_FAULT_AT"):
+        dist.parse_fault_spec(os.environ["LEANLM_FAULT_AT"])
     device = pick_device(cfg.train.device)
     backend = dist.resolve_backend(cfg.distributed.backend)
     dist.init(device, cfg.distributed.timeout_s, backend)

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 from leanlm.engine.config import _SECTION_TYPES, RunConfig, _leaves, _suggest
 
+# Far above any tokenizer in use (LLaMA-3: 128k, Gemma: 256k): a larger value is a typo, and the
+# embedding alone would then take tens of GB before any check of the machine could run.
+MAX_VOCAB = 2**21
+
 
 def validate(cfg: RunConfig) -> list[str]:
     """Value and cross-field checks. Returns the list of problems (empty when valid)."""
@@ -31,6 +35,12 @@ def validate(cfg: RunConfig) -> list[str]:
     if not 0 <= m.lost.gamma <= 1:
         p.append(f"model.lost.gamma={m.lost.gamma}: must be in [0, 1]")
     positive("model.vocab_size", m.vocab_size, allow_zero=True)
+    for key, value in (("model.vocab_size", m.vocab_size), ("data.vocab_size", d.vocab_size)):
+        if value > MAX_VOCAB:
+            p.append(
+                f"{key}={value}: must be <= {MAX_VOCAB:,} (2^21; the largest tokenizers have 256k)"
+            )
+    positive("train.threads", t.threads, allow_zero=True)
     if m.n_heads > 0 and m.d_model % m.n_heads:
         p.append(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}")
     elif m.n_heads > 0 and m.head_dim() % 2:
