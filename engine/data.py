@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,14 @@ import torch
 from leanlm.engine import distributed as dist
 from leanlm.engine.config import RunConfig
 from leanlm.engine.errors import DataError
-from leanlm.engine.sources import FileSource, hf_stream, is_validation, path_source, stdlib_source
+from leanlm.engine.sources import (
+    FileSource,
+    Piece,
+    hf_stream,
+    is_validation,
+    path_source,
+    stdlib_source,
+)
 from leanlm.engine.tokenizer import Tokenizer, train_tokenizer
 
 ENCODE_BATCH_DOCS = 512
@@ -226,7 +234,7 @@ def _tokenizer_for(
         return Tokenizer.load(cfg.data.tokenizer)
     d = cfg.data
     key = hashlib.sha256(
-        f"{fingerprint}|{d.vocab_size}|{d.tokenizer_sample_mb}|{d.val_fraction}".encode()
+        f"{fingerprint}|{d.vocab_size}|{d.tokenizer_sample_mb}|{d.val_fraction}|{CACHE_FORMAT}".encode()
     ).hexdigest()[:20]
     cached = cache_root(cfg) / "tokenizers" / f"{key}.model"
     if cached.is_file():
@@ -243,20 +251,43 @@ def _tokenizer_for(
 
 
 def _file_sample(source: FileSource, fraction: float, budget_bytes: float):
-    """A hash-chosen, unbiased sample of training documents of about ``budget_bytes``."""
+    """A hash-chosen, unbiased sample of about ``budget_bytes`` of training pieces; when the hash
+    keeps none (one big document, a tiny budget), the first training pieces up to the budget."""
     total = sum(f.stat().st_size for f in source.files) or 1
     keep = min(1.0, budget_bytes / total)
 
     def gen():
-        for key, text in source.documents():
-            if not is_validation(key, fraction) and is_validation("tok:" + key, keep):
-                yield text
+        sampled = False
+        for piece in source.pieces(fraction):
+            if not piece.held_out and is_validation("tok:" + piece.key, keep):
+                sampled = True
+                yield piece.text
+        if sampled:
+            return
+        n = 0
+        for piece in source.pieces(fraction):
+            if not piece.held_out:
+                yield piece.text
+                n += len(piece.text.encode("utf-8"))
+                if n >= budget_bytes:
+                    return
 
     return gen
 
 
+CACHE_FORMAT = 2  # 2: pieces split by byte ranges when documents are few; checksums in meta.json
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def _tokenize_files(source: FileSource, tok: Tokenizer, fraction: float, folder: Path) -> None:
-    """Write train.bin / val.bin (concatenated framed documents) and meta.json into ``folder``."""
+    """Write train.bin / val.bin (concatenated framed pieces) and meta.json into ``folder``."""
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(tok.vocab_size)
@@ -264,33 +295,44 @@ def _tokenize_files(source: FileSource, tok: Tokenizer, fraction: float, folder:
     docs = {"train": 0, "val": 0}
     with open(tmp / "train.bin", "wb") as ftrain, open(tmp / "val.bin", "wb") as fval:
         files = {"train": ftrain, "val": fval}
-        batch: list[tuple[str, str]] = []
+        batch: list[Piece] = []
 
         def flush() -> None:
-            for (split, _), ids in zip(
-                batch, tok.encode_documents([t for _, t in batch]), strict=True
-            ):
+            framed = tok.encode_documents([p.text for p in batch])
+            for piece, ids in zip(batch, framed, strict=True):
+                split = "val" if piece.held_out else "train"
+                if not piece.bos and ids[:1] == [tok.bos_id]:
+                    ids = ids[1:]  # continues the previous piece's text
+                if not piece.eos and ids[-1:] == [tok.eos_id]:
+                    ids = ids[:-1]
                 np.asarray(ids, dtype=dtype).tofile(files[split])
                 counts[split] += len(ids)
-                docs[split] += 1
+                docs[split] += piece.bos  # a document (or a contiguous stretch of one) starts here
             batch.clear()
 
-        for key, text in source.documents():
-            batch.append(("val" if is_validation(key, fraction) else "train", text))
+        for piece in source.pieces(fraction):
+            batch.append(piece)
             if len(batch) >= ENCODE_BATCH_DOCS:
                 flush()
         flush()
     source.warn_skipped()
     if counts["train"] == 0:
+        hint = (
+            f"; is '{source.text_field}' the right data.text_field?"
+            if any("field" in why for why in source.skipped)
+            else ""
+        )
         raise DataError(
-            f"data.source under {source.root}: the corpus is empty (no readable UTF-8 text)"
+            f"data.source under {source.root}: the corpus is empty (no readable UTF-8 text){hint}"
         )
     meta = {
+        "format": CACHE_FORMAT,
         "dtype": dtype.name,
         "tokens": counts,
         "documents": docs,
         "tokenizer": tok.sha(),
         "skipped": source.skipped,
+        "sha256": {name: _sha256_file(tmp / f"{name}.bin") for name in ("train", "val")},
     }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     if folder.exists():  # another process won the race; keep theirs
@@ -301,6 +343,38 @@ def _tokenize_files(source: FileSource, tok: Tokenizer, fraction: float, folder:
         os.replace(tmp, folder)
 
 
+def _cache_problem(folder: Path) -> str | None:
+    """Why the token cache in ``folder`` cannot be trusted (None when it verifies): meta.json
+    readable, each .bin file of the size its token count implies and of the recorded sha256."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        dtype = np.dtype(meta["dtype"])
+        for name in ("train", "val"):
+            path = folder / f"{name}.bin"
+            want = int(meta["tokens"][name]) * dtype.itemsize
+            if not path.is_file() or path.stat().st_size != want:
+                return f"{name}.bin is missing or has the wrong size"
+            if _sha256_file(path) != meta["sha256"][name]:
+                return f"{name}.bin does not match its checksum"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"meta.json is unreadable ({type(e).__name__})"
+    return None
+
+
+def _ensure_token_cache(source: FileSource, tok: Tokenizer, fraction: float, folder: Path) -> None:
+    """Tokenize into ``folder`` unless a verified cache is there; a damaged one is rebuilt."""
+    if folder.exists():
+        problem = _cache_problem(folder)
+        if problem is None:
+            return
+        warnings.warn(
+            f"data: token cache {folder} is damaged ({problem}); rebuilding it", stacklevel=3
+        )
+        shutil.rmtree(folder, ignore_errors=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    _tokenize_files(source, tok, fraction, folder)
+
+
 def _file_corpus(
     cfg: RunConfig, source: FileSource, tokenizer_file: Path | None, rank: int, world: int
 ) -> Corpus:
@@ -309,13 +383,9 @@ def _file_corpus(
         fingerprint = source.fingerprint()
         sample = _file_sample(source, d.val_fraction, d.tokenizer_sample_mb * 1e6)
         tok = _tokenizer_for(cfg, tokenizer_file, fingerprint, sample)
-        key = hashlib.sha256(f"{fingerprint}|{d.val_fraction}|{tok.sha()}".encode()).hexdigest()[
-            :20
-        ]
-        folder = cache_root(cfg) / "tokens" / key
-        if not (folder / "meta.json").is_file():
-            folder.parent.mkdir(parents=True, exist_ok=True)
-            _tokenize_files(source, tok, d.val_fraction, folder)
+        ident = f"{fingerprint}|{d.val_fraction}|{tok.sha()}|{CACHE_FORMAT}"
+        folder = cache_root(cfg) / "tokens" / hashlib.sha256(ident.encode()).hexdigest()[:20]
+        _ensure_token_cache(source, tok, d.val_fraction, folder)
         dist.broadcast_object(str(folder))
         dist.broadcast_object(tok.proto)
     else:
@@ -334,7 +404,7 @@ def _file_corpus(
     sample = train[:50_000_000]
     counts = np.bincount(sample, minlength=tok.vocab_size)
     desc = (
-        f"{d.source}: {meta['documents']['train']} train / {meta['documents']['val']} held-out documents, "
+        f"{d.source}: {meta['documents']['train']} train / {meta['documents']['val']} held-out segments, "
         f"{meta['tokens']['train']:,} / {meta['tokens']['val']:,} tokens (cache {folder})"
     )
     return Corpus(tok, stream, _held_out(val, cfg), counts, desc)

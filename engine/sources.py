@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sysconfig
 import warnings
@@ -19,12 +20,50 @@ from pathlib import Path
 from leanlm.engine.errors import DataError
 
 FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".md", ".py")
+RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")  # many documents per file
+
+# Hash-splitting whole documents needs enough of them: with n documents and held-out fraction f
+# the held-out split is empty with probability (1 - f)^n (5% for 150 files at 2%). Below this
+# expected number of held-out documents, plain-text sources are split by byte ranges instead.
+MIN_EXPECTED_HELD_OUT = 8
+# A document above this size is always split by byte ranges (a 50 MB text must not land in
+# held-out whole, or reach the tokenizer sample all or nothing).
+BIG_DOCUMENT_CHARS = 8 << 20
+PIECES_PER_DOCUMENT = 256  # byte-range pieces are len / 256 characters, within the bounds below
+MIN_PIECE_CHARS, MAX_PIECE_CHARS = 4 << 10, 1 << 20
 
 
 def is_validation(key: str, fraction: float) -> bool:
     """Stable split: the document is held out iff its key hashes below ``fraction``."""
     h = int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:8], "big")
     return h / 2**64 < fraction
+
+
+@dataclass
+class Piece:
+    """A unit of the train/held-out split: a whole document, or a byte range of one.
+
+    ``bos`` / ``eos``: whether this piece starts / ends a stretch of contiguous text (frame it
+    there); pieces of one document that stay together in one split are joined unframed."""
+
+    key: str
+    text: str
+    held_out: bool
+    bos: bool = True
+    eos: bool = True
+
+
+def cut_at_lines(text: str, size: int) -> list[str]:
+    """Consecutive pieces of about ``size`` characters, cut after a newline where there is one."""
+    out, start = [], 0
+    while start < len(text):
+        end = min(len(text), start + size)
+        if end < len(text):
+            nl = text.rfind("\n", start + size // 2, end)
+            end = nl + 1 if nl >= 0 else end
+        out.append(text[start:end])
+        start = end
+    return out
 
 
 def stdlib_root() -> Path:
@@ -69,6 +108,33 @@ class FileSource:
                 self._skip("not UTF-8")
             except OSError:
                 self._skip("unreadable")
+
+    def by_byte_ranges(self, fraction: float) -> bool:
+        """Whether every document is split by byte ranges: plain-text files too few for a
+        hash split to hold out reliably (fewer than ``MIN_EXPECTED_HELD_OUT`` expected)."""
+        if any(f.suffix in RECORD_SUFFIXES for f in self.files):
+            return False
+        return 0 < fraction and len(self.files) * fraction < MIN_EXPECTED_HELD_OUT
+
+    def pieces(self, fraction: float) -> Iterator[Piece]:
+        """The documents as split units: whole documents held out by a stable hash of their key,
+        or (``by_byte_ranges``, or a document over ``BIG_DOCUMENT_CHARS``) pieces of about 1/256
+        of a document, of which an evenly spaced ``fraction`` is held out (at least one)."""
+        ranges, j = self.by_byte_ranges(fraction), 0
+        for key, text in self.documents():
+            if not ranges and len(text) <= BIG_DOCUMENT_CHARS:
+                yield Piece(key, text, is_validation(key, fraction))
+                continue
+            size = min(MAX_PIECE_CHARS, max(MIN_PIECE_CHARS, len(text) // PIECES_PER_DOCUMENT))
+            parts = cut_at_lines(text, size)
+            held = []
+            for _ in parts:  # piece j is held out when j·f crosses an integer: ceil(n·f) of n
+                held.append(math.ceil((j + 1) * fraction) > math.ceil(j * fraction))
+                j += 1
+            for i, part in enumerate(parts):
+                bos = i == 0 or held[i - 1] != held[i]
+                eos = i == len(parts) - 1 or held[i + 1] != held[i]
+                yield Piece(f"{key}@{i}", part, held[i], bos, eos)
 
     def _skip(self, why: str) -> None:
         self.skipped[why] = self.skipped.get(why, 0) + 1

@@ -1,5 +1,6 @@
 import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ import torch
 from leanlm.engine.config import load_config
 from leanlm.engine.data import PackedTokens, build_corpus
 from leanlm.engine.errors import DataError
-from leanlm.engine.sources import is_validation, path_source, stdlib_source
+from leanlm.engine.sources import is_validation, path_source, stdlib_root, stdlib_source
 
 
 def test_split_is_a_stable_hash_of_the_key():
@@ -90,8 +91,8 @@ def test_file_corpus_is_cached_and_stable(tiny_cfg, tmp_path):
 def test_held_out_documents_never_reach_training(corpus_dir, tiny_cfg, tmp_path):
     corpus = build_corpus(tiny_cfg)
     src = path_source(str(corpus_dir), "text")
-    val_text = [t for k, t in src.documents() if is_validation(k, tiny_cfg.data.val_fraction)]
-    assert val_text, "fixture should hold out at least one file"
+    val_text = [p.text for p in src.pieces(tiny_cfg.data.val_fraction) if p.held_out]
+    assert val_text, "fixture should hold out at least one piece"
     train_ids = set(
         map(
             tuple,
@@ -218,3 +219,80 @@ def test_forced_tokenizer_file_wins(tiny_cfg, tmp_path):
     other = train_tokenizer(["some other text entirely, with words " * 50] * 20, 320)
     other.save(tmp_path / "t.model")
     assert build_corpus(tiny_cfg, tmp_path / "t.model").tokenizer.sha() == other.sha()
+
+
+def _text_corpus(root: Path, n_lines: int) -> str:
+    """Real text (stdlib source) joined into one string of about ``n_lines`` lines."""
+    lines: list[str] = []
+    for f in sorted(stdlib_root().glob("*.py")):
+        lines += f.read_text(encoding="utf-8", errors="replace").splitlines()
+        if len(lines) >= n_lines:
+            break
+    return "\n".join(lines[:n_lines]) + "\n"
+
+
+@pytest.mark.parametrize("layout", ["single_file", "one_big_document"])
+def test_a_single_document_corpus_trains_with_a_byte_range_split(tmp_path, cache_dir, layout):
+    """F5: one file (or one document of a folder) is split and sampled by byte ranges: both
+    splits have text, the held-out share matches val_fraction, and no held-out piece trains."""
+    text = _text_corpus(tmp_path, 12000)
+    if layout == "single_file":
+        src = tmp_path / "single.txt"
+    else:
+        (tmp_path / "big").mkdir()
+        src = tmp_path / "big" / "all.txt"
+        text = text.replace("\n", " ")  # one line, no newline to cut at
+    src.write_text(text)
+    over = [f"data.source={src if layout == 'single_file' else src.parent}",
+            f"data.cache_dir={cache_dir}", "data.vocab_size=512", "data.tokenizer_sample_mb=0.05",
+            "train.seq_len=32", "eval.tokens=256"]  # fmt: skip
+    cfg = load_config(None, over)
+    corpus = build_corpus(cfg)
+    pieces = list(path_source(str(src), "text").pieces(cfg.data.val_fraction))
+    held = sum(len(p.text) for p in pieces if p.held_out)
+    assert 0 < held / len(text) < 3 * cfg.data.val_fraction
+    assert "".join(p.text for p in pieces) == text  # the pieces tile the document
+    n_train = corpus.train.n
+    assert n_train > 0 and len(corpus.val_tokens) == 257
+    bos, eos = corpus.tokenizer.bos_id, corpus.tokenizer.eos_id
+    train = np.asarray(corpus.train.tokens)
+    assert (
+        (train == bos).sum() == (train == eos).sum() <= sum(p.bos for p in pieces if not p.held_out)
+    )
+
+
+def test_many_documents_keep_the_whole_document_hash_split():
+    src = stdlib_source()
+    assert not src.by_byte_ranges(0.02)  # thousands of files: whole documents, as before
+    assert src.by_byte_ranges(0.0) is False
+
+
+def test_damaged_token_cache_is_detected_and_rebuilt(tiny_cfg, tmp_path):
+    """F19: truncation (a partial token would shift every later one), a flipped byte of the same
+    size, and a corrupt meta.json are each noticed, warned about and rebuilt."""
+    cfg = tiny_cfg
+    cfg.data.cache_dir = str(tmp_path / "cache")
+    good = np.asarray(build_corpus(cfg).train.tokens).copy()
+    folder = next((tmp_path / "cache" / "tokens").iterdir())
+
+    def damage_size():
+        with open(folder / "train.bin", "r+b") as fh:
+            fh.truncate(fh.seek(0, 2) - 1)
+
+    def damage_byte():
+        data = bytearray((folder / "train.bin").read_bytes())
+        data[100] ^= 0xFF
+        (folder / "train.bin").write_bytes(bytes(data))
+
+    def damage_meta():
+        (folder / "meta.json").write_text("{")
+
+    for damage, why in (
+        (damage_size, "wrong size"),
+        (damage_byte, "checksum"),
+        (damage_meta, "meta.json"),
+    ):
+        damage()
+        with pytest.warns(UserWarning, match=f"token cache .* is damaged .*{why}"):
+            again = build_corpus(cfg)
+        assert np.array_equal(np.asarray(again.train.tokens), good)
