@@ -115,6 +115,9 @@ class DataConfig:
     cache_dir: str = _f("", "token/tokenizer cache; empty = $LEANLM_CACHE or ~/.cache/leanlm")
     shuffle: bool = _f(True, "shuffle sequence order each epoch (file sources)")
     hf_shuffle_buffer: int = _f(10000, "shuffle buffer for streamed HF datasets; 0 = off")
+    hf_timeout_s: float = _f(
+        20.0, "connect/read timeout of each Hub request (hf: sources fail fast on a dead network)"
+    )
 
 
 @dataclass(kw_only=True)

@@ -32,6 +32,7 @@ from leanlm.engine.errors import DataError
 from leanlm.engine.sources import (
     FileSource,
     Piece,
+    check_hub,
     hf_stream,
     is_validation,
     path_source,
@@ -431,6 +432,7 @@ def _hf_corpus(cfg: RunConfig, tokenizer_file: Path | None, rank: int, world: in
 
     d, t = cfg.data, cfg.train
     holdout = 0.0 if d.hf_val_split else d.val_fraction
+    check_hub(d.source, d.hf_timeout_s)
 
     def make_train(epoch: int):
         ds = hf_stream(d.source, d.hf_split, d.hf_data_files)

@@ -217,6 +217,54 @@ def parse_hf(spec: str) -> tuple[str, str | None]:
     return name, config or None
 
 
+def _offline() -> bool:
+    return any(
+        os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+        for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    )
+
+
+def check_hub(spec: str, timeout_s: float) -> None:
+    """Fail fast, within ``timeout_s``, when the Hub cannot be reached for ``hf:NAME``.
+
+    ``datasets`` retries a dead network for minutes (407 s through a proxy that never answers);
+    one metadata request with a connect + read timeout tells the user in seconds. Skipped offline
+    (``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE``), for local folders and for packaged builders
+    such as ``hf:json`` with ``data.hf_data_files``. The same timeout then applies to the Hub's
+    own requests."""
+    name, _ = parse_hf(spec)
+    if _offline() or Path(name).expanduser().exists():
+        return
+    try:
+        from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
+    except ImportError:
+        _PACKAGED_DATASETS_MODULES = {}
+    if name in _PACKAGED_DATASETS_MODULES:
+        return
+    import huggingface_hub
+    from huggingface_hub import HfApi
+
+    huggingface_hub.constants.HF_HUB_ETAG_TIMEOUT = timeout_s
+    huggingface_hub.constants.HF_HUB_DOWNLOAD_TIMEOUT = timeout_s
+    try:
+        HfApi().dataset_info(name, timeout=timeout_s)
+    except Exception as e:
+        kind = type(e).__name__
+        if "RepositoryNotFound" in kind:
+            why = "no such dataset on the Hub (or it is private: log in with `hf auth login`)"
+        elif "GatedRepo" in kind:
+            why = "the dataset is gated: accept its terms on the Hub and log in"
+        elif "HTTPError" in kind and "Timeout" not in kind:
+            why = f"the Hub refused ({str(e).strip().splitlines()[0][:120] if str(e).strip() else kind})"
+        else:
+            why = (
+                f"the Hugging Face Hub did not answer within {timeout_s:g}s ({kind}); check the "
+                "network or proxy, raise data.hf_timeout_s, or set HF_DATASETS_OFFLINE=1 to use "
+                "the local cache"
+            )
+        raise DataError(f"data.source={spec!r}: {why}") from None
+
+
 def hf_stream(spec: str, split: str, data_files: list[str] | None = None):
     """Open an HF dataset split as a streaming ``IterableDataset``."""
     import datasets

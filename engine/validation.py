@@ -80,6 +80,7 @@ def validate(cfg: RunConfig) -> list[str]:
         )
     if m.vocab_size and not d.tokenizer and m.vocab_size < d.vocab_size:
         p.append(f"model.vocab_size={m.vocab_size} is smaller than data.vocab_size={d.vocab_size}")
+    positive("data.hf_timeout_s", d.hf_timeout_s)
     if d.tokenizer_sample_mb <= 0:
         p.append(f"data.tokenizer_sample_mb={d.tokenizer_sample_mb}: must be > 0")
     positive("train.loss_chunk_tokens", t.loss_chunk_tokens, allow_zero=True)

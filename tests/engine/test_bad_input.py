@@ -204,3 +204,51 @@ def test_malformed_fault_injection_spec_is_refused_at_start(capsys, tiny_overrid
     """9d: LEANLM_FAULT_AT (a test aid) is parsed before training, not after step 1."""
     monkeypatch.setenv("LEANLM_FAULT_AT", "three")
     one_line_error(capsys, ["train", TINY, *tiny_overrides], "LEANLM_FAULT_AT='three'")
+
+
+def test_hf_source_on_a_black_holed_network_fails_fast(tmp_path):
+    """F13: a proxy that accepts and never answers (loopback only) -> one line within seconds,
+    not after ~7 minutes of retries."""
+    import os
+    import socket
+    import sys
+    import threading
+    import time
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept_forever() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept_forever, daemon=True)
+    thread.start()
+    proxy = f"http://127.0.0.1:{server.getsockname()[1]}"
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith(("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "NO_PROXY"))}  # fmt: skip
+    env.update(HTTPS_PROXY=proxy, HTTP_PROXY=proxy, https_proxy=proxy, http_proxy=proxy)
+    env["HF_HOME"] = str(tmp_path / "hf")
+    start = time.monotonic()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "leanlm.engine.cli", "train", TINY, "data.source=hf:some/name",
+             "data.hf_timeout_s=2", f"train.out_dir={tmp_path / 'run'}"],
+            capture_output=True, text=True, env=env, timeout=120,
+        )  # fmt: skip
+    finally:
+        stop.set()
+        thread.join()
+        for conn in held:
+            conn.close()
+        server.close()
+    err = [line for line in proc.stderr.strip().splitlines() if line.startswith("leanlm:")]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(err) == 1 and "did not answer within 2s" in err[0], proc.stderr[-2000:]
+    assert time.monotonic() - start < 60
