@@ -119,7 +119,7 @@ def test_dcp_metadata_declaring_pickled_bytes_is_refused(tmp_path):
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
     folder = tmp_path / "dcp"
-    dcp.save({"model": {"w": torch.ones(2)}}, checkpoint_id=str(folder), no_dist=True)
+    dcp.save({"model": {"w": torch.ones(2)}}, checkpoint_id=str(folder))
     meta = read_dcp_metadata(folder)  # a genuine file passes
     meta.state_dict_metadata["model.w"] = BytesStorageMetadata()
     (folder / ".metadata").write_bytes(pickle.dumps(meta))
