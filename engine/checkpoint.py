@@ -153,16 +153,12 @@ def save_checkpoint(
             ) from None
         raise
     if final.exists():
-        if (
-            written is not None and final.resolve() in written
-        ):  # re-saving a step (interrupted right after a save)
+        if written is not None and final.resolve() in written:  # re-saving a step (interrupted right after a save)
             shutil.rmtree(final)
         else:  # written by an earlier attempt: keep it, out of the way of resume=auto
             aside = final.with_name(f"{final.name}.superseded-{time.strftime('%Y%m%d-%H%M%S')}")
             os.replace(final, aside)
-            warnings.warn(
-                f"checkpoint {final} of an earlier attempt moved to {aside}", stacklevel=2
-            )
+            warnings.warn(f"checkpoint {final} of an earlier attempt moved to {aside}", stacklevel=2)
     os.replace(tmp, final)
     if written is not None:
         written.add(final.resolve())
@@ -177,9 +173,7 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     root = checkpoint_dir(run_dir)
     if not root.is_dir():
         return []
-    found = [
-        (int(m.group(1)), p) for p in root.iterdir() if (m := STEP_RE.match(p.name)) and p.is_dir()
-    ]
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_RE.match(p.name)) and p.is_dir()]
     return sorted(found)
 
 
@@ -214,9 +208,7 @@ def _file_entries(path: Path, manifest: Any) -> dict[str, dict[str, Any]]:
     for name, info in files.items():
         rel = Path(name)
         if rel.is_absolute() or ".." in rel.parts or not name:
-            raise CheckpointError(
-                f"{path}: manifest.json names a file outside the folder ({name!r})"
-            )
+            raise CheckpointError(f"{path}: manifest.json names a file outside the folder ({name!r})")
         ok = isinstance(info, dict) and isinstance(info.get("sha256"), str)
         if not ok or not isinstance(info.get("bytes"), int) or isinstance(info["bytes"], bool):
             raise CheckpointError(f"{path}: manifest.json is corrupt (bad entry for {name!r})")
@@ -238,9 +230,7 @@ def verify(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: manifest.json is corrupt (not a JSON object)")
     if manifest.get("format") != FORMAT_VERSION:
         found = manifest.get("format")
-        raise CheckpointError(
-            f"{path}: checkpoint format {found} is not supported (expected {FORMAT_VERSION})"
-        )
+        raise CheckpointError(f"{path}: checkpoint format {found} is not supported (expected {FORMAT_VERSION})")
     for name, info in _file_entries(path, manifest).items():
         f = path / name
         if not f.is_file():

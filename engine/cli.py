@@ -31,13 +31,9 @@ def _number(kind: type, low: float, high: float = math.inf, low_open: bool = Fal
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"{text!r} is not a{'n integer' if kind is int else ' number'}"
-            ) from None
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
         if not math.isfinite(value) or value < low or (low_open and value == low) or value > high:
-            bound = f"{'>' if low_open else '>='} {low:g}" + (
-                f" and <= {high:g}" if high < math.inf else ""
-            )
+            bound = f"{'>' if low_open else '>='} {low:g}" + (f" and <= {high:g}" if high < math.inf else "")
             raise argparse.ArgumentTypeError(f"{text!r} must be a finite number {bound}")
         return value
 
@@ -61,9 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a model from a YAML preset plus key=value overrides")
     t.add_argument("config", help="YAML preset, e.g. configs/tiny.yaml")
-    t.add_argument(
-        "overrides", nargs="*", help="dotted overrides such as optim.lr=3e-4 train.steps=2000"
-    )
+    t.add_argument("overrides", nargs="*", help="dotted overrides such as optim.lr=3e-4 train.steps=2000")
     e = sub.add_parser("eval", help="held-out loss and perplexity of a checkpoint")
     e.add_argument(
         "checkpoint",
@@ -81,34 +75,24 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=_number(float, 0), default=0.8, help="0 = greedy")
     g.add_argument("--top-k", type=_number(int, 0), default=50, help="0 = no top-k cut")
     g.add_argument("--seed", type=int, default=0)
-    mm = sub.add_parser(
-        "memory", help="parameter, gradient, optimizer-state and activation memory of a config"
-    )
+    mm = sub.add_parser("memory", help="parameter, gradient, optimizer-state and activation memory of a config")
     mm.add_argument("config", help="YAML preset, e.g. configs/frugal_1b.yaml")
     mm.add_argument(
         "overrides",
         nargs="*",
         help="dotted overrides, e.g. optim.name=frugal train.micro_batch_size=8",
     )
-    mm.add_argument(
-        "--cpu", action="store_true", help="estimate for CPU training (fp32 activations)"
-    )
+    mm.add_argument("--cpu", action="store_true", help="estimate for CPU training (fp32 activations)")
     mm.add_argument(
         "--world", type=_number(int, 1), default=1,
         help="ranks: per-rank figures under the config's distributed.backend (fsdp2, deepspeed)",
     )  # fmt: skip
-    sc = sub.add_parser(
-        "scaling", help="scaling-law records: export runs' scaling.jsonl as a ColPret CSV"
-    )
+    sc = sub.add_parser("scaling", help="scaling-law records: export runs' scaling.jsonl as a ColPret CSV")
     sc.add_argument("action", choices=["export"])
     sc.add_argument("runs", nargs="+", help="run folders or scaling.jsonl files")
     sc.add_argument("--csv", required=True, help="output CSV path")
-    f = sub.add_parser(
-        "fit", help="fit L(N, D) = E + A/N^α + B/D^β to runs or a CSV/JSONL of records"
-    )
-    f.add_argument(
-        "inputs", nargs="+", help="run folders, scaling.jsonl files or ColPret-style CSVs"
-    )
+    f = sub.add_parser("fit", help="fit L(N, D) = E + A/N^α + B/D^β to runs or a CSV/JSONL of records")
+    f.add_argument("inputs", nargs="+", help="run folders, scaling.jsonl files or ColPret-style CSVs")
     f.add_argument("--method", choices=["chinchilla", "colpret"], default="chinchilla")
     f.add_argument(
         "--grid",
@@ -161,9 +145,7 @@ def _checkpoint_path(spec: str) -> Path:
         return path
     found = ckpt.resolve_resume(path, "auto") if path.is_dir() else None
     if found is None:
-        raise CheckpointError(
-            f"{spec!r} is neither a checkpoint folder nor a run folder with a valid checkpoint"
-        )
+        raise CheckpointError(f"{spec!r} is neither a checkpoint folder nor a run folder with a valid checkpoint")
     return found
 
 
@@ -181,9 +163,7 @@ def _load(spec: str, overrides: list[str]):
     path = _checkpoint_path(spec)
     over = parse_overrides(overrides)
     if set(over) - {"data", "eval", "train"} or set(over.get("train", {})) - {"device", "threads"}:
-        raise ConfigError(
-            "only data.*, eval.*, train.device and train.threads can be overridden here"
-        )
+        raise ConfigError("only data.*, eval.*, train.device and train.threads can be overridden here")
     cfg = build_config(merge(read_yaml(path / "config.yaml"), over))
     device = pick_device(cfg.train.device)
     tok = Tokenizer.load(path / "tokenizer.model")
@@ -254,11 +234,7 @@ def cmd_generate(args) -> int:
     from leanlm.engine.generate import sample
 
     _, model, tok, _, _ = _load(args.checkpoint, [])
-    print(
-        sample(
-            model, tok, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed
-        )
-    )
+    print(sample(model, tok, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed))
     return 0
 
 
@@ -274,11 +250,7 @@ def cmd_memory(args) -> int:
     report = memory_report(cfg, vocab, on_gpu=not args.cpu)
     backend = cfg.distributed.backend
     report = report.per_rank(backend, cfg.distributed.zero_stage, args.world)
-    print(
-        report.table(
-            f"{args.config} (vocab {vocab}, {cfg.train.param_dtype} weights)", cfg.optim.name
-        )
-    )
+    print(report.table(f"{args.config} (vocab {vocab}, {cfg.train.param_dtype} weights)", cfg.optim.name))
     return 0
 
 
@@ -318,9 +290,7 @@ def cmd_fit(args) -> int:
     kw = dict(method=args.method, grid=args.grid)
     if args.holdout:
         result, are, n_target = holdout_are(rows, drop_fraction=args.drop_fraction, **kw)
-        print(
-            f"held-out: the largest model's last 30% ({n_target} checkpoints), ARE {are * 100:.2f}%"
-        )
+        print(f"held-out: the largest model's last 30% ({n_target} checkpoints), ARE {are * 100:.2f}%")
     else:
         result = fit(N, D, L, groups=G, bootstrap=args.bootstrap, **kw)
     print(result.table())

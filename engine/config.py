@@ -56,9 +56,7 @@ class LOSTConfig:
         "channel selector",
         choices=("svd_rem_l2", "svd_rem_l1", "random", "w0_colnorm"),
     )
-    values_init: str = _f(
-        "w0_cols", "W_s from W0's or W_comp's selected columns", choices=("w0_cols", "wcomp_cols")
-    )
+    values_init: str = _f("w0_cols", "W_s from W0's or W_comp's selected columns", choices=("w0_cols", "wcomp_cols"))
     init: str = _f(
         "svd",
         "A, B from the SVD of the dense init, or random (ablation)",
@@ -104,9 +102,7 @@ class DataConfig:
     )
     text_field: str = _f("text", "field holding the text in .jsonl/.parquet/HF records")
     hf_split: str = _f("train", "HF split used for training")
-    hf_val_split: str = _f(
-        "validation", "HF split used for held-out eval; empty = hold out by document hash"
-    )
+    hf_val_split: str = _f("validation", "HF split used for held-out eval; empty = hold out by document hash")
     hf_data_files: list[str] = _f([], "data_files for HF builders such as hf:json or hf:parquet")
     val_fraction: float = _f(0.02, "fraction of documents (by stable hash) held out for eval")
     tokenizer: str = _f("", "sentencepiece .model to load; empty = train one on the train split")
@@ -115,9 +111,7 @@ class DataConfig:
     cache_dir: str = _f("", "token/tokenizer cache; empty = $LEANLM_CACHE or ~/.cache/leanlm")
     shuffle: bool = _f(True, "shuffle sequence order each epoch (file sources)")
     hf_shuffle_buffer: int = _f(10000, "shuffle buffer for streamed HF datasets; 0 = off")
-    hf_timeout_s: float = _f(
-        20.0, "connect/read timeout of each Hub request (hf: sources fail fast on a dead network)"
-    )
+    hf_timeout_s: float = _f(20.0, "connect/read timeout of each Hub request (hf: sources fail fast on a dead network)")
 
 
 @dataclass(kw_only=True)
@@ -132,9 +126,7 @@ class OptimConfig:
         0.1,
         "decoupled weight decay (adamw: matrices only; frugal/galore/badam: every parameter, before the update)",
     )
-    schedule: str = _f(
-        "cosine", "lr schedule after warmup", choices=("cosine", "linear", "constant")
-    )
+    schedule: str = _f("cosine", "lr schedule after warmup", choices=("cosine", "linear", "constant"))
     warmup_steps: int = _f(100, "linear warmup steps")
     min_lr_ratio: float = _f(0.1, "final lr as a fraction of the peak (cosine/linear)")
     density: float = _f(0.25, "FRUGAL ρ: state-full fraction of columns/rows/entries/rank/tensors")
@@ -144,27 +136,19 @@ class OptimConfig:
         choices=("columns", "rows", "randk", "blocks", "svd", "random"),
     )
     update_gap: int = _f(200, "FRUGAL T: steps between subspace refreshes")
-    state_free: str = _f(
-        "sign", "FRUGAL update outside the subspace", choices=("sign", "sgd", "none")
-    )
+    state_free: str = _f("sign", "FRUGAL update outside the subspace", choices=("sign", "sgd", "none"))
     state_free_lr_scale: float = _f(1.0, "FRUGAL: lr multiplier of the state-free part")
     proj_lr_scale: float = _f(
         1.0,
         "FRUGAL: lr multiplier of projectable weights, both parts (the paper's proj_params_lr_scale; 0.3 at 7B)",
     )
-    reset_on_refresh: bool = _f(
-        True, "FRUGAL: zero the moments and restart bias correction at each refresh"
-    )
-    block_order: str = _f(
-        "descending", "order of blocks mode", choices=("descending", "ascending", "random")
-    )
+    reset_on_refresh: bool = _f(True, "FRUGAL: zero the moments and restart bias correction at each refresh")
+    block_order: str = _f("descending", "order of blocks mode", choices=("descending", "ascending", "random"))
     galore_scale: float = _f(0.25, "galore: scale α of the low-rank update")
 
     def optimizer_kwargs(self, seed: int) -> dict:
         """Keyword arguments for ``leanlm.optim.build_optimizer(self.name, ...)``."""
-        common = dict(
-            lr=self.lr, betas=tuple(self.betas), eps=self.eps, weight_decay=self.weight_decay
-        )
+        common = dict(lr=self.lr, betas=tuple(self.betas), eps=self.eps, weight_decay=self.weight_decay)
         if self.name == "adamw":
             return common
         if self.name == "galore":
@@ -202,9 +186,7 @@ class ReweightConfig:
         choices=("uniform", "linupper", "quadratic", "extremes"),
     )
     r: float = _f(1.0, "temperature: w_max / w_min <= e^(1/r); larger is closer to uniform")
-    warmup_steps: int = _f(
-        1000, "optimizer steps of plain (uniform) averaging before reweighting starts"
-    )
+    warmup_steps: int = _f(1000, "optimizer steps of plain (uniform) averaging before reweighting starts")
 
 
 @dataclass(kw_only=True)
@@ -212,9 +194,7 @@ class TrainConfig:
     """The loop: how long, how big, where outputs go."""
 
     steps: int = _f(1000, "optimizer steps")
-    batch_size: int = _f(
-        32, "global batch in sequences per optimizer step (all ranks, all micro-batches)"
-    )
+    batch_size: int = _f(32, "global batch in sequences per optimizer step (all ranks, all micro-batches)")
     micro_batch_size: int = _f(0, "sequences per forward per rank; 0 = batch_size / world size")
     seq_len: int = _f(256, "tokens per sequence")
     grad_clip: float = _f(1.0, "max global gradient norm; 0 = no clipping")
@@ -222,9 +202,7 @@ class TrainConfig:
     out_dir: str = _f("runs/default", "run folder: logs, checkpoints, config, tokenizer")
     resume: str = _f("none", "none | auto (newest valid checkpoint in out_dir) | a checkpoint path")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
-    precision: str = _f(
-        "auto", "auto (bf16 autocast on CUDA) | fp32 | bf16", choices=("auto", "fp32", "bf16")
-    )
+    precision: str = _f("auto", "auto (bf16 autocast on CUDA) | fp32 | bf16", choices=("auto", "fp32", "bf16"))
     param_dtype: str = _f(
         "fp32",
         "weights, gradients and optimizer state: fp32 (bf16 autocast on GPU) or bf16 (pure bf16, as FRUGAL's 7B run)",
@@ -284,13 +262,9 @@ class LogConfig:
     every: int = _f(10, "log train scalars every N steps")
     tensorboard: bool = _f(True, "write TensorBoard event files to <out_dir>/tb")
     progress: bool = _f(True, "tqdm progress bar on the main rank")
-    scaling: bool = _f(
-        True, "append a row per evaluation to <out_dir>/scaling.jsonl (ColPret schema)"
-    )
+    scaling: bool = _f(True, "append a row per evaluation to <out_dir>/scaling.jsonl (ColPret schema)")
     model_name: str = _f("", "run id in scaling.jsonl; empty = the run folder's name")
-    scaled_set: str = _f(
-        "", "scaling family in scaling.jsonl; empty = the run folder's parent's name"
-    )
+    scaled_set: str = _f("", "scaling family in scaling.jsonl; empty = the run folder's parent's name")
 
 
 @dataclass(kw_only=True)
@@ -302,9 +276,7 @@ class DistributedConfig:
         "auto (none for 1 process, ddp otherwise) | none | ddp | fsdp2 | deepspeed",
         choices=("auto", "none", "ddp", "fsdp2", "deepspeed"),
     )
-    zero_stage: int = _f(
-        0, "DeepSpeed ZeRO stage 0-3 (FRUGAL: 0, or 1-3 with columns/randk)", choices=(0, 1, 2, 3)
-    )
+    zero_stage: int = _f(0, "DeepSpeed ZeRO stage 0-3 (FRUGAL: 0, or 1-3 with columns/randk)", choices=(0, 1, 2, 3))
     reshard_after_forward: bool = _f(
         True, "FSDP2: free gathered block weights after forward (ZeRO-3 like); false = ZeRO-2 like"
     )
@@ -352,9 +324,7 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Read a preset, resolving ``extends: other.yaml`` (relative to the file) recursively."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(
-            f"config file {str(path)!r} not found; pass a path such as configs/tiny.yaml"
-        )
+        raise ConfigError(f"config file {str(path)!r} not found; pass a path such as configs/tiny.yaml")
     if path.resolve() in _seen:
         raise ConfigError(f"config {str(path)!r} extends itself through {[str(p) for p in _seen]}")
     try:
@@ -367,13 +337,9 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     except OSError as e:
         raise ConfigError(f"config {str(path)!r} cannot be read ({e.strerror})") from None
     except yaml.YAMLError as e:
-        raise ConfigError(
-            f"config {str(path)!r} is not valid YAML: {str(e).splitlines()[0]}"
-        ) from None
+        raise ConfigError(f"config {str(path)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(raw, dict):
-        raise ConfigError(
-            f"config {str(path)!r} must be a mapping of sections, got {type(raw).__name__}"
-        )
+        raise ConfigError(f"config {str(path)!r} must be a mapping of sections, got {type(raw).__name__}")
     _check_sections(raw, str(path))
     parent = raw.pop("extends", None)
     if parent is None:
@@ -423,9 +389,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or "." not in key:
-            raise ConfigError(
-                f"override {item!r} must look like section.key=value (e.g. train.steps=100)"
-            )
+            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.steps=100)")
         *parents, name = key.strip().split(".")
         node = out
         for part in parents:
@@ -474,10 +438,7 @@ def _coerce(value: Any, tp: Any, key: str, item: Any = None) -> Any:
     if tp is list:
         if isinstance(value, str):
             s = value.strip()
-            if s.startswith("["):
-                value = yaml.safe_load(s)
-            else:
-                value = [v.strip() for v in s.split(",") if v.strip()]
+            value = yaml.safe_load(s) if s.startswith("[") else [v.strip() for v in s.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"{key}={value!r}: expected a list (YAML list or comma-separated)")
         if item is None:

@@ -120,8 +120,7 @@ class PackedTokens:
         p0, m, W = self.position, self.micro, self.world
         accum = self.batch_size // (m * W)
         batches = [
-            self.rows(range(p0 + (j * W + self.rank) * m, p0 + (j * W + self.rank + 1) * m))
-            for j in range(accum)
+            self.rows(range(p0 + (j * W + self.rank) * m, p0 + (j * W + self.rank + 1) * m)) for j in range(accum)
         ]
         self.position += self.batch_size
         return batches
@@ -167,11 +166,7 @@ class StreamedTokens:
         while True:
             for rec in self.ds:
                 text = rec.get(self.text_field)
-                if (
-                    isinstance(text, str)
-                    and text.strip()
-                    and not (self.holdout and is_validation(text, self.holdout))
-                ):
+                if isinstance(text, str) and text.strip() and not (self.holdout and is_validation(text, self.holdout)):
                     yield text
             self.epoch += 1
             self.ds = self.make_dataset(self.epoch)
@@ -187,8 +182,7 @@ class StreamedTokens:
     def next_step(self) -> list[torch.Tensor]:
         T = self.seq_len
         return [
-            torch.tensor([self._take(T + 1) for _ in range(self.micro)], dtype=torch.int64)
-            for _ in range(self.accum)
+            torch.tensor([self._take(T + 1) for _ in range(self.micro)], dtype=torch.int64) for _ in range(self.accum)
         ]
 
     def state_dict(self) -> dict[str, Any]:
@@ -201,9 +195,7 @@ class StreamedTokens:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("kind") != "streamed":
-            raise DataError(
-                "the checkpoint's data position is for a file source, not a streamed HF dataset"
-            )
+            raise DataError("the checkpoint's data position is for a file source, not a streamed HF dataset")
         self.epoch, self.buffer = int(state["epoch"]), list(state["buffer"])
         self.ds = self.make_dataset(self.epoch)
         self.ds.load_state_dict(state["hf"])
@@ -224,9 +216,7 @@ class Corpus:
     description: str
 
 
-def _tokenizer_for(
-    cfg: RunConfig, tokenizer_file: Path | None, fingerprint: str, sample_texts
-) -> Tokenizer:
+def _tokenizer_for(cfg: RunConfig, tokenizer_file: Path | None, fingerprint: str, sample_texts) -> Tokenizer:
     """The run's tokenizer: ``tokenizer_file`` (a resumed or evaluated checkpoint's own), else
     ``data.tokenizer``, else one trained on a sample of the training split, cached by content."""
     if tokenizer_file is not None:
@@ -323,9 +313,7 @@ def _tokenize_files(source: FileSource, tok: Tokenizer, fraction: float, folder:
             if any("field" in why for why in source.skipped)
             else ""
         )
-        raise DataError(
-            f"data.source under {source.root}: the corpus is empty (no readable UTF-8 text){hint}"
-        )
+        raise DataError(f"data.source under {source.root}: the corpus is empty (no readable UTF-8 text){hint}")
     meta = {
         "format": CACHE_FORMAT,
         "dtype": dtype.name,
@@ -368,17 +356,13 @@ def _ensure_token_cache(source: FileSource, tok: Tokenizer, fraction: float, fol
         problem = _cache_problem(folder)
         if problem is None:
             return
-        warnings.warn(
-            f"data: token cache {folder} is damaged ({problem}); rebuilding it", stacklevel=3
-        )
+        warnings.warn(f"data: token cache {folder} is damaged ({problem}); rebuilding it", stacklevel=3)
         shutil.rmtree(folder, ignore_errors=True)
     folder.parent.mkdir(parents=True, exist_ok=True)
     _tokenize_files(source, tok, fraction, folder)
 
 
-def _file_corpus(
-    cfg: RunConfig, source: FileSource, tokenizer_file: Path | None, rank: int, world: int
-) -> Corpus:
+def _file_corpus(cfg: RunConfig, source: FileSource, tokenizer_file: Path | None, rank: int, world: int) -> Corpus:
     d, t = cfg.data, cfg.train
     if dist.is_main():
         fingerprint = source.fingerprint()
@@ -395,11 +379,7 @@ def _file_corpus(
     meta = json.loads((folder / "meta.json").read_text())
     dtype = np.dtype(meta["dtype"])
     train = np.memmap(folder / "train.bin", dtype=dtype, mode="r")
-    val = (
-        np.memmap(folder / "val.bin", dtype=dtype, mode="r")
-        if meta["tokens"]["val"]
-        else np.zeros(0, dtype)
-    )
+    val = np.memmap(folder / "val.bin", dtype=dtype, mode="r") if meta["tokens"]["val"] else np.zeros(0, dtype)
     micro = t.micro_batch(world)
     stream = PackedTokens(train, t.seq_len, t.batch_size, micro, rank, world, t.seed, d.shuffle)
     sample = train[:50_000_000]
@@ -474,9 +454,7 @@ def _hf_corpus(cfg: RunConfig, tokenizer_file: Path | None, rank: int, world: in
     for text in texts(d.hf_split, False, min(budget, 4e6))():
         counts += np.bincount(tok.encode(text), minlength=tok.vocab_size)
     if counts.sum() == 0:
-        raise DataError(
-            f"data.source={d.source!r}: split {d.hf_split!r} has no text in field '{d.text_field}'"
-        )
+        raise DataError(f"data.source={d.source!r}: split {d.hf_split!r} has no text in field '{d.text_field}'")
     stream = StreamedTokens(
         make_train, tok, d.text_field, holdout, t.seq_len, t.batch_size, t.micro_batch(world), world
     )

@@ -43,9 +43,7 @@ def is_main() -> bool:
 
 
 def launched_by_torchrun() -> bool:
-    return "TORCHELASTIC_RUN_ID" in os.environ or (
-        "RANK" in os.environ and "MASTER_ADDR" in os.environ
-    )
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "MASTER_ADDR" in os.environ)
 
 
 def resolve_backend(backend: str) -> str:
@@ -68,9 +66,7 @@ def resolve_backend(backend: str) -> str:
 def init(device: torch.device, timeout_s: int = 600, backend: str = "auto") -> None:
     """Create the default process group when launched by torchrun with more than one process
     (or with one, for the backends that need a group: fsdp2, deepspeed)."""
-    needs_group = env_world_size() > 1 or (
-        backend in ("fsdp2", "deepspeed") and launched_by_torchrun()
-    )
+    needs_group = env_world_size() > 1 or (backend in ("fsdp2", "deepspeed") and launched_by_torchrun())
     if not needs_group or is_initialized():
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
@@ -149,17 +145,13 @@ def _fsdp2_api():
     return fully_shard, MixedPrecisionPolicy
 
 
-def shard_fsdp2(
-    model: nn.Module, blocks: list[nn.Module], bf16: bool, reshard_after_forward: bool = True
-) -> nn.Module:
+def shard_fsdp2(model: nn.Module, blocks: list[nn.Module], bf16: bool, reshard_after_forward: bool = True) -> nn.Module:
     """FSDP2 in place: ``fully_shard`` each transformer block, then the root (embedding, final
     norm, head). Parameters become ``DTensor``s sharded on dim 0. ``bf16``: compute in bf16 with
     fp32 gradient reduction and fp32 sharded master weights (use on GPU instead of autocast)."""
     fully_shard, MixedPrecisionPolicy = _fsdp2_api()
     mp = (
-        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        if bf16
-        else MixedPrecisionPolicy()
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
     )
     for block in blocks:
         fully_shard(block, mp_policy=mp, reshard_after_forward=reshard_after_forward)
@@ -185,9 +177,7 @@ def deepspeed_config(
     }
 
 
-def wrap_deepspeed(
-    model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict[str, Any]
-) -> nn.Module:
+def wrap_deepspeed(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict[str, Any]) -> nn.Module:
     """``deepspeed.initialize`` with our model and client optimizer; a FRUGAL client optimizer
     under ZeRO-1/2/3 gets its flat-partition layout attached. Returns the DeepSpeed engine (whose
     ``.optimizer`` wraps ours; the client optimizer keeps the param groups the scheduler drives)."""
@@ -237,6 +227,4 @@ def parse_fault_spec(spec: str) -> tuple[int, int]:
     try:
         return int(at), int(who or 0)
     except ValueError:
-        raise ConfigError(
-            f"LEANLM_FAULT_AT={spec!r}: expected STEP or STEP:RANK (a testing aid; unset it)"
-        ) from None
+        raise ConfigError(f"LEANLM_FAULT_AT={spec!r}: expected STEP or STEP:RANK (a testing aid; unset it)") from None

@@ -51,9 +51,7 @@ def evaluate(
         real = len(batch) > 0
         batch = (batch if real else every[:1]).to(device)
         with autocast or contextlib.nullcontext():
-            rows = model(
-                batch[:, :-1], targets=batch[:, 1:], chunk_tokens=chunk_tokens
-            )  # (b,) mean per row
+            rows = model(batch[:, :-1], targets=batch[:, 1:], chunk_tokens=chunk_tokens)  # (b,) mean per row
         if real:
             sums[0] += rows.double().sum() * seq_len  # every target is valid in packed windows
             sums[1] += batch[:, 1:].numel()

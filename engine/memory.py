@@ -40,18 +40,14 @@ class MemoryReport:
         ZeRO-1 shards optimizer state, ZeRO-2 also gradients, ZeRO-3 also parameters. FRUGAL's
         state divides like AdamW's (measured: BENCHMARKS.md). DDP replicates everything."""
         if world <= 1 or backend in ("none", "ddp", "auto"):
-            return replace(
-                self, layout=f"replicated on each of {world} ranks" if world > 1 else self.layout
-            )
+            return replace(self, layout=f"replicated on each of {world} ranks" if world > 1 else self.layout)
         shard_params = backend == "fsdp2" or zero_stage >= 3
         shard_grads = backend == "fsdp2" or zero_stage >= 2
         shard_optim = backend == "fsdp2" or zero_stage >= 1
         what = "FSDP2" if backend == "fsdp2" else f"DeepSpeed ZeRO-{zero_stage}"
         return replace(
             self,
-            param_bytes=(
-                self.param_bytes // world + self.block_bytes if shard_params else self.param_bytes
-            ),
+            param_bytes=(self.param_bytes // world + self.block_bytes if shard_params else self.param_bytes),
             grad_bytes=self.grad_bytes // world if shard_grads else self.grad_bytes,
             optim_bytes=self.optim_bytes // world if shard_optim else self.optim_bytes,
             layout=f"{what}, per rank of {world}",
@@ -108,27 +104,15 @@ def memory_report(cfg: RunConfig, vocab: int, on_gpu: bool = True) -> MemoryRepo
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
         p.grad = torch.empty_like(p)
-    opt = build_optimizer(
-        cfg.optim.name, model.named_parameters(), **cfg.optim.optimizer_kwargs(cfg.train.seed)
-    )
+    opt = build_optimizer(cfg.optim.name, model.named_parameters(), **cfg.optim.optimizer_kwargs(cfg.train.seed))
     if cfg.optim.name == "adamw":  # torch's AdamW allocates lazily and cannot step on meta tensors
         optim = sum(2 * p.numel() * p.element_size() + 4 for p in params)
     else:
         opt.step()
         optim = state_bytes(opt)
     n = sum(p.numel() for p in params)
-    elt = (
-        dtype.itemsize
-        if hasattr(dtype, "itemsize")
-        else torch.tensor([], dtype=dtype).element_size()
-    )
-    uses_bf16 = (
-        cfg.train.precision == "bf16"
-        or (cfg.train.precision == "auto" and on_gpu)
-        or dtype == torch.bfloat16
-    )
+    elt = dtype.itemsize if hasattr(dtype, "itemsize") else torch.tensor([], dtype=dtype).element_size()
+    uses_bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and on_gpu) or dtype == torch.bfloat16
     act = activation_bytes(cfg, vocab, 2 if uses_bf16 else 4, elt)
     block = sum(p.numel() for p in model.layers[0].parameters()) * elt
-    return MemoryReport(
-        n, n * elt, n * elt, optim, act, cfg.train.micro_batch(1) * cfg.train.seq_len, block
-    )
+    return MemoryReport(n, n * elt, n * elt, optim, act, cfg.train.micro_batch(1) * cfg.train.seq_len, block)

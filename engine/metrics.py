@@ -71,11 +71,7 @@ def trim_records(path: Path, last_step: int) -> None:
     if not path.is_file():
         return
     text = path.read_text(encoding="utf-8", errors="replace")
-    kept = [
-        line
-        for line in text.splitlines(keepends=True)
-        if line.strip() and _step_of(line) <= last_step
-    ]
+    kept = [line for line in text.splitlines(keepends=True) if line.strip() and _step_of(line) <= last_step]
     if "".join(kept) == text:
         return
     tmp = path.with_name(path.name + ".tmp")
@@ -86,9 +82,7 @@ def trim_records(path: Path, last_step: int) -> None:
 class MetricsLogger:
     """Writes scalars to TensorBoard and ``metrics.jsonl``; a no-op on non-main ranks."""
 
-    def __init__(
-        self, run_dir: Path, enabled: bool, tensorboard: bool = True, resume_step: int | None = None
-    ) -> None:
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = True, resume_step: int | None = None) -> None:
         """``resume_step``: the run restarts from this step's checkpoint; records logged after it by
         the interrupted attempt are dropped (from metrics.jsonl, and purged in TensorBoard) so the
         logs read as one uninterrupted run."""
@@ -108,9 +102,7 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             purge = None if resume_step is None else resume_step + 1
-            self.writer = SummaryWriter(
-                log_dir=str(run_dir / "tb"), max_queue=100, purge_step=purge
-            )
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tb"), max_queue=100, purge_step=purge)
 
     def log(self, step: int, scalars: dict[str, float], **extra: Any) -> None:
         if not self.enabled or self.jsonl is None:

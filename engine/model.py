@@ -32,13 +32,9 @@ class RMSNorm(nn.Module):
         return xf.type_as(x) * self.weight
 
 
-def rope_tables(
-    head_dim: int, seq_len: int, theta: float, device=None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(head_dim: int, seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin tables of shape (seq_len, head_dim / 2) in float32."""
-    inv_freq = 1.0 / theta ** (
-        torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim
-    )
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
     angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
     return angles.cos(), angles.sin()
 
@@ -144,9 +140,7 @@ class LLaMA(nn.Module):
         without materialising the float32 logits of the whole batch."""
         T = tokens.shape[1]
         if T > self.max_seq_len:
-            raise ValueError(
-                f"sequence of {T} tokens exceeds the model's max_seq_len {self.max_seq_len}"
-            )
+            raise ValueError(f"sequence of {T} tokens exceeds the model's max_seq_len {self.max_seq_len}")
         if self.rope_cos.numel() == 0 or self.rope_cos.device != tokens.device:
             self._build_rope(tokens.device)
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
@@ -162,14 +156,10 @@ class LLaMA(nn.Module):
         return row_losses(x, self.lm_head.weight, targets, chunk_tokens)
 
 
-def _row_loss_sums(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
-) -> torch.Tensor:
+def _row_loss_sums(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     # hidden: (B, t, d), weight: (V, d), targets: (B, t) -> summed token losses per row (B,)
     logits = F.linear(hidden, weight).float()  # (B, t, V)
-    ce = F.cross_entropy(
-        logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
-    )
+    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
     return ce.view(targets.shape).sum(dim=1)
 
 

@@ -45,11 +45,7 @@ def check_resume_config(cfg: RunConfig, path: Path) -> None:
         saved = load_config(path / "config.yaml")
     except Exception as e:  # a checkpoint's config that no longer validates is not resumable
         raise CheckpointError(f"{path}: its config.yaml cannot be read ({e})") from None
-    now = {
-        key: value
-        for sname in cfg.to_dict()
-        for key, _, value in _leaves(getattr(cfg, sname), sname)
-    }
+    now = {key: value for sname in cfg.to_dict() for key, _, value in _leaves(getattr(cfg, sname), sname)}
     then = {key: value for sname in saved.to_dict() for key, _, value in _leaves(getattr(saved, sname), sname)}  # fmt: skip
     for key in FIXED_KEYS:
         if now[key] != then[key]:
@@ -110,9 +106,7 @@ def load_state(
             )
         sharded.load_deepspeed(path / sharded.DS_DIR, net)
     for group, hyper in zip(optimizer.param_groups, fresh, strict=True):
-        group.update(
-            hyper
-        )  # the config's lr, betas, eps, weight decay, ... win over the saved ones
+        group.update(hyper)  # the config's lr, betas, eps, weight decay, ... win over the saved ones
     return state
 
 
@@ -123,9 +117,7 @@ def resume_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> 
     groups = scheduler.optimizer.param_groups
     scheduler.base_lrs = [g["initial_lr"] for g in groups]
     scheduler.last_epoch = step
-    lrs = [
-        base * fn(step) for fn, base in zip(scheduler.lr_lambdas, scheduler.base_lrs, strict=True)
-    ]
+    lrs = [base * fn(step) for fn, base in zip(scheduler.lr_lambdas, scheduler.base_lrs, strict=True)]
     for group, lr in zip(groups, lrs, strict=True):
         group["lr"] = lr
     scheduler._last_lr = lrs

@@ -39,9 +39,7 @@ def strategy_values(x: torch.Tensor, strategy: str) -> torch.Tensor:
         return x.abs()
     if strategy == "uniform":
         return torch.zeros_like(x)
-    raise ValueError(
-        f"unknown reweighting strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}"
-    )
+    raise ValueError(f"unknown reweighting strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
 
 
 @torch.no_grad()
@@ -85,12 +83,7 @@ class WeightStats:
 
     @classmethod
     def mean(cls, stats: list[WeightStats]) -> WeightStats:
-        return cls(
-            **{
-                k: math.fsum(getattr(s, k) for s in stats) / len(stats)
-                for k in cls.__dataclass_fields__
-            }
-        )
+        return cls(**{k: math.fsum(getattr(s, k) for s in stats) / len(stats) for k in cls.__dataclass_fields__})
 
     def scalars(self) -> dict[str, float]:
         return {f"reweight/{k}": v for k, v in vars(self).items()}

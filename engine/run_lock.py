@@ -33,8 +33,7 @@ class RunLock:
             fd = os.open(self.run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
             raise ConfigError(
-                f"{self.key}={str(self.run_dir)!r}: cannot write there ({e.strerror}); "
-                "pick a writable folder"
+                f"{self.key}={str(self.run_dir)!r}: cannot write there ({e.strerror}); pick a writable folder"
             ) from None
         try:
             import fcntl

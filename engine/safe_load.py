@@ -72,9 +72,7 @@ def _first_line(e: BaseException) -> str:
     return lines[0][:200] if lines else type(e).__name__
 
 
-def torch_load(
-    path: Path, where: str, map_location: Any = "cpu", deepspeed: bool = False, mmap: bool = False
-) -> Any:
+def torch_load(path: Path, where: str, map_location: Any = "cpu", deepspeed: bool = False, mmap: bool = False) -> Any:
     """``torch.load(weights_only=True)``; any failure is a ``CheckpointError`` naming ``path``."""
     extra = _deepspeed_globals() if deepspeed else []
     try:
@@ -85,8 +83,7 @@ def torch_load(
         raise CheckpointError(f"{where}: {path.name} is missing") from None
     except Exception as e:  # unpickling errors come in many types
         raise CheckpointError(
-            f"{where}: refusing to load {path} (not a plain tensor file: "
-            f"{type(e).__name__}: {_first_line(e)})"
+            f"{where}: refusing to load {path} (not a plain tensor file: {type(e).__name__}: {_first_line(e)})"
         ) from None
 
 
@@ -160,13 +157,9 @@ def read_dcp_metadata(folder: Path, where: str | None = None) -> Any:
         ) from None
     if not isinstance(meta, Metadata) or not isinstance(meta.state_dict_metadata, dict):
         raise CheckpointError(f"{where}: {path} is not DCP metadata")
-    odd = [
-        k for k, v in meta.state_dict_metadata.items() if not isinstance(v, TensorStorageMetadata)
-    ]
+    odd = [k for k, v in meta.state_dict_metadata.items() if not isinstance(v, TensorStorageMetadata)]
     if odd:  # DCP would torch.load(weights_only=False) these
-        raise CheckpointError(
-            f"{where}: refusing to load {path}: it declares non-tensor entries ({odd[0]}, ...)"
-        )
+        raise CheckpointError(f"{where}: refusing to load {path}: it declares non-tensor entries ({odd[0]}, ...)")
     return meta
 
 
@@ -188,8 +181,6 @@ def dcp_reader_and_planner(folder: Path) -> tuple[Any, Any]:
 
     class TensorOnlyPlanner(DefaultLoadPlanner):
         def load_bytes(self, read_item: Any, value: Any) -> None:
-            raise CheckpointError(
-                f"{folder.parent}: refusing to unpickle {read_item.dest_index.fqn} from dcp/"
-            )
+            raise CheckpointError(f"{folder.parent}: refusing to unpickle {read_item.dest_index.fqn} from dcp/")
 
     return SafeReader(str(folder)), TensorOnlyPlanner()

@@ -58,9 +58,7 @@ class ScalingRecorder:
             flops=self.flops_per_token * tokens_seen,
             flops_6nd=6.0 * self.static["num_params"] * tokens_seen,
             checkpoint=checkpoint,
-            epochs=tokens_seen / self.train_tokens_per_epoch
-            if self.train_tokens_per_epoch
-            else 1.0,
+            epochs=tokens_seen / self.train_tokens_per_epoch if self.train_tokens_per_epoch else 1.0,
             step=step,
             val_loss=val_loss,
             train_loss=train_loss,
@@ -81,9 +79,7 @@ def load_records(paths: list[str | Path]) -> list[dict[str, Any]]:
         if p.is_dir():
             p = p / "scaling.jsonl"
         if not p.is_file():
-            raise DataError(
-                f"{spec}: no scaling.jsonl here (train with eval.every > 0) and not a file"
-            )
+            raise DataError(f"{spec}: no scaling.jsonl here (train with eval.every > 0) and not a file")
         if p.suffix == ".csv":
             with open(p, newline="") as fh:
                 for r in csv.DictReader(fh):
@@ -136,14 +132,10 @@ def _from_csv(r: dict[str, str], path: Path) -> dict[str, Any]:
             "val_loss": loss,
         }
     except (KeyError, ValueError) as e:
-        raise DataError(
-            f"{path}: needs num_params, tokens_seen and the loss columns {names} ({e})"
-        ) from None
+        raise DataError(f"{path}: needs num_params, tokens_seen and the loss columns {names} ({e})") from None
 
 
-def trajectory_points(
-    rows: list[dict[str, Any]], drop_fraction: float = 0.1
-) -> tuple[np.ndarray, ...]:
+def trajectory_points(rows: list[dict[str, Any]], drop_fraction: float = 0.1) -> tuple[np.ndarray, ...]:
     """(N, D, L, run ids) from checkpoint records, dropping each run's checkpoints before
     ``drop_fraction`` of its final tokens (the Hitchhiker's Guide's advice: early checkpoints
     mislead the fit)."""
@@ -190,9 +182,7 @@ def holdout_are(rows: list[dict[str, Any]], last_fraction: float = 0.3, drop_fra
     tgt = N == target
     last = D[tgt].max()
     sel = tgt & (D >= (1 - last_fraction) * last)
-    Nt, Dt, Lt, Gt = trajectory_points(
-        [r for r in rows if float(r["num_params"]) != target], drop_fraction
-    )
+    Nt, Dt, Lt, Gt = trajectory_points([r for r in rows if float(r["num_params"]) != target], drop_fraction)
     result = fit(Nt, Dt, Lt, groups=Gt, **fit_kwargs)
     return result, absolute_relative_error(result, N[sel], D[sel], L[sel]), int(sel.sum())
 
@@ -215,9 +205,7 @@ def plot_fit(result: FitResult, N, D, L, path: str | Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("tokens D")
     ax.set_ylabel("loss (nats)")
-    ax.set_title(
-        f"L = {result.E:.3g} + {result.A:.3g}/N^{result.alpha:.3f} + {result.B:.3g}/D^{result.beta:.3f}"
-    )
+    ax.set_title(f"L = {result.E:.3g} + {result.A:.3g}/N^{result.alpha:.3f} + {result.B:.3g}/D^{result.beta:.3f}")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

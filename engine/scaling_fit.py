@@ -39,9 +39,7 @@ def chinchilla_grid(size: str = "full") -> list[tuple[float, ...]]:
         alphas = betas = (0.5, 1.0)
         es = (-1.0, 0.0, 1.0)
         abs_ = (0.0, 5.0, 10.0)
-    return [
-        (a, b, e, al, be) for a, b, e, al, be in itertools.product(abs_, abs_, es, alphas, betas)
-    ]
+    return [(a, b, e, al, be) for a, b, e, al, be in itertools.product(abs_, abs_, es, alphas, betas)]
 
 
 @dataclass
@@ -73,11 +71,7 @@ class FitResult:
     def table(self) -> str:
         lines = [f"method {self.method}, {self.n_points} points, objective {self.objective:.10g}"]
         for k in ("E", "A", "B", "alpha", "beta"):
-            ci = (
-                f"  95% CI [{self.intervals[k][0]:.6g}, {self.intervals[k][1]:.6g}]"
-                if self.intervals
-                else ""
-            )
+            ci = f"  95% CI [{self.intervals[k][0]:.6g}, {self.intervals[k][1]:.6g}]" if self.intervals else ""
             lines.append(f"  {k:<6} {getattr(self, k):>14.6g}{ci}")
         lines.append(f"  bounds hit: {', '.join(self.bounds_hit) if self.bounds_hit else 'none'}")
         return "\n".join(lines)
@@ -87,24 +81,16 @@ def check_inputs(num_params, tokens, losses) -> tuple[np.ndarray, np.ndarray, np
     """Arrays of equal length, finite and positive, with at least 3 distinct model sizes."""
     N, D, L = (np.asarray(x, dtype=float).ravel() for x in (num_params, tokens, losses))
     if not (len(N) == len(D) == len(L)):
-        raise DataError(
-            f"num_params, tokens and losses differ in length ({len(N)}, {len(D)}, {len(L)})"
-        )
+        raise DataError(f"num_params, tokens and losses differ in length ({len(N)}, {len(D)}, {len(L)})")
     for name, x in (("num_params", N), ("tokens", D), ("losses", L)):
         if not np.all(np.isfinite(x)):
             raise DataError(f"{name} contains NaN or infinite values; drop those rows")
         if np.any(x <= 0):
-            raise DataError(
-                f"{name} must be positive (got min {x.min():g}); are tokens/losses in log units?"
-            )
+            raise DataError(f"{name} must be positive (got min {x.min():g}); are tokens/losses in log units?")
     if len(np.unique(N)) < 3:
-        raise DataError(
-            f"a scaling law needs at least 3 distinct model sizes, got {len(np.unique(N))}"
-        )
+        raise DataError(f"a scaling law needs at least 3 distinct model sizes, got {len(np.unique(N))}")
     if np.max(L) > 50:
-        raise DataError(
-            f"losses up to {np.max(L):g}: these look like perplexities; pass loss = ln(ppl) in nats"
-        )
+        raise DataError(f"losses up to {np.max(L):g}: these look like perplexities; pass loss = ln(ppl) in nats")
     return N, D, L
 
 
@@ -155,16 +141,12 @@ def _fit_colpret(N, D, L) -> tuple[np.ndarray, float]:
     try:
         x, _ = curve_fit(law, (N, D), L, p0=MUENNIGHOFF_P0, bounds=(lo, hi), maxfev=20000)
     except RuntimeError:
-        x, _ = curve_fit(
-            law, (N, D), L, p0=MUENNIGHOFF_P0, bounds=(lo, hi), method="dogbox", maxfev=20000
-        )
+        x, _ = curve_fit(law, (N, D), L, p0=MUENNIGHOFF_P0, bounds=(lo, hi), method="dogbox", maxfev=20000)
     return x, float(np.sum((law((N, D), *x) - L) ** 2))
 
 
 def _to_result(x: np.ndarray, objective: float, n: int, method: str) -> FitResult:
-    hit = [
-        name for name, v, (lo, hi) in zip(NAMES, x, BOUNDS) if min(abs(v - lo), abs(v - hi)) < 1e-6
-    ]
+    hit = [name for name, v, (lo, hi) in zip(NAMES, x, BOUNDS) if min(abs(v - lo), abs(v - hi)) < 1e-6]
     a, b, e, al, be = (float(v) for v in x)
     return FitResult(E=math.exp(e), A=math.exp(a), B=math.exp(b), alpha=al, beta=be, objective=objective,
                      n_points=n, method=method, bounds_hit=hit)  # fmt: skip
@@ -194,20 +176,14 @@ def fit(
     # L-BFGS-B calls BLAS on 5-vectors thousands of times; a multi-threaded OpenBLAS turns each
     # call into a thread hand-off and, on a loaded machine, the fit 50x slower. One thread.
     with threadpool_limits(limits=1, user_api="blas"):
-        x, obj = (
-            _fit_chinchilla(N, D, L, delta, grid)
-            if method == "chinchilla"
-            else _fit_colpret(N, D, L)
-        )
+        x, obj = _fit_chinchilla(N, D, L, delta, grid) if method == "chinchilla" else _fit_colpret(N, D, L)
         result = _to_result(x, obj, len(L), method)
         if bootstrap:
             result.intervals = _bootstrap(N, D, L, x, method, delta, bootstrap, groups, seed)
     return result
 
 
-def _bootstrap(
-    N, D, L, x_best, method, delta, rounds, groups, seed
-) -> dict[str, tuple[float, float]]:
+def _bootstrap(N, D, L, x_best, method, delta, rounds, groups, seed) -> dict[str, tuple[float, float]]:
     from scipy.optimize import minimize
 
     rng = np.random.default_rng(seed)

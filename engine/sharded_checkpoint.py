@@ -57,9 +57,7 @@ def optim_state_by_name(
     for p, st in optimizer.state.items():
         for key, value in st.items():
             if not torch.is_tensor(value):
-                raise CheckpointError(
-                    f"optimizer state {names[id(p)]}::{key} is not a tensor; cannot save it with DCP"
-                )
+                raise CheckpointError(f"optimizer state {names[id(p)]}::{key} is not a tensor; cannot save it with DCP")
             state[f"{names[id(p)]}::{key}"] = value
             layout[f"{names[id(p)]}::{key}"] = "shard0" if is_dtensor(value) else "replicated"
     return state, layout
@@ -77,9 +75,7 @@ def save_dcp(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -
         (folder / LAYOUT_FILE).write_text(json.dumps(layout, indent=0, sort_keys=True))
 
 
-def load_dcp(
-    folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
-) -> None:
+def load_dcp(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
     """Load a DCP checkpoint into ``model`` (sharded or not) and, if given, ``optimizer``'s state.
     The world size may differ from the one that saved it."""
     import torch.distributed.checkpoint as dcp
@@ -103,15 +99,11 @@ def load_dcp(
             if kind == "shard0" and is_dtensor(p):
                 optim_dest[key] = sharded_zeros(p, tuple(md.size), md.properties.dtype)
             else:
-                optim_dest[key] = torch.zeros(
-                    md.size, dtype=md.properties.dtype, device=local(p).device
-                )
+                optim_dest[key] = torch.zeros(md.size, dtype=md.properties.dtype, device=local(p).device)
             placed[key] = (p, name)
         dest["optim"] = optim_dest
     reader, planner = dcp_reader_and_planner(folder)
-    with (
-        warnings.catch_warnings()
-    ):  # "loading in a single process" is what we mean without torchrun
+    with warnings.catch_warnings():  # "loading in a single process" is what we mean without torchrun
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single")
         try:
             dcp.load(dest, storage_reader=reader, planner=planner)

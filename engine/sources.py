@@ -184,14 +184,10 @@ def stdlib_source() -> FileSource:
     root = stdlib_root()
     files = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(
-            d for d in dirnames if d not in ("site-packages", "dist-packages", "__pycache__")
-        )
+        dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "dist-packages", "__pycache__"))
         files += [Path(dirpath) / f for f in sorted(filenames) if f.endswith(".py")]
     if not files:
-        raise DataError(
-            f"no .py files found under the standard library at {root}; use data.source=PATH"
-        )
+        raise DataError(f"no .py files found under the standard library at {root}; use data.source=PATH")
     return FileSource(root=root, files=files)
 
 

@@ -69,18 +69,12 @@ def train_step(
         batch = batch.to(device, non_blocking=True)
         inputs, targets = batch[:, :-1], batch[:, 1:]
         # DDP / FSDP2: reduce gradients only on the last micro-batch.
-        sync = (
-            contextlib.nullcontext()
-            if j == accum - 1 or not hasattr(model, "no_sync")
-            else model.no_sync()
-        )
+        sync = contextlib.nullcontext() if j == accum - 1 or not hasattr(model, "no_sync") else model.no_sync()
         if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
             model.set_requires_gradient_sync(j == accum - 1)
         with sync:
             with autocast or contextlib.nullcontext():
-                rows = model(
-                    inputs, targets=targets, chunk_tokens=chunk_tokens
-                )  # (B_local,) float32
+                rows = model(inputs, targets=targets, chunk_tokens=chunk_tokens)  # (B_local,) float32
             loss, st = batch_loss(rows, *(reweight or (None,)))
             (loss / accum).backward()
         total += rows.detach().mean() / accum
@@ -129,13 +123,9 @@ def _deepspeed_step(engine, micro_batches, device, autocast, reweight, chunk_tok
                 # ZeRO-0 fp32 steps our optimizer directly and measures no norm: measure it here
                 grads = [p for p in engine.module.parameters() if p.grad is not None]
                 measured = torch.nn.utils.clip_grad_norm_(grads, float("inf")).item()
-            bad = not math.isfinite(total.item()) or (
-                measured is not None and not math.isfinite(measured)
-            )
+            bad = not math.isfinite(total.item()) or (measured is not None and not math.isfinite(measured))
             if dist.any_rank(bad):  # before DeepSpeed's update: the weights stay finite
-                return StepResult(
-                    float(total.item()), float(measured or math.nan), tokens, None, False
-                )
+                return StepResult(float(total.item()), float(measured or math.nan), tokens, None, False)
         engine.step()
         tokens += targets.numel()
         if st is not None:

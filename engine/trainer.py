@@ -87,9 +87,7 @@ def build_model(cfg: RunConfig, tokenizer_vocab: int, device: torch.device | str
     return model.to(dtype)
 
 
-def _check_weights_fit(
-    cfg: RunConfig, vocab: int, device: torch.device, dtype: torch.dtype
-) -> None:
+def _check_weights_fit(cfg: RunConfig, vocab: int, device: torch.device, dtype: torch.dtype) -> None:
     """Refuse, before allocating, a model whose weights alone exceed the device's free memory
     (the dense init is built in float32 first, then cast)."""
     with torch.device("meta"):
@@ -218,9 +216,7 @@ def parallelize(
     if backend == "fsdp2":
         dist.shard_fsdp2(model, list(model.layers), gpu_bf16, cfg.distributed.reshard_after_forward)
         autocast = None if gpu_bf16 else autocast
-    optimizer = build_optimizer(
-        cfg.optim.name, model.named_parameters(), **cfg.optim.optimizer_kwargs(t.seed)
-    )
+    optimizer = build_optimizer(cfg.optim.name, model.named_parameters(), **cfg.optim.optimizer_kwargs(t.seed))
     if backend == "deepspeed":
         ds_config = dist.deepspeed_config(
             t.micro_batch(world), t.grad_accum_steps(world), t.grad_clip,
@@ -239,11 +235,7 @@ def parallelize(
 def _nan_message(res: Any, step: int, good: Path | None, latest: Path | None) -> str:
     """The NaN stop's one line. ``good``: the newest checkpoint whose weights then trained a
     finite step (resuming it with a lower lr works); ``latest`` may be the one that blew up."""
-    what = (
-        f"loss became {res.loss}"
-        if not math.isfinite(res.loss)
-        else f"gradient norm became {res.grad_norm}"
-    )
+    what = f"loss became {res.loss}" if not math.isfinite(res.loss) else f"gradient norm became {res.grad_norm}"
     what += f" at step {step} (the update was not applied)"
     if good is not None and good.is_dir():
         return (
@@ -279,9 +271,7 @@ def _train(cfg: RunConfig, device: torch.device, backend: str, stop_at: int | No
     scheduler = build_scheduler(optimizer, cfg.optim, t.steps)
     step, tokens_seen = 0, 0
     if resume_from is not None:
-        step, tokens_seen = restore(
-            resume_from, backend, model, net, optimizer, scheduler, corpus.train, device
-        )
+        step, tokens_seen = restore(resume_from, backend, model, net, optimizer, scheduler, corpus.train, device)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_yaml(cfg, run_dir / "config.yaml")
@@ -304,8 +294,7 @@ def _train(cfg: RunConfig, device: torch.device, backend: str, stop_at: int | No
             f"vocab {model.vocab_size}, {t.tokens_per_step():,} tokens/step x {t.steps} steps = {t.tokens_per_step() * t.steps:,} tokens, "
             f"grad accum {t.grad_accum_steps(dist.world_size())} x world {dist.world_size()} ({backend}), device {device}\n"
             f"leanlm: data {corpus.description}\n"
-            f"leanlm: run folder {run_dir}"
-            + (f", resuming from {resume_from} (step {step})" if resume_from else "")
+            f"leanlm: run folder {run_dir}" + (f", resuming from {resume_from} (step {step})" if resume_from else "")
         )
 
     def do_eval(at: int) -> EvalResult:
@@ -347,9 +336,7 @@ def _train(cfg: RunConfig, device: torch.device, backend: str, stop_at: int | No
             "backend": backend,
             "world_size": dist.world_size(),
             "zero_stage": zero_stage_of(net),
-            "param_groups": [
-                {k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups
-            ],
+            "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups],
         }
         files = {
             "config.yaml": (run_dir / "config.yaml").read_bytes() if main else b"",
@@ -358,21 +345,13 @@ def _train(cfg: RunConfig, device: torch.device, backend: str, stop_at: int | No
         tensors = {"train": train_state}
         if writer is None:
             tensors.update(model=model.state_dict(), optim=optimizer.state_dict())
-        path = ckpt.save_checkpoint(
-            run_dir, at, tensors, files, cfg.checkpoint.keep, writer, written
-        )
+        path = ckpt.save_checkpoint(run_dir, at, tensors, files, cfg.checkpoint.keep, writer, written)
         return path if main else None
 
     written: set[Path] = set()  # checkpoint folders of this call: the only ones a save may replace
-    recorder = (
-        scaling_recorder(cfg, model, run_dir, fpt, corpus, step)
-        if main and cfg.log.scaling
-        else None
-    )
+    recorder = scaling_recorder(cfg, model, run_dir, fpt, corpus, step) if main and cfg.log.scaling else None
     start, start_tokens = time.perf_counter(), tokens_seen
-    result = TrainResult(
-        run_dir=run_dir, step=step, tokens_seen=tokens_seen, unigram_ppl=math.exp(unigram)
-    )
+    result = TrainResult(run_dir=run_dir, step=step, tokens_seen=tokens_seen, unigram_ppl=math.exp(unigram))
     last_ckpt: Path | None = resume_from
     # A checkpoint is "good" once the step after it trained finitely from its weights.
     good_ckpt: Path | None = None
@@ -389,11 +368,7 @@ def _train(cfg: RunConfig, device: torch.device, backend: str, stop_at: int | No
     try:  # the logs are closed (flushed) however the loop ends
         with StopFlag() as stop:
             while step < t.steps:
-                rw = (
-                    t.reweight
-                    if t.reweight.strategy != "uniform" and step >= t.reweight.warmup_steps
-                    else None
-                )
+                rw = t.reweight if t.reweight.strategy != "uniform" and step >= t.reweight.warmup_steps else None
                 res = train_step(
                     net, optimizer, corpus.train.next_step(), device, autocast, t.grad_clip,
                     reweight=(rw.strategy, rw.r) if rw else None, chunk_tokens=t.loss_chunk_tokens,
@@ -433,11 +408,7 @@ def _train(cfg: RunConfig, device: torch.device, backend: str, stop_at: int | No
                     if main:
                         bar.write(f"step {step}: val loss {val.loss:.4f}, ppl {val.ppl:.2f}")
                 stopping = dist.any_rank(stop.signal is not None) or step == stop_at
-                if (
-                    (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
-                    or stopping
-                    or step == t.steps
-                ):
+                if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or stopping or step == t.steps:
                     last_ckpt = do_save(step) or last_ckpt
                 paused += time.perf_counter() - pause
                 if dist.fault_injection_due(step):

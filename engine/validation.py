@@ -37,24 +37,18 @@ def validate(cfg: RunConfig) -> list[str]:
     positive("model.vocab_size", m.vocab_size, allow_zero=True)
     for key, value in (("model.vocab_size", m.vocab_size), ("data.vocab_size", d.vocab_size)):
         if value > MAX_VOCAB:
-            p.append(
-                f"{key}={value}: must be <= {MAX_VOCAB:,} (2^21; the largest tokenizers have 256k)"
-            )
+            p.append(f"{key}={value}: must be <= {MAX_VOCAB:,} (2^21; the largest tokenizers have 256k)")
     positive("train.threads", t.threads, allow_zero=True)
     if m.n_heads > 0 and m.d_model % m.n_heads:
         p.append(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}")
     elif m.n_heads > 0 and m.head_dim() % 2:
-        p.append(
-            f"head dim {m.head_dim()} (model.d_model / model.n_heads) must be even for rotary embeddings"
-        )
+        p.append(f"head dim {m.head_dim()} (model.d_model / model.n_heads) must be even for rotary embeddings")
     for key in ("steps", "batch_size", "seq_len"):
         positive(f"train.{key}", getattr(t, key))
     positive("train.micro_batch_size", t.micro_batch_size, allow_zero=True)
     positive("train.grad_clip", t.grad_clip, allow_zero=True)
     if t.micro_batch_size and t.batch_size % t.micro_batch_size:
-        p.append(
-            f"train.batch_size={t.batch_size} is not a multiple of train.micro_batch_size={t.micro_batch_size}"
-        )
+        p.append(f"train.batch_size={t.batch_size} is not a multiple of train.micro_batch_size={t.micro_batch_size}")
     if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
         p.append(f"train.device={t.device!r}: must be auto, cpu, cuda or cuda:N")
     if not t.out_dir:
@@ -75,9 +69,7 @@ def validate(cfg: RunConfig) -> list[str]:
     if not 0 <= d.val_fraction < 1:
         p.append(f"data.val_fraction={d.val_fraction}: must be in [0, 1)")
     if not d.tokenizer and d.vocab_size < 300:
-        p.append(
-            f"data.vocab_size={d.vocab_size}: must be >= 300 (byte fallback needs 256 byte pieces)"
-        )
+        p.append(f"data.vocab_size={d.vocab_size}: must be >= 300 (byte fallback needs 256 byte pieces)")
     if m.vocab_size and not d.tokenizer and m.vocab_size < d.vocab_size:
         p.append(f"model.vocab_size={m.vocab_size} is smaller than data.vocab_size={d.vocab_size}")
     positive("data.hf_timeout_s", d.hf_timeout_s)
@@ -102,11 +94,7 @@ def _distributed_problems(cfg: RunConfig) -> list[str]:
     """Backend x optimizer combinations that cannot work, said before any process starts."""
     dc, o = cfg.distributed, cfg.optim
     if dc.backend != "deepspeed":
-        return (
-            [f"distributed.zero_stage={dc.zero_stage} needs distributed.backend=deepspeed"]
-            if dc.zero_stage
-            else []
-        )
+        return [f"distributed.zero_stage={dc.zero_stage} needs distributed.backend=deepspeed"] if dc.zero_stage else []
     projection = {"galore": "svd", "badam": "blocks"}.get(o.name, o.projection)
     if o.name == "adamw" or dc.zero_stage == 0:
         return []

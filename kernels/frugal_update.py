@@ -24,9 +24,7 @@ from leanlm.kernels import inverse_index, kernel_path, triton_available
 FREE_CODE = {"sign": 0, "sgd": 1, "none": 2}
 
 
-def adam_direction_(
-    low: torch.Tensor, st: dict[str, Any], betas, eps: float, lr: float
-) -> torch.Tensor:
+def adam_direction_(low: torch.Tensor, st: dict[str, Any], betas, eps: float, lr: float) -> torch.Tensor:
     """Update the moments ``st["exp_avg"]``, ``st["exp_avg_sq"]`` with ``low`` and return the Adam
     step (already scaled by −lr/bc1). Increments ``st["step"]``."""
     b1, b2 = betas
@@ -39,9 +37,7 @@ def adam_direction_(
     return torch.div(st["exp_avg"], out, out=out).mul_(-lr / (1 - b1**k))  # ...then the step
 
 
-def state_free_update(
-    residual: torch.Tensor, rule: str, out: torch.Tensor | None = None
-) -> torch.Tensor:
+def state_free_update(residual: torch.Tensor, rule: str, out: torch.Tensor | None = None) -> torch.Tensor:
     """The state-free direction (before −lr scaling): sign(residual) or the residual itself."""
     out = torch.empty_like(residual) if out is None else out
     return torch.sign(residual, out=out) if rule == "sign" else out.copy_(residual)
@@ -75,9 +71,7 @@ def use_triton(p: torch.Tensor) -> bool:
         return False
     if path == "triton":
         if not triton_available():
-            raise RuntimeError(
-                "LEANLM_KERNELS=triton but Triton is not installed: pip install triton"
-            )
+            raise RuntimeError("LEANLM_KERNELS=triton but Triton is not installed: pip install triton")
         return True
     return p.is_cuda and triton_available()
 

@@ -72,9 +72,7 @@ def lost_linear(
     x2d = x.reshape(-1, x.shape[-1]).to(dtype)  # a view when the leading dims allow it
     # γ travels as a 0-d device tensor: no host sync, and torch.compile need not specialise on it.
     g = torch.as_tensor(gamma, dtype=torch.float32, device=x.device).reshape(())
-    y, _ = lost_linear_fwd(
-        x2d, lowrank_in.to(dtype), lowrank_out.to(dtype), sparse.to(dtype), index, g, phi
-    )
+    y, _ = lost_linear_fwd(x2d, lowrank_in.to(dtype), lowrank_out.to(dtype), sparse.to(dtype), index, g, phi)
     return y.reshape(*lead, lowrank_out.shape[1])
 
 

@@ -41,10 +41,7 @@ def _configs(big: bool = True) -> list[triton.Config]:
         return [triton.Config({"BM": 16, "BN": 16, "BK": 16}, num_warps=1)]
     shapes = [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4)]
     shapes += [(64, 128, 32, 4, 4), (128, 256, 64, 8, 3)] if big else [(64, 64, 64, 4, 3)]
-    return [
-        triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in shapes
-    ]
+    return [triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s) for bm, bn, bk, w, s in shapes]
 
 
 def _prune_for_fp32(configs, named_args, **kwargs):
@@ -190,9 +187,7 @@ def _lost_t_kernel(
         )  # fmt: skip
         mask = row_ok[:, None] & col_ok[None, :]
         if PHI != 0:
-            hp = tl.load(
-                hpre_ptr + rows[:, None] * s_hn + cols[None, :] * s_hr, mask=mask, other=0.0
-            )
+            hp = tl.load(hpre_ptr + rows[:, None] * s_hn + cols[None, :] * s_hr, mask=mask, other=0.0)
             acc = acc * _dphi(hp.to(tl.float32), PHI)
         acc = acc * gamma
         tl.store(

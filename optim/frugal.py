@@ -134,9 +134,7 @@ class FRUGAL(torch.optim.Optimizer):
         for group in self.param_groups:
             _check_group(group)
         # Stable parameter index (construction order) for the subspace generator's seed.
-        self._index = {
-            id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])
-        }
+        self._index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
         self._scratch: dict[tuple, torch.Tensor] = {}
         # DeepSpeed ZeRO-1/2/3: flat partition -> its segments, and cached state-full positions.
         self._flat: dict[int, list[FlatSegment]] = {}
@@ -148,23 +146,18 @@ class FRUGAL(torch.optim.Optimizer):
         """The parameter's position at construction: it seeds the subspace generator."""
         return self._index[id(p)]
 
-    def attach_flat_layout(
-        self, flat: torch.Tensor, segments: list[FlatSegment], group: dict | None = None
-    ) -> None:
+    def attach_flat_layout(self, flat: torch.Tensor, segments: list[FlatSegment], group: dict | None = None) -> None:
         """Declare that ``flat`` (a 1-D partition that replaced a group's parameters) holds
         ``segments`` of the original parameters. Only ``columns`` and ``randk`` have a flat form.
         ``group``: the parameter group it steps in, when it is not in ``group["params"]`` now
         (ZeRO-3 puts each sub-group's buffer there only for its step)."""
         if group is None:
-            group = next(
-                (g for g in self.param_groups if any(p is flat for p in g["params"])), None
-            )
+            group = next((g for g in self.param_groups if any(p is flat for p in g["params"])), None)
         if group is None:
             raise ValueError("attach_flat_layout: the tensor is not in any parameter group")
         if group["projectable"] and group["projection"] not in ("columns", "randk"):
             raise ValueError(
-                f"FRUGAL on flat (ZeRO) partitions supports projection columns or randk, "
-                f"not {group['projection']!r}"
+                f"FRUGAL on flat (ZeRO) partitions supports projection columns or randk, not {group['projection']!r}"
             )
         if group["projectable"] and any(len(s.shape) != 2 for s in segments):
             raise ValueError(
@@ -268,9 +261,9 @@ class FRUGAL(torch.optim.Optimizer):
         they cost no more state than the subspace indices of whole matrices would)."""
         cached = self._flat_pos.get(id(p))
         if cached is None or cached[0] != refresh:
-            pos = flat_positions(
-                self._flat[id(p)], group["projection"], group["density"], group["seed"], refresh
-            ).to(p.device)
+            pos = flat_positions(self._flat[id(p)], group["projection"], group["density"], group["seed"], refresh).to(
+                p.device
+            )
             cached = self._flat_pos[id(p)] = (refresh, pos)
         return cached[1]
 
@@ -312,9 +305,7 @@ class FRUGAL(torch.optim.Optimizer):
         first = self.state[tensors[0]]
         refresh = int(first["refresh"]) + 1 if first else 0
         gen = subspace_generator(group["seed"], self._index[id(tensors[0])], refresh)
-        active = set(
-            select_blocks(len(tensors), group["density"], refresh, group["block_order"], gen)
-        )
+        active = set(select_blocks(len(tensors), group["density"], refresh, group["block_order"], gen))
         for i, p in enumerate(tensors):
             st = self.state[p]
             st.clear()  # frees the moments of tensors leaving the active set
@@ -337,9 +328,7 @@ class FRUGAL(torch.optim.Optimizer):
         elif not is_dtensor(p):
             self._update_projectable(group, self.state[p], p, p.grad, decay)
         elif group["projection"] in ("columns", "blocks"):  # whole columns / tensors are local
-            self._update_projectable(
-                group, local_view(self.state[p]), local(p), local(p.grad), key=p
-            )
+            self._update_projectable(group, local_view(self.state[p]), local(p), local(p.grad), key=p)
         else:  # rows / randk / svd / random need all of G: gather, update redundantly, keep ours
             g = p.grad.full_tensor()  # (m, n) on every rank
             upd = self._scratch_like(g, slot=3).zero_()
@@ -355,9 +344,7 @@ class FRUGAL(torch.optim.Optimizer):
         lr_free = lr_full * group["state_free_lr_scale"]
         st["age"] += 1
         low = g.index_select(0, pos)
-        upd = (
-            adam_direction_(low, st, group["betas"], group["eps"], lr_full) if low.numel() else low
-        )
+        upd = adam_direction_(low, st, group["betas"], group["eps"], lr_full) if low.numel() else low
         if group["state_free"] == "none":
             p.index_add_(0, pos, upd.to(p.dtype))
             return
@@ -396,20 +383,14 @@ class FRUGAL(torch.optim.Optimizer):
             low = g
         else:
             low = project_down(g, st["basis"])
-        upd = (
-            adam_direction_(low, st, group["betas"], group["eps"], lr_full) if low.numel() else low
-        )
+        upd = adam_direction_(low, st, group["betas"], group["eps"], lr_full) if low.numel() else low
         if kind in ("svd", "random"):
             shape = tuple(p.shape)
             if free != "none":  # residual G − P↑P↓G (float32), its state-free step applied first
                 resid = self._scratch_like(g, torch.float32, slot=1)
                 torch.sub(g, project_up(low, st["basis"], shape, out=resid), out=resid)
                 p.add_(state_free_update(resid, free, resid), alpha=-lr_free)
-            p.add_(
-                project_up(
-                    upd, st["basis"], shape, out=self._scratch_like(g, torch.float32, slot=2)
-                )
-            )
+            p.add_(project_up(upd, st["basis"], shape, out=self._scratch_like(g, torch.float32, slot=2)))
             return
         if kind == "blocks":
             p.add_(upd)
@@ -423,9 +404,7 @@ class FRUGAL(torch.optim.Optimizer):
         _scatter(u, kind, st["index"], upd, add=False)
         p.add_(u)
 
-    def _inverse(
-        self, key: torch.Tensor, p: torch.Tensor, st: dict[str, Any], dim: int
-    ) -> torch.Tensor | None:
+    def _inverse(self, key: torch.Tensor, p: torch.Tensor, st: dict[str, Any], dim: int) -> torch.Tensor | None:
         """The fused kernel's inverse index map of ``st["index"]`` for the matrix ``p``, cached per
         parameter ``key`` until the index changes (a refresh); None off the Triton path."""
         if not use_triton(p):
@@ -438,9 +417,7 @@ class FRUGAL(torch.optim.Optimizer):
             )
         return cached[1]
 
-    def _scratch_like(
-        self, t: torch.Tensor, dtype: torch.dtype | None = None, slot: int = 0
-    ) -> torch.Tensor:
+    def _scratch_like(self, t: torch.Tensor, dtype: torch.dtype | None = None, slot: int = 0) -> torch.Tensor:
         """A reusable buffer per (shape, dtype, device, slot): fresh full-size temporaries every
         step cost page faults on CPU and allocator churn on GPU. Not optimizer state (never saved)."""
         dtype = dtype or t.dtype
@@ -488,13 +465,9 @@ def adam_foreach_(params, grads, states, lr: float, betas, eps: float) -> None:
     torch._foreach_addcdiv_(params, exp_avgs, denom, step_sizes)
 
 
-def _scatter(
-    t: torch.Tensor, kind: str, index: torch.Tensor, values: torch.Tensor, add: bool
-) -> None:
+def _scatter(t: torch.Tensor, kind: str, index: torch.Tensor, values: torch.Tensor, add: bool) -> None:
     """Write (``add=False``) or add ``values`` into the selected columns / rows / entries of ``t``."""
-    dim, target, index = {"columns": (1, t, index), "rows": (0, t, index)}.get(
-        kind, (0, t.view(-1), index.long())
-    )
+    dim, target, index = {"columns": (1, t, index), "rows": (0, t, index)}.get(kind, (0, t.view(-1), index.long()))
     (target.index_add_ if add else target.index_copy_)(dim, index, values.to(t.dtype))
 
 

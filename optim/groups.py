@@ -42,9 +42,7 @@ def is_projectable_name(name: str, tensor: torch.Tensor) -> bool:
 
 
 def is_named_params(items: list[Any]) -> bool:
-    return bool(items) and all(
-        isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) for x in items
-    )
+    return bool(items) and all(isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) for x in items)
 
 
 def frugal_param_groups(
@@ -52,11 +50,7 @@ def frugal_param_groups(
 ) -> list[dict[str, Any]]:
     """Two groups: ``{"params": projectable, "projectable": True, **projectable_options}`` and
     ``{"params": the rest, "projectable": False}``. Frozen parameters are left out."""
-    named = (
-        model_or_named.named_parameters()
-        if isinstance(model_or_named, nn.Module)
-        else model_or_named
-    )
+    named = model_or_named.named_parameters() if isinstance(model_or_named, nn.Module) else model_or_named
     proj, rest = [], []
     for name, p in named:
         if p.requires_grad:

@@ -87,35 +87,23 @@ class LOSTLinear(nn.Module):
                 if p.device.type != "meta":
                     p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32) * s)
             if self.index.device.type != "meta":
-                size = (
-                    self.in_features
-                    if self.support == "channels"
-                    else self.in_features * self.out_features
-                )
-                picks = (
-                    torch.randperm(size, generator=generator)[: self.index.numel()].sort().values
-                )
+                size = self.in_features if self.support == "channels" else self.in_features * self.out_features
+                picks = torch.randperm(size, generator=generator)[: self.index.numel()].sort().values
                 self.index.copy_(picks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (..., n) -> (..., m)
         if self.support == "channels":
-            y = lost_linear(
-                x, self.lowrank_in, self.lowrank_out, self.sparse, self.index, self.gamma, self.phi
-            )
+            y = lost_linear(x, self.lowrank_in, self.lowrank_out, self.sparse, self.index, self.gamma, self.phi)
         else:
             dense = torch.zeros(
                 self.out_features * self.in_features,
                 dtype=self.sparse.dtype,
                 device=self.sparse.device,
             )
-            dense = dense.index_add(0, self.index, self.sparse).view(
-                self.out_features, self.in_features
-            )
+            dense = dense.index_add(0, self.index, self.sparse).view(self.out_features, self.in_features)
             empty = self.sparse.new_zeros(self.out_features, 0)
-            y = lost_linear(
-                x, self.lowrank_in, self.lowrank_out, empty, self.index[:0], self.gamma, self.phi
-            )
+            y = lost_linear(x, self.lowrank_in, self.lowrank_out, empty, self.index[:0], self.gamma, self.phi)
             y = y + (1 - self.gamma) * (x @ dense.T)
         return y + self.bias if self.bias is not None else y
 
@@ -133,11 +121,7 @@ class LOSTLinear(nn.Module):
 
         ``svd_components`` caps W_comp at that many components after the top r (0 = all of them).
         """
-        if (
-            select not in SELECTORS
-            or values_init not in VALUES_INIT
-            or init not in ("svd", "random")
-        ):
+        if select not in SELECTORS or values_init not in VALUES_INIT or init not in ("svd", "random"):
             raise ValueError(
                 f"select={select!r} / values_init={values_init!r} / init={init!r}: choose select from "
                 f"{SELECTORS}, values_init from {VALUES_INIT}, init from ('svd', 'random')"
@@ -157,9 +141,7 @@ class LOSTLinear(nn.Module):
             if init == "svd":
                 root = S[:rank].sqrt()
                 layer.lowrank_in.copy_((Vh[:rank].T * root).to(W0.dtype))  # A = V_r √Σ_r: (n, r)
-                layer.lowrank_out.copy_(
-                    (root[:, None] * U[:, :rank].T).to(W0.dtype)
-                )  # B = √Σ_r U_rᵀ: (r, m)
+                layer.lowrank_out.copy_((root[:, None] * U[:, :rank].T).to(W0.dtype))  # B = √Σ_r U_rᵀ: (r, m)
             if support == "channels":
                 k = layer.index.numel()
                 index = select_channels(W, W_comp, k, select, gen)
@@ -174,18 +156,13 @@ class LOSTLinear(nn.Module):
         return layer
 
 
-def select_channels(
-    W: torch.Tensor, W_comp: torch.Tensor, k: int, select: str, gen: torch.Generator
-) -> torch.Tensor:
+def select_channels(W: torch.Tensor, W_comp: torch.Tensor, k: int, select: str, gen: torch.Generator) -> torch.Tensor:
     """The k input channels (columns) to keep, sorted: top-k column norms of the remaining
     spectrum (L2 or L1), of W itself, or uniformly random."""
     n = W.shape[1]
     if select == "random":
         return torch.randperm(n, generator=gen)[:k].sort().values.to(W.device)
-    if select == "w0_colnorm":
-        scores = W.norm(dim=0)
-    else:
-        scores = W_comp.norm(p=2 if select == "svd_rem_l2" else 1, dim=0)
+    scores = W.norm(dim=0) if select == "w0_colnorm" else W_comp.norm(p=2 if select == "svd_rem_l2" else 1, dim=0)
     return torch.topk(scores, k).indices.sort().values
 
 
@@ -193,9 +170,7 @@ def select_channels(
 class ConversionReport:
     """Parameters before and after, per target name (``q_proj``, ...), and in total."""
 
-    per_target: dict[str, tuple[int, int, int]] = field(
-        default_factory=dict
-    )  # name -> (count, before, after)
+    per_target: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # name -> (count, before, after)
     total_before: int = 0
     total_after: int = 0
 

@@ -20,9 +20,7 @@ BLOCK_ORDERS = ("descending", "ascending", "random")
 
 def subspace_generator(seed: int, index: int, refresh: int) -> torch.Generator:
     """A CPU generator whose stream depends only on (seed, index, refresh)."""
-    digest = hashlib.blake2b(
-        f"leanlm-frugal:{seed}:{index}:{refresh}".encode(), digest_size=8
-    ).digest()
+    digest = hashlib.blake2b(f"leanlm-frugal:{seed}:{index}:{refresh}".encode(), digest_size=8).digest()
     return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest, "big") & (2**63 - 1))
 
 
@@ -52,9 +50,7 @@ def select_entries(numel: int, count: int, gen: torch.Generator) -> torch.Tensor
     return torch.randperm(numel, generator=gen)[:count].sort().values.to(torch.int32)
 
 
-def select_blocks(
-    n_tensors: int, density: float, refresh: int, order: str, gen: torch.Generator
-) -> list[int]:
+def select_blocks(n_tensors: int, density: float, refresh: int, order: str, gen: torch.Generator) -> list[int]:
     """Which of a group's projectable tensors are state-full after this refresh.
 
     k = round(ρ·n) tensors. ``descending`` starts from the last tensor (the deepest layer) and moves

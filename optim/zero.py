@@ -54,9 +54,7 @@ def attach_deepspeed(zero_optimizer: Any) -> None:
             inner.attach_flat_layout(flat, segments, group=inner.param_groups[group])
         return
     if not hasattr(zero_optimizer, "round_robin_bit16_groups"):
-        raise ValueError(
-            f"FRUGAL cannot map {type(zero_optimizer).__name__} partitions; use ZeRO stage 0-3 or FSDP2"
-        )
+        raise ValueError(f"FRUGAL cannot map {type(zero_optimizer).__name__} partitions; use ZeRO stage 0-3 or FSDP2")
     if getattr(zero_optimizer, "round_robin_gradients", False):
         raise ValueError("FRUGAL needs round_robin_gradients=false in the ZeRO config")
     import torch.distributed as tdist
@@ -74,9 +72,7 @@ def attach_deepspeed(zero_optimizer: Any) -> None:
         pg = zero_optimizer.real_dp_process_group[i]
         size = int(zero_optimizer.partition_size[i])
         flat = group["params"][0]
-        segments = zero_segments(
-            params, offsets, tdist.get_rank(group=pg) * size, size, inner.param_index
-        )
+        segments = zero_segments(params, offsets, tdist.get_rank(group=pg) * size, size, inner.param_index)
         inner.attach_flat_layout(flat, segments)
 
 

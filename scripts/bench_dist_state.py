@@ -24,9 +24,7 @@ from leanlm.engine.trainer import build_model
 from leanlm.optim import build_optimizer, state_bytes
 
 
-def measure(
-    config: str, backend: str, optim: str, vocab: int, seq: int, over: list[str]
-) -> tuple[int, int]:
+def measure(config: str, backend: str, optim: str, vocab: int, seq: int, over: list[str]) -> tuple[int, int]:
     cfg = load_config(config, [f"optim.name={optim}", f"train.seq_len={seq}", *over])
     single = memory_report(cfg, vocab, on_gpu=False).optim_bytes
     torch.manual_seed(0)

@@ -199,9 +199,7 @@ def bench_frugal(layers: int, peak: float, bw: float) -> list[str]:
     from leanlm.optim import FRUGAL
 
     shapes = [(D, D)] * 4 + [(FFN, D), (FFN, D), (D, FFN)]
-    params = [
-        torch.zeros(s, device=DEVICE, requires_grad=True) for _ in range(layers) for s in shapes
-    ]
+    params = [torch.zeros(s, device=DEVICE, requires_grad=True) for _ in range(layers) for s in shapes]
     n = sum(p.numel() for p in params)
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3

@@ -34,11 +34,7 @@ def one(batch: int, seq: int, chunk: int, strategy: str) -> dict:
     device = torch.device("cuda" if cuda else "cpu")
     model = LLaMA(cfg.model, 32000, seq).to(device)
     tokens = torch.randint(0, 32000, (batch, seq + 1), device=device)
-    ctx = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if cuda
-        else torch.autocast("cpu", enabled=False)
-    )
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
@@ -50,11 +46,7 @@ def one(batch: int, seq: int, chunk: int, strategy: str) -> dict:
     loss, _ = batch_loss(rows, None if strategy == "off" else strategy, 1.0)
     loss.backward()
     wall = time.perf_counter() - t0
-    peak = (
-        torch.cuda.max_memory_allocated()
-        if cuda
-        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    )
+    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {
         "chunk": chunk,
         "reweight": strategy,
@@ -92,14 +84,10 @@ def main() -> None:
     print(
         f"LLaMA-60m, vocab 32000, batch {args.batch} x {args.seq} tokens, one forward + backward ({rows[0]['device']})\n"
     )
-    print(
-        "| loss computation | reweighting | step peak (MiB) | vs off | wall (s) |\n|---|---|---|---|---|"
-    )
+    print("| loss computation | reweighting | step peak (MiB) | vs off | wall (s) |\n|---|---|---|---|---|")
     for i, r in enumerate(rows):
         base = rows[i - i % 2]["step_peak_mib"]
-        label = (
-            f"chunked, {r['chunk']} tokens/chunk" if r["chunk"] else "one piece (chunk_tokens=0)"
-        )
+        label = f"chunked, {r['chunk']} tokens/chunk" if r["chunk"] else "one piece (chunk_tokens=0)"
         print(
             f"| {label} | {r['reweight']} | {r['step_peak_mib']:,.0f} | {r['step_peak_mib'] / base:.3f} | {r['wall_s']:.1f} |"
         )

@@ -86,12 +86,8 @@ def main() -> None:
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
         print(f"{name}: val loss {rows[-1]['val_loss']:.4f}", flush=True)
-    print(
-        f"\ntiny LLaMA (d 256, 4 layers, vocab 4096), {args.steps} steps x 16 x 256 tokens, lr {args.lr}\n"
-    )
-    print(
-        "| variant | parameters | optimizer state (MiB) | peak RSS (GiB) | tokens/s | held-out loss | ppl |"
-    )
+    print(f"\ntiny LLaMA (d 256, 4 layers, vocab 4096), {args.steps} steps x 16 x 256 tokens, lr {args.lr}\n")
+    print("| variant | parameters | optimizer state (MiB) | peak RSS (GiB) | tokens/s | held-out loss | ppl |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['variant']} | {r['params'] / 1e6:.2f}M | {r['optim_bytes'] / 2**20:.1f} | {r['peak_rss_gib']:.2f} | "

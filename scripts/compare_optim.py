@@ -91,9 +91,7 @@ def main() -> None:
             key = f"{name} lr={lr:g}"
             if key in results:
                 continue
-            run_dir = out / key.replace(" ", "_").replace("=", "").replace("(", "").replace(
-                ")", ""
-            ).replace("ρ", "rho")
+            run_dir = out / key.replace(" ", "_").replace("=", "").replace("(", "").replace(")", "").replace("ρ", "rho")
             cfg = load_config(
                 ROOT / "configs" / "tiny.yaml",
                 [*base, *over, f"optim.lr={lr}", f"train.out_dir={run_dir}"],
@@ -107,33 +105,19 @@ def main() -> None:
                 flush=True,
             )
             results_path.write_text(json.dumps(results, indent=1))
-    print(
-        f"\ntorch {torch.__version__}; {args.steps} steps x 16 x 256 tokens; T={args.update_gap}\n"
-    )
+    print(f"\ntorch {torch.__version__}; {args.steps} steps x 16 x 256 tokens; T={args.update_gap}\n")
     print("| optimizer | best lr | held-out loss | ppl | losses over the lr grid | vs AdamW |")
     print("|---|---|---|---|---|---|")
-    best_adamw = min(
-        (r["val_loss"] for r in results.values() if r["optimizer"] == "AdamW"), default=None
-    )
+    best_adamw = min((r["val_loss"] for r in results.values() if r["optimizer"] == "AdamW"), default=None)
     for name, (_, grid) in {**OPTIMIZERS, **DIAGNOSTICS}.items():
-        runs = sorted(
-            (r for r in results.values() if r["optimizer"] == name), key=lambda r: r["lr"]
-        )
+        runs = sorted((r for r in results.values() if r["optimizer"] == name), key=lambda r: r["lr"])
         if not runs:
             continue
         best = min(runs, key=lambda r: r["val_loss"])
-        edge = (
-            " (single lr)"
-            if len(grid) == 1
-            else " (edge of grid)"
-            if best["lr"] in (grid[0], grid[-1])
-            else ""
-        )
+        edge = " (single lr)" if len(grid) == 1 else " (edge of grid)" if best["lr"] in (grid[0], grid[-1]) else ""
         sweep = ", ".join(f"{r['lr']:g}: {r['val_loss']:.3f}" for r in runs)
         rel = f"{(best['val_loss'] / best_adamw - 1) * 100:+.1f}%" if best_adamw else ""
-        print(
-            f"| {name} | {best['lr']:g}{edge} | {best['val_loss']:.4f} | {best['val_ppl']:.2f} | {sweep} | {rel} |"
-        )
+        print(f"| {name} | {best['lr']:g}{edge} | {best['val_loss']:.4f} | {best['val_ppl']:.2f} | {sweep} | {rel} |")
 
 
 if __name__ == "__main__":

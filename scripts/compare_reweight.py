@@ -49,9 +49,7 @@ def main() -> None:
             train(load_config(ROOT / "configs" / "tiny.yaml", over))
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         curves[strategy] = [(r["step"], r["val/loss"]) for r in rows if "val/loss" in r]
-    print(
-        f"{args.steps} steps x 16 x 256 tokens, lr {args.lr}, r {args.r}, warm-up {args.warmup} steps\n"
-    )
+    print(f"{args.steps} steps x 16 x 256 tokens, lr {args.lr}, r {args.r}, warm-up {args.warmup} steps\n")
     steps = [s for s, _ in curves["uniform"]]
     print("| strategy | " + " | ".join(f"step {s}" for s in steps) + " | final vs uniform |")
     print("|---|" + "---|" * (len(steps) + 1))

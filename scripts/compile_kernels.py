@@ -24,9 +24,7 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 SHARED_LIMIT = {90: 232448, 80: 166912}
 
 
-def _compile(
-    fn, arch: int, pointers: dict, constexprs: dict, ints=(), floats=(), warps=4, stages=3
-) -> int:
+def _compile(fn, arch: int, pointers: dict, constexprs: dict, ints=(), floats=(), warps=4, stages=3) -> int:
     """Compile; return the shared memory the kernel needs (bytes)."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -92,9 +90,7 @@ def main() -> int:
                             fn, arch, ptrs, consts, ints=[*ints, *strides(fn)],
                             warps=cfg.num_warps, stages=cfg.num_stages,
                         )  # fmt: skip
-                        status = (
-                            f"ok ({shared // 1024} KiB shared, {time.perf_counter() - t0:.1f} s)"
-                        )
+                        status = f"ok ({shared // 1024} KiB shared, {time.perf_counter() - t0:.1f} s)"
                     except Exception as e:  # report every failure, not just the first
                         failures += 1
                         status = f"FAILED: {type(e).__name__}: {str(e).splitlines()[0][:200]}"

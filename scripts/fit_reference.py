@@ -38,12 +38,8 @@ def main() -> None:
     t0 = time.perf_counter()
     r = fit(N[keep], D[keep], L[keep], grid=args.grid)
     n_opt, d_opt = r.compute_optimal(5.76e23)
-    print(
-        f"## Chinchilla ({keep.sum()} points, {args.grid} grid, {time.perf_counter() - t0:.1f}s)\n{r.table()}"
-    )
-    print(
-        f"  compute-optimal at 5.76e23 FLOPs: N={n_opt:.4g}, D={d_opt:.4g}, D/N={d_opt / n_opt:.2f}\n"
-    )
+    print(f"## Chinchilla ({keep.sum()} points, {args.grid} grid, {time.perf_counter() - t0:.1f}s)\n{r.table()}")
+    print(f"  compute-optimal at 5.76e23 FLOPs: N={n_opt:.4g}, D={d_opt:.4g}, D/N={d_opt / n_opt:.2f}\n")
 
     def size(s: str) -> float:
         return float(s[:-1]) * (1e9 if s[-1] in "bB" else 1e6)
@@ -54,9 +50,7 @@ def main() -> None:
              "tokens_seen": 10 ** float(r["num_token"]), "val_loss": math.log(float(r["ppl"]))}
             for r in csv.DictReader(fh)
         ]  # fmt: skip
-    print(
-        "## OPT: fit on 125m-30b, predict the 175b model's last 30% of checkpoints (loss = ln ppl)\n"
-    )
+    print("## OPT: fit on 125m-30b, predict the 175b model's last 30% of checkpoints (loss = ln ppl)\n")
     print("| method | early checkpoints | points | ARE | E | A | B | alpha | beta | bounds hit |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for method in ("chinchilla", "colpret"):

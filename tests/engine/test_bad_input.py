@@ -43,9 +43,7 @@ def test_bad_config_files(capsys, tmp_path, text, fragment):
     """F9, F12: non-UTF-8 files, non-string extends, scalar sections (silently dropped before)."""
     cfg = tmp_path / "bad.yaml"
     cfg.write_bytes(text)
-    one_line_error(
-        capsys, ["train", str(cfg), "train.steps=1", f"train.out_dir={tmp_path}/r"], fragment
-    )
+    one_line_error(capsys, ["train", str(cfg), "train.steps=1", f"train.out_dir={tmp_path}/r"], fragment)
     assert not (tmp_path / "r").exists()
 
 
@@ -93,9 +91,7 @@ def test_read_only_out_dir_fails_before_the_corpus_is_built(capsys, tiny_base, t
     everywhere and fails the same way)."""
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    one_line_error(
-        capsys, ["train", TINY, *tiny_base, f"train.out_dir={blocker}/run"], "cannot write there"
-    )
+    one_line_error(capsys, ["train", TINY, *tiny_base, f"train.out_dir={blocker}/run"], "cannot write there")
     ro = tmp_path / "ro"
     ro.mkdir()
     if subprocess.run(["mount", "--bind", str(ro), str(ro)], capture_output=True).returncode:
@@ -167,34 +163,22 @@ def test_fit_refuses_impossible_numbers(capsys, synthetic_runs, argv, fragment):
     one_line_error(capsys, ["fit", str(synthetic_runs), "--grid", "small", *argv], fragment)
 
 
-def test_bad_output_paths_are_refused_before_any_work(
-    capsys, synthetic_runs, tmp_path, monkeypatch
-):
+def test_bad_output_paths_are_refused_before_any_work(capsys, synthetic_runs, tmp_path, monkeypatch):
     """F16: before fitting, not after."""
     import leanlm.engine.scaling as scaling
 
-    monkeypatch.setattr(
-        scaling, "fit", lambda *a, **k: pytest.fail("fitted before checking --json")
-    )
-    one_line_error(
-        capsys, ["fit", str(synthetic_runs), "--json", f"{tmp_path}/nodir/x.json"], "does not exist"
-    )
-    one_line_error(
-        capsys, ["scaling", "export", str(synthetic_runs), "--csv", str(tmp_path)], "is a folder"
-    )
+    monkeypatch.setattr(scaling, "fit", lambda *a, **k: pytest.fail("fitted before checking --json"))
+    one_line_error(capsys, ["fit", str(synthetic_runs), "--json", f"{tmp_path}/nodir/x.json"], "does not exist")
+    one_line_error(capsys, ["scaling", "export", str(synthetic_runs), "--csv", str(tmp_path)], "is a folder")
     one_line_error(capsys, ["scaling", "export", str(synthetic_runs), "--csv", f"{tmp_path}/no/o.csv"], "does not exist")  # fmt: skip
 
 
-def test_torn_and_garbage_scaling_lines_are_skipped_with_a_warning(
-    capsys, synthetic_runs, tmp_path
-):
+def test_torn_and_garbage_scaling_lines_are_skipped_with_a_warning(capsys, synthetic_runs, tmp_path):
     """F15: what a crash mid-append leaves, and lines that are not records at all."""
     path = synthetic_runs / "scaling.jsonl"
     path.write_text(path.read_text() + '{"step": 3, "broken\nnot json\n5\n[]\n')
     with pytest.warns(UserWarning, match="skipped 4 line"):
-        assert (
-            main(["scaling", "export", str(synthetic_runs), "--csv", str(tmp_path / "o.csv")]) == 0
-        )
+        assert main(["scaling", "export", str(synthetic_runs), "--csv", str(tmp_path / "o.csv")]) == 0
     assert len((tmp_path / "o.csv").read_text().splitlines()) == 21
     with pytest.warns(UserWarning, match="skipped 4 line"):
         assert main(["fit", str(synthetic_runs), "--grid", "small"]) == 0

@@ -56,9 +56,7 @@ def test_auto_resume_skips_a_truncated_newest_checkpoint(tmp_path):
 def test_incomplete_temp_folder_is_ignored(tmp_path):
     _save(tmp_path, 1)
     (tmp_path / "checkpoints" / ".tmp-step-00000009-123").mkdir()
-    (
-        tmp_path / "checkpoints" / "step-00000010"
-    ).mkdir()  # no manifest: a crash mid-rename elsewhere
+    (tmp_path / "checkpoints" / "step-00000010").mkdir()  # no manifest: a crash mid-rename elsewhere
     with pytest.warns(UserWarning, match="no manifest"):
         assert ckpt.resolve_resume(tmp_path, "auto").name == "step-00000001"
 

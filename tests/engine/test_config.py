@@ -70,9 +70,7 @@ def test_batch_must_divide_into_micro_batches():
 
 
 def test_extends_merges_parent_preset(tmp_path):
-    (tmp_path / "base.yaml").write_text(
-        "model:\n  d_model: 128\n  n_heads: 2\ntrain:\n  steps: 7\n"
-    )
+    (tmp_path / "base.yaml").write_text("model:\n  d_model: 128\n  n_heads: 2\ntrain:\n  steps: 7\n")
     (tmp_path / "child.yaml").write_text("extends: base.yaml\ntrain:\n  steps: 9\n")
     cfg = load_config(tmp_path / "child.yaml")
     assert cfg.model.d_model == 128 and cfg.train.steps == 9

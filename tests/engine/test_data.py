@@ -28,9 +28,7 @@ def test_stdlib_source_finds_the_standard_library():
 
 def test_windows_pack_without_padding_and_overlap_by_one_token():
     tokens = np.arange(101, dtype=np.uint16)
-    s = PackedTokens(
-        tokens, seq_len=10, batch_size=4, micro=2, rank=0, world=1, seed=0, shuffle=False
-    )
+    s = PackedTokens(tokens, seq_len=10, batch_size=4, micro=2, rank=0, world=1, seed=0, shuffle=False)
     (a, b) = s.next_step()
     assert a.shape == (2, 11) and a.dtype == torch.int64
     assert a[0].tolist() == list(range(0, 11)) and a[1].tolist() == list(range(10, 21))
@@ -50,9 +48,7 @@ def test_epoch_visits_every_window_once_in_a_seeded_order():
 def test_ranks_read_disjoint_rows_that_together_make_the_global_batch():
     tokens = np.arange(1001, dtype=np.uint16)
     single = PackedTokens(tokens, 10, batch_size=8, micro=2, rank=0, world=1, seed=1)
-    ranks = [
-        PackedTokens(tokens, 10, batch_size=8, micro=2, rank=r, world=2, seed=1) for r in range(2)
-    ]
+    ranks = [PackedTokens(tokens, 10, batch_size=8, micro=2, rank=r, world=2, seed=1) for r in range(2)]
     for _ in range(3):
         whole = torch.cat(single.next_step())
         parts = [torch.cat(r.next_step()) for r in ranks]
@@ -96,9 +92,7 @@ def test_held_out_documents_never_reach_training(corpus_dir, tiny_cfg, tmp_path)
     train_ids = set(
         map(
             tuple,
-            np.lib.stride_tricks.sliding_window_view(np.asarray(corpus.train.tokens), 12)[
-                ::7
-            ].tolist(),
+            np.lib.stride_tricks.sliding_window_view(np.asarray(corpus.train.tokens), 12)[::7].tolist(),
         )
     )
     val_ids = corpus.tokenizer.encode(val_text[0])[:400]
@@ -123,17 +117,9 @@ def test_bad_files_are_skipped_with_one_warning_and_empty_corpus_is_an_error(tmp
         (root / f"good{i}.txt").write_text(f"document {i}: hello world, this is real text. " * 300)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        build_corpus(
-            load_config(
-                None, [*over, "data.val_fraction=0.3", "train.seq_len=16", "eval.tokens=32"]
-            )
-        )
+        build_corpus(load_config(None, [*over, "data.val_fraction=0.3", "train.seq_len=16", "eval.tokens=32"]))
     skipped = [w for w in caught if "skipped documents" in str(w.message)]
-    assert (
-        len(skipped) == 1
-        and "1 empty" in str(skipped[0].message)
-        and "1 not UTF-8" in str(skipped[0].message)
-    )
+    assert len(skipped) == 1 and "1 empty" in str(skipped[0].message) and "1 not UTF-8" in str(skipped[0].message)
 
 
 def test_missing_source_is_a_clear_error(tmp_path):
@@ -256,9 +242,7 @@ def test_a_single_document_corpus_trains_with_a_byte_range_split(tmp_path, cache
     assert n_train > 0 and len(corpus.val_tokens) == 257
     bos, eos = corpus.tokenizer.bos_id, corpus.tokenizer.eos_id
     train = np.asarray(corpus.train.tokens)
-    assert (
-        (train == bos).sum() == (train == eos).sum() <= sum(p.bos for p in pieces if not p.held_out)
-    )
+    assert (train == bos).sum() == (train == eos).sum() <= sum(p.bos for p in pieces if not p.held_out)
 
 
 def test_many_documents_keep_the_whole_document_hash_split():

@@ -76,9 +76,7 @@ class Runs:
         over = self.overrides(optim, out, [*extra, *(["train.resume=auto"] if resume else [])])
         cmd = [sys.executable, "-m", "torch.distributed.run", *(launcher or ["--standalone"])]
         cmd += [f"--nproc-per-node={nproc}", "-m", "leanlm.engine.cli", "train", TINY, *over]
-        out_p = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=400, env={**env(), **(extra_env or {})}
-        )
+        out_p = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env={**env(), **(extra_env or {})})
         assert out_p.returncode == 0, out_p.stdout[-2000:] + out_p.stderr[-4000:]
         return out
 
@@ -122,9 +120,7 @@ def test_two_ranks_match_one_process(runs, backend, optim):
     assert len(multi) == len(single) == 6
     assert multi == pytest.approx(single, rel=1e-5, abs=1e-6)
     # Held-out loss too: 17 windows split 9 / 8 over the ranks (one rank runs a dummy forward).
-    assert val_losses(runs.get(backend, optim)) == pytest.approx(
-        val_losses(runs.get("single", optim)), rel=1e-5
-    )
+    assert val_losses(runs.get(backend, optim)) == pytest.approx(val_losses(runs.get("single", optim)), rel=1e-5)
 
 
 def _resume_copy(src: Path, dst: Path) -> Path:

@@ -26,12 +26,8 @@ def test_bf16_weights_halve_parameter_and_gradient_memory():
 
 
 def test_activation_checkpointing_shrinks_activations():
-    off = memory_report(
-        load_config(CONFIGS / "llama_350m.yaml", ["model.activation_checkpointing=false"]), 32000
-    )
-    on = memory_report(
-        load_config(CONFIGS / "llama_350m.yaml", ["model.activation_checkpointing=true"]), 32000
-    )
+    off = memory_report(load_config(CONFIGS / "llama_350m.yaml", ["model.activation_checkpointing=false"]), 32000)
+    on = memory_report(load_config(CONFIGS / "llama_350m.yaml", ["model.activation_checkpointing=true"]), 32000)
     assert on.activation_bytes < off.activation_bytes / 3
 
 

@@ -23,9 +23,7 @@ def test_preset_parameter_counts_match_the_papers(name):
     assert count_parameters(model) == EXPECTED[name]
     assert (
         round(count_parameters(model) / 1e6, 2)
-        == {"llama_60m": 58.07, "llama_130m": 134.11, "llama_350m": 367.97, "llama_1b": 1339.08}[
-            name
-        ]
+        == {"llama_60m": 58.07, "llama_130m": 134.11, "llama_350m": 367.97, "llama_1b": 1339.08}[name]
     )
 
 
@@ -37,11 +35,7 @@ def small_model(**kw):
 
 def test_linear_layers_carry_llama_names_and_no_biases():
     model = small_model()
-    names = {
-        n.split(".")[-2]
-        for n, p in model.named_parameters()
-        if p.ndim == 2 and n.startswith("layers.")
-    }
+    names = {n.split(".")[-2] for n, p in model.named_parameters() if p.ndim == 2 and n.startswith("layers.")}
     assert names == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert not any(n.endswith("bias") for n, _ in model.named_parameters())
     assert model.lm_head.weight.data_ptr() != model.embed_tokens.weight.data_ptr()  # untied

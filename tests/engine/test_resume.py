@@ -25,9 +25,7 @@ def records(run: Path, name: str = "metrics.jsonl", key: str = "train/loss") -> 
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
-    return {
-        p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()
-    }
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
 @pytest.fixture
@@ -36,18 +34,14 @@ def finished(tiny_overrides) -> Path:
     return train(load_config(None, tiny_overrides)).run_dir
 
 
-def test_auto_resume_with_no_verifiable_checkpoint_refuses_and_changes_nothing(
-    finished, tiny_overrides
-):
+def test_auto_resume_with_no_verifiable_checkpoint_refuses_and_changes_nothing(finished, tiny_overrides):
     """F3: every manifest gone -> exit-2 error listing each folder; no folder or log is touched."""
     for _, path in ckpt.list_checkpoints(finished):
         (path / "manifest.json").unlink()
     before = snapshot(finished)
     with pytest.warns(UserWarning), pytest.raises(CheckpointError) as e:
         train(load_config(None, [*tiny_overrides, "train.resume=auto", "train.steps=12"]))
-    assert "step-00000006: no manifest" in str(e.value) and "step-00000003: no manifest" in str(
-        e.value
-    )
+    assert "step-00000006: no manifest" in str(e.value) and "step-00000003: no manifest" in str(e.value)
     assert snapshot(finished) == before
 
 
@@ -62,9 +56,7 @@ def test_keep_one_with_a_truncated_checkpoint_is_not_restarted(tiny_overrides):
     assert len(records(run)) == 6
 
 
-def test_a_later_checkpoint_of_an_earlier_attempt_is_moved_aside_not_replaced(
-    finished, tiny_overrides
-):
+def test_a_later_checkpoint_of_an_earlier_attempt_is_moved_aside_not_replaced(finished, tiny_overrides):
     """Resuming an explicit older checkpoint reaches a step an earlier attempt saved: that folder
     is kept under another name, never deleted or overwritten."""
     old6 = snapshot(finished / "checkpoints" / "step-00000006")
@@ -114,9 +106,7 @@ def test_a_second_process_on_the_same_run_folder_is_refused(tiny_overrides, tmp_
         pass
 
 
-def test_full_disk_during_a_save_is_one_line_and_leaves_no_partial_folder(
-    tiny_overrides, monkeypatch
-):
+def test_full_disk_during_a_save_is_one_line_and_leaves_no_partial_folder(tiny_overrides, monkeypatch):
     """F6: torch.save's zip writer reports a full disk as "unexpected pos"; the free space decides."""
     real_save = torch.save
     calls = {"n": 0}
@@ -124,9 +114,7 @@ def test_full_disk_during_a_save_is_one_line_and_leaves_no_partial_folder(
     def failing_save(obj, f, *a, **k):
         calls["n"] += 1
         if calls["n"] > 3:  # the first checkpoint (train, model, optim) succeeds
-            raise RuntimeError(
-                "[enforce fail at inline_container.cc:672] . unexpected pos 383232 vs 383184"
-            )
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 383232 vs 383184")
         return real_save(obj, f, *a, **k)
 
     monkeypatch.setattr(ckpt.torch, "save", failing_save)
@@ -143,17 +131,11 @@ def test_real_full_disk(tiny_base, tmp_path):
     """The same on a 1 MiB tmpfs (needs root; skipped where mounting is not allowed)."""
     full = tmp_path / "full"
     full.mkdir()
-    if subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(full)], capture_output=True
-    ).returncode:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(full)], capture_output=True).returncode:
         pytest.skip("cannot mount a tmpfs here")
     try:
         with pytest.raises(CheckpointError, match="no space left on the device"):
-            train(
-                load_config(
-                    None, [*tiny_base, f"train.out_dir={full / 'run'}", "log.tensorboard=false"]
-                )
-            )
+            train(load_config(None, [*tiny_base, f"train.out_dir={full / 'run'}", "log.tensorboard=false"]))
         assert not list((full / "run" / "checkpoints").glob(".tmp-*"))
     finally:
         subprocess.run(["umount", str(full)], check=False)
@@ -173,14 +155,8 @@ def test_corrupt_manifests_are_skipped_not_crashed_on(tmp_path, manifest):
 
 def test_resume_with_another_optimizer_is_refused_in_one_line(finished, tiny_overrides):
     """F8."""
-    with pytest.raises(
-        CheckpointError, match=r"optim.name='frugal' differs from the checkpoint's 'adamw'"
-    ):
-        train(
-            load_config(
-                None, [*tiny_overrides, "train.resume=auto", "optim.name=frugal", "train.steps=8"]
-            )
-        )
+    with pytest.raises(CheckpointError, match=r"optim.name='frugal' differs from the checkpoint's 'adamw'"):
+        train(load_config(None, [*tiny_overrides, "train.resume=auto", "optim.name=frugal", "train.steps=8"]))
 
 
 @pytest.mark.parametrize("key", ["optim.density=0.5", "data.vocab_size=600", "train.seq_len=16", "train.seed=3"])  # fmt: skip
@@ -198,9 +174,7 @@ def test_lr_override_on_resume_rescales_the_schedule_and_is_recorded(finished, t
     o = cfg.optim
     lrs = {r["step"]: r["optim/lr"] for r in records(finished)}
     for step in (7, 8, 9):  # the update of step s uses lr_factor(s - 1)
-        assert lrs[step] == pytest.approx(
-            5e-4 * lr_factor(step - 1, 9, o.warmup_steps, o.schedule, o.min_lr_ratio)
-        )
+        assert lrs[step] == pytest.approx(5e-4 * lr_factor(step - 1, 9, o.warmup_steps, o.schedule, o.min_lr_ratio))
     saved = load_config(finished / "config.yaml")
     assert saved.optim.lr == 5e-4 and saved.optim.weight_decay == 0.3
     groups = ckpt.load_file(finished / "checkpoints" / "step-00000009", "optim")["param_groups"]
@@ -213,14 +187,10 @@ def test_unchanged_resume_is_bitwise_equal_to_an_uninterrupted_run(tiny_override
     train(load_config(None, part), stop_at=3)
     train(load_config(None, [*part, "train.resume=auto"]))
     for key in ("train/loss", "optim/lr", "train/grad_norm"):
-        assert [r[key] for r in records(tmp_path / "part")] == [
-            r[key] for r in records(full.run_dir)
-        ]
+        assert [r[key] for r in records(tmp_path / "part")] == [r[key] for r in records(full.run_dir)]
 
 
-def test_a_crash_before_the_first_checkpoint_leaves_no_duplicate_records(
-    tiny_overrides, monkeypatch
-):
+def test_a_crash_before_the_first_checkpoint_leaves_no_duplicate_records(tiny_overrides, monkeypatch):
     """F14: the crashed attempt logged steps 1-2 and saved nothing; the fresh start drops them."""
     real, calls = step_mod.train_step, {"n": 0}
 
@@ -256,9 +226,7 @@ def test_nan_step_is_not_applied(tiny_cfg):
             return self.inner(inputs.float()).squeeze(-1) * float("nan")
 
     before = [p.detach().clone() for p in model.parameters()]
-    res = step_mod.train_step(
-        NaNModel(), opt, [torch.ones(2, 5, dtype=torch.long)], torch.device("cpu")
-    )
+    res = step_mod.train_step(NaNModel(), opt, [torch.ones(2, 5, dtype=torch.long)], torch.device("cpu"))
     assert not res.finite
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     assert os.environ.get("LEANLM_FAULT_AT") is None

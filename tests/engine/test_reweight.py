@@ -104,9 +104,7 @@ def _rows(model, x, y):
 
 def _rank_main(rank, world, port, x, y, out):
     torch.set_num_threads(1)
-    tdist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-    )
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         model = _model()
         local = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
@@ -126,9 +124,7 @@ def test_two_ranks_equal_one_rank_on_the_concatenated_batch(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.start_processes(
-        _rank_main, args=(2, port, x, y, str(tmp_path)), nprocs=2, start_method="fork"
-    )
+    mp.start_processes(_rank_main, args=(2, port, x, y, str(tmp_path)), nprocs=2, start_method="fork")
     model = _model()
     rows = _rows(model, x, y)
     loss, _ = batch_loss(rows, "linupper", 0.5)

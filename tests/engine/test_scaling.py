@@ -13,9 +13,7 @@ from leanlm.engine.scaling import export_colpret_csv, holdout_are, load_records,
 from leanlm.engine.scaling_fit import FitResult, fit
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"  # shared/ lies beside the checkout
-needs_data = pytest.mark.skipif(
-    not (DATA / "chinchilla_hoffmann_fig4.csv").is_file(), reason="shared/data not present"
-)
+needs_data = pytest.mark.skipif(not (DATA / "chinchilla_hoffmann_fig4.csv").is_file(), reason="shared/data not present")
 
 
 def chinchilla_points():
@@ -32,14 +30,10 @@ def chinchilla_points():
 def test_reproduces_the_besiroglu_replication_fit():
     N, D, L = chinchilla_points()
     assert len(L) == 240
-    r = fit(
-        N, D, L, grid="small"
-    )  # the full 4,500-start grid gives the same optimum (scripts/fit_reference.py)
+    r = fit(N, D, L, grid="small")  # the full 4,500-start grid gives the same optimum (scripts/fit_reference.py)
     assert r.objective == pytest.approx(0.0010182740, rel=5e-3)
     assert r.E == pytest.approx(1.8172, rel=5e-3)
-    assert r.alpha == pytest.approx(0.34731, rel=1e-2) and r.beta == pytest.approx(
-        0.36718, rel=1e-2
-    )
+    assert r.alpha == pytest.approx(0.34731, rel=1e-2) and r.beta == pytest.approx(0.36718, rel=1e-2)
     assert r.A == pytest.approx(477.84, rel=5e-2) and r.B == pytest.approx(2143.86, rel=5e-2)
     assert r.bounds_hit == []
     n_opt, d_opt = r.compute_optimal(5.76e23)
@@ -47,9 +41,7 @@ def test_reproduces_the_besiroglu_replication_fit():
 
 
 def test_frontier_and_predictions_match_published_anchors():
-    hoffmann = FitResult(
-        E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28, objective=0, n_points=0, method="published"
-    )
+    hoffmann = FitResult(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28, objective=0, n_points=0, method="published")
     assert float(hoffmann.predict(1e9, 2e10)) == pytest.approx(2.5800, abs=1e-4)
     assert float(hoffmann.predict(7e10, 1.4e12)) == pytest.approx(1.9366, abs=1e-4)
     besiroglu = FitResult(
@@ -63,9 +55,7 @@ def test_frontier_and_predictions_match_published_anchors():
         method="published",
     )
     n_opt, d_opt = besiroglu.compute_optimal(5.76e23)
-    assert n_opt == pytest.approx(7.225e10, rel=2e-3) and d_opt / n_opt == pytest.approx(
-        18.4, abs=0.1
-    )
+    assert n_opt == pytest.approx(7.225e10, rel=2e-3) and d_opt / n_opt == pytest.approx(18.4, abs=0.1)
     assert 6 * n_opt * d_opt == pytest.approx(5.76e23, rel=1e-9)
 
 
@@ -142,9 +132,7 @@ def test_training_writes_scaling_records_with_exact_flops(tiny_overrides, tmp_pa
         assert r["flops"] == pytest.approx(r["flops_per_token"] * r["tokens_seen"])
         assert r["loss_cols"] == ["val_loss"] and r["arch"] == "dec" and r["model_name"] == "run"
         assert not any(
-            k in name
-            for name in ("model_name", "model_type", "scaled_set", "data")
-            for k in ("loss", "acc", "ppl")
+            k in name for name in ("model_name", "model_type", "scaled_set", "data") for k in ("loss", "acc", "ppl")
         )
     assert rows[-1]["val_loss"] == pytest.approx(res.final.loss)
     out = tmp_path / "colpret.csv"

@@ -30,9 +30,7 @@ def test_run_writes_logs_checkpoints_and_learns(tiny_overrides, tmp_path):
     assert [s for s, _ in ckpt.list_checkpoints(run)] == [6, 9, 12]  # every 3, keep 3
     losses = [loss for _, loss in train_losses(run)]
     assert losses[-1] < losses[0] - 0.5
-    assert res.final.ppl < res.unigram_ppl * 2 and math.isclose(
-        res.final.ppl, math.exp(res.final.loss)
-    )
+    assert res.final.ppl < res.unigram_ppl * 2 and math.isclose(res.final.ppl, math.exp(res.final.loss))
     tags = set().union(*[set(r) for r in read_metrics(run)])
     assert {
         "train/loss",
@@ -56,9 +54,7 @@ def test_run_writes_logs_checkpoints_and_learns(tiny_overrides, tmp_path):
 def test_resume_is_bitwise_exact(tiny_overrides, tmp_path):
     straight = train(load_config(None, [*tiny_overrides, f"train.out_dir={tmp_path / 'a'}"]))
     first = train(
-        load_config(
-            None, [*tiny_overrides, f"train.out_dir={tmp_path / 'b'}", "checkpoint.every=0"]
-        ),
+        load_config(None, [*tiny_overrides, f"train.out_dir={tmp_path / 'b'}", "checkpoint.every=0"]),
         stop_at=3,
     )
     assert first.step == 3 and first.final is None
@@ -132,9 +128,7 @@ def test_sigterm_saves_a_checkpoint_and_returns(tiny_overrides, monkeypatch):
 
 
 def test_gradient_accumulation_matches_one_big_batch(tiny_overrides, tmp_path):
-    big = train(
-        load_config(None, [*tiny_overrides, f"train.out_dir={tmp_path / 'big'}", "train.steps=3"])
-    )
+    big = train(load_config(None, [*tiny_overrides, f"train.out_dir={tmp_path / 'big'}", "train.steps=3"]))
     acc = train(
         load_config(
             None,
@@ -165,9 +159,7 @@ def test_row_losses_are_per_sequence_means_and_ignore_padding():
     )
     expected = torch.stack([tok[:4].mean(), tok[4:6].mean()])
     torch.testing.assert_close(row_losses(hidden, weight, targets), expected)
-    torch.testing.assert_close(
-        row_losses(hidden, weight, targets, chunk_tokens=2), expected
-    )  # chunks of 1 position
+    torch.testing.assert_close(row_losses(hidden, weight, targets, chunk_tokens=2), expected)  # chunks of 1 position
 
 
 def test_chunked_loss_gives_the_same_gradients():
@@ -211,10 +203,7 @@ def test_reweighting_starts_after_warmup_and_uniform_changes_nothing(tiny_overri
     assert rw.losses[:4] == plain.losses[:4] and rw.losses[4] != plain.losses[4]
     rows = [r for r in read_metrics(tmp_path / "rw") if "train/loss" in r]
     assert [("reweight/ess_frac" in r) for r in rows] == [False] * 3 + [True] * 3
-    assert all(
-        0 < r["reweight/ess_frac"] <= 1 and r["reweight/max_wn"] >= 1 >= r["reweight/min_wn"]
-        for r in rows[3:]
-    )
+    assert all(0 < r["reweight/ess_frac"] <= 1 and r["reweight/max_wn"] >= 1 >= r["reweight/min_wn"] for r in rows[3:])
 
 
 def test_lost_model_with_frugal_resumes_bitwise(tiny_overrides, tmp_path):
@@ -228,13 +217,8 @@ def test_lost_model_with_frugal_resumes_bitwise(tiny_overrides, tmp_path):
     ]
     straight = train(load_config(None, [*over, f"train.out_dir={tmp_path / 'a'}"]))
     train(load_config(None, [*over, f"train.out_dir={tmp_path / 'b'}"]), stop_at=3)
-    resumed = train(
-        load_config(None, [*over, f"train.out_dir={tmp_path / 'b'}", "train.resume=auto"])
-    )
+    resumed = train(load_config(None, [*over, f"train.out_dir={tmp_path / 'b'}", "train.resume=auto"]))
     assert train_losses(tmp_path / "b") == train_losses(tmp_path / "a")
     assert resumed.final.loss == straight.final.loss
     state = torch.load(straight.checkpoint / "model.pt", weights_only=True)
-    assert (
-        "layers.0.self_attn.q_proj.lowrank_in" in state
-        and "layers.0.self_attn.q_proj.index" in state
-    )
+    assert "layers.0.self_attn.q_proj.lowrank_in" in state and "layers.0.self_attn.q_proj.index" in state

@@ -52,9 +52,7 @@ def _rel_norm(a: torch.Tensor, b: torch.Tensor) -> float:
 def _check(shape, phi, dtype, device, tol, monkeypatch, noncontig=False, gamma=0.3):
     monkeypatch.setenv("LEANLM_KERNELS", "triton")
     x, a, b, ws, idx, dy = _inputs(shape, dtype, device)
-    y_ref, g_ref = _grads(
-        lambda *t: lost_linear_reference(*t[:4], idx.cpu(), gamma, phi), (x, a, b, ws), dy
-    )
+    y_ref, g_ref = _grads(lambda *t: lost_linear_reference(*t[:4], idx.cpu(), gamma, phi), (x, a, b, ws), dy)
     cast = [t.to(device=device, dtype=dtype) for t in (x, a, b, ws)]
     if noncontig:  # x as a transposed view: strides (1, N)
         cast[0] = cast[0].t().contiguous().t()
@@ -137,9 +135,7 @@ def test_lost_layer_compiles_with_the_custom_op(device, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs CUDA"
-)  # also without the root conftest
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")  # also without the root conftest
 def test_bf16_tensor_cores_at_a_1b_projection_shape(monkeypatch):
     """Real bf16 tensor-core dots (the interpreter widens them): 2048 -> 5461, r 512, ρ 0.05."""
     _check((1024, 2048, 5461, 512, 102), "silu", torch.bfloat16, torch.device("cuda"), 1e-2,

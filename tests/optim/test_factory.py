@@ -16,9 +16,7 @@ def test_adamw_matches_torch_adamw():
     a = torch.nn.Linear(5, 3)
     b = torch.nn.Linear(5, 3)
     b.load_state_dict(a.state_dict())
-    ours = build_optimizer(
-        "adamw", a.named_parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.0
-    )
+    ours = build_optimizer("adamw", a.named_parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.0)
     ref = torch.optim.AdamW(b.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.0)
     for _ in range(5):
         x = torch.randn(8, 5)

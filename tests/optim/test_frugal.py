@@ -92,9 +92,7 @@ def test_state_full_and_state_free_coordinates_are_disjoint(projection):
             mask[:] = bool(st["active"])
         assert torch.equal(full, mask)
         n_full += int(mask.sum())
-    expected = {"columns": 4 * 12 * 2, "rows": 4 * 3 * 8, "randk": 4 * 24, "blocks": 12 * 8}[
-        projection
-    ]
+    expected = {"columns": 4 * 12 * 2, "rows": 4 * 3 * 8, "randk": 4 * 24, "blocks": 12 * 8}[projection]
     assert n_full == expected
 
 
@@ -131,8 +129,7 @@ def test_every_projection_trains_tall_wide_and_square(projection, shape):
     if projection in ("columns", "rows", "randk"):
         k = {"columns": int(0.4 * n), "rows": int(0.4 * m), "randk": int(0.4 * m * n)}[projection]
         assert (
-            st["index"].numel() == k
-            and st["exp_avg"].numel() == k * {"columns": m, "rows": n, "randk": 1}[projection]
+            st["index"].numel() == k and st["exp_avg"].numel() == k * {"columns": m, "rows": n, "randk": 1}[projection]
         )
         assert torch.equal(st["index"], st["index"].unique())  # sorted, unique
     if projection in ("svd", "random"):
@@ -162,9 +159,7 @@ def test_galore_mode_keeps_moments_across_refresh():
     run(opt, params, 1, start=2)
     st = opt.state[params[0]]
     assert float(st["step"]) == 3 and int(st["refresh"]) == 1
-    torch.testing.assert_close(
-        st["exp_avg"], 0.9 * m_before + 0.1 * project_down(params[0].grad, st["basis"])
-    )
+    torch.testing.assert_close(st["exp_avg"], 0.9 * m_before + 0.1 * project_down(params[0].grad, st["basis"]))
 
 
 def test_badam_mode_rotates_whole_tensors_descending():
@@ -181,18 +176,14 @@ def test_badam_mode_rotates_whole_tensors_descending():
 @pytest.mark.parametrize("projection", PROJECTIONS)
 def test_state_round_trip_is_bitwise_including_across_a_refresh(projection):
     params = make_params((9, 7), n=3)
-    opt = FRUGAL(
-        params, lr=1e-2, density=0.3, projection=projection, update_gap=3, weight_decay=0.01
-    )
+    opt = FRUGAL(params, lr=1e-2, density=0.3, projection=projection, update_gap=3, weight_decay=0.01)
     run(opt, params, 4)
     buf = io.BytesIO()
     torch.save(opt.state_dict(), buf)
     buf.seek(0)
     saved = torch.load(buf, weights_only=True)
     clones = [nn.Parameter(p.detach().clone()) for p in params]
-    fresh = FRUGAL(
-        clones, lr=1e-2, density=0.3, projection=projection, update_gap=3, weight_decay=0.01
-    )
+    fresh = FRUGAL(clones, lr=1e-2, density=0.3, projection=projection, update_gap=3, weight_decay=0.01)
     fresh.load_state_dict(saved)
     for k, v in opt.state[params[0]].items():
         assert fresh.state[clones[0]][k].dtype == v.dtype, k
@@ -221,9 +212,7 @@ def test_named_parameters_split_linear_weights_from_the_rest():
     from leanlm.engine.config import ModelConfig
     from leanlm.engine.model import LLaMA
 
-    model = LLaMA(
-        ModelConfig(d_model=16, n_layers=2, n_heads=2, ffn_dim=32), vocab_size=40, max_seq_len=8
-    )
+    model = LLaMA(ModelConfig(d_model=16, n_layers=2, n_heads=2, ffn_dim=32), vocab_size=40, max_seq_len=8)
     proj, rest = frugal_param_groups(model)
     assert len(proj["params"]) == 2 * 7 and all(p.ndim == 2 for p in proj["params"])
     rest_ids = {id(p) for p in rest["params"]}

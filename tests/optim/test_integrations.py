@@ -42,18 +42,13 @@ def test_hf_trainer_with_frugal_and_a_scheduler(tmp_path):
     opt = FRUGAL(model.named_parameters(), lr=1e-2, density=0.25, update_gap=2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     g = torch.Generator().manual_seed(0)
-    data = [
-        {"input_ids": (ids := torch.randint(0, 64, (16,), generator=g)), "labels": ids.clone()}
-        for _ in range(16)
-    ]
+    data = [{"input_ids": (ids := torch.randint(0, 64, (16,), generator=g)), "labels": ids.clone()} for _ in range(16)]
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=2, gradient_accumulation_steps=2,
         report_to=[], use_cpu=True, logging_steps=1, save_strategy="no", disable_tqdm=True,
     )  # fmt: skip
     w0 = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
-    trainer = transformers.Trainer(
-        model=model, args=args, train_dataset=data, optimizers=(opt, sched)
-    )
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, optimizers=(opt, sched))
     out = trainer.train()
     assert out.global_step == 4 and torch.isfinite(torch.tensor(out.training_loss))
     st = opt.state[model.model.layers[0].self_attn.q_proj.weight]

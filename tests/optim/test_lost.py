@@ -18,9 +18,7 @@ def dense(m=12, n=20, seed=0):
     return lin
 
 
-@pytest.mark.parametrize(
-    ("name", "expected"), [("60m", 44.0), ("130m", 98.2), ("350m", 200.3), ("1b", 669.5)]
-)
+@pytest.mark.parametrize(("name", "expected"), [("60m", 44.0), ("130m", 98.2), ("350m", 200.3), ("1b", 669.5)])
 def test_preset_parameter_counts_at_default_ranks(name, expected):
     from leanlm.engine.config import load_config
     from leanlm.engine.model import count_parameters
@@ -65,11 +63,7 @@ def test_selected_channels_are_the_top_residual_columns():
 
 
 def test_k_is_at_least_one_and_floor_of_density():
-    assert (
-        num_channels(512, 0.05) == 25
-        and num_channels(1376, 0.05) == 68
-        and num_channels(10, 0.01) == 1
-    )
+    assert num_channels(512, 0.05) == 25 and num_channels(1376, 0.05) == 68 and num_channels(10, 0.01) == 1
 
 
 @pytest.mark.parametrize("phi", PHIS)
@@ -81,18 +75,14 @@ def test_reference_gradients_pass_gradcheck(phi):
 
     x, A, B, Ws = t(3, 2, 7), t(7, 3), t(3, 5), t(5, 2)
     index = torch.tensor([1, 4])
-    assert torch.autograd.gradcheck(
-        lambda *a: lost_linear_reference(*a, index, 0.3, phi), (x, A, B, Ws)
-    )
+    assert torch.autograd.gradcheck(lambda *a: lost_linear_reference(*a, index, 0.3, phi), (x, A, B, Ws))
 
 
 def test_convert_our_model_and_report():
     from leanlm.engine.config import ModelConfig
     from leanlm.engine.model import LLaMA
 
-    model = LLaMA(
-        ModelConfig(d_model=32, n_layers=2, n_heads=2, ffn_dim=64), vocab_size=50, max_seq_len=16
-    )
+    model = LLaMA(ModelConfig(d_model=32, n_layers=2, n_heads=2, ffn_dim=64), vocab_size=50, max_seq_len=16)
     before = sum(p.numel() for p in model.parameters())
     report = convert(model, rank=8, channel_density=0.1)
     assert set(report.per_target) == {
@@ -105,9 +95,7 @@ def test_convert_our_model_and_report():
         "down_proj",
     }
     assert report.per_target["q_proj"] == (2, 2 * 32 * 32, 2 * (8 * 64 + 32 * 3))
-    assert report.total_before == before and report.total_after == sum(
-        p.numel() for p in model.parameters()
-    )
+    assert report.total_before == before and report.total_after == sum(p.numel() for p in model.parameters())
     assert isinstance(model.embed_tokens, nn.Embedding) and isinstance(model.lm_head, nn.Linear)
     out = model(torch.randint(0, 50, (2, 6)))
     assert out.shape == (2, 6, 50) and torch.isfinite(out).all()

@@ -1,0 +1,117 @@
+"""Builders: a config -> the device, the model (LOST-converted when asked), and the model wrapped
+for a distributed backend with its optimizer.
+
+The training loop, ``leanlm eval``/``generate`` and ``leanlm memory`` all build models here, so no
+tool has to import the loop to get one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from leanlm.engine import distributed as dist
+from leanlm.engine.config import RunConfig
+from leanlm.engine.errors import ConfigError
+from leanlm.engine.metrics import available_memory_bytes
+from leanlm.engine.model import LLaMA, count_parameters
+from leanlm.optim import build_optimizer
+from leanlm.optim.lost import convert
+
+
+def pick_device(spec: str) -> torch.device:
+    """``auto`` -> this rank's GPU when CUDA is available, else the CPU."""
+    if spec == "auto":
+        spec = f"cuda:{dist.local_rank()}" if torch.cuda.is_available() else "cpu"
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={spec!r} but CUDA is not available; use train.device=cpu")
+    return torch.device(spec)
+
+
+def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager | None:
+    """bf16 autocast for ``precision=bf16``, or ``auto`` on CUDA; None means full precision."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return None
+
+
+def build_model(cfg: RunConfig, tokenizer_vocab: int, device: torch.device | str = "cpu") -> LLaMA:
+    """The config's LLaMA on ``device`` (``meta`` for shape-only use), LOST-converted when
+    ``model.lost.enabled``, in ``train.param_dtype``."""
+    vocab = cfg.model.vocab_size or tokenizer_vocab
+    if vocab < tokenizer_vocab:
+        raise ConfigError(
+            f"model.vocab_size={vocab} is smaller than the tokenizer's {tokenizer_vocab}; raise it or set 0"
+        )
+    dtype = torch.bfloat16 if cfg.train.param_dtype == "bf16" else torch.float32
+    if torch.device(device).type != "meta":
+        check_weights_fit(cfg, vocab, torch.device(device))
+    with torch.device(device):
+        model = LLaMA(cfg.model, vocab, cfg.train.seq_len)
+    if cfg.model.lost.enabled:
+        apply_lost(model, cfg)
+    return model.to(dtype)
+
+
+def check_weights_fit(cfg: RunConfig, vocab: int, device: torch.device) -> None:
+    """Refuse, before allocating, a model whose weights alone exceed the device's free memory
+    (the dense init is built in float32 first, then cast)."""
+    with torch.device("meta"):
+        n = count_parameters(LLaMA(cfg.model, vocab, cfg.train.seq_len))
+    need, free = n * 4, available_memory_bytes(device)
+    if free is not None and need > free:
+        raise ConfigError(
+            f"the model has {n / 1e9:.2f}B parameters: {need / 2**30:.1f} GiB for the float32 "
+            f"weights alone, but {device} has {free / 2**30:.1f} GiB free; shrink model.* "
+            "(see `leanlm memory`) or use a larger device"
+        )
+
+
+def apply_lost(model: LLaMA, cfg: RunConfig) -> LLaMA:
+    """Convert the block projections to LOST layers, SVD-initialised from the dense init."""
+    lc = cfg.model.lost
+    return convert(
+        model,
+        lc.rank_for(cfg.model.d_model),
+        lc.channel_density,
+        gamma=lc.gamma,
+        phi=lc.phi,
+        select=lc.select,
+        values_init=lc.values_init,
+        init=lc.init,
+        support=lc.support,
+        svd_components=lc.svd_components,
+        seed=cfg.train.seed,
+    )
+
+
+def parallelize(
+    cfg: RunConfig, model: LLaMA, backend: str, device: torch.device
+) -> tuple[torch.nn.Module, torch.optim.Optimizer, contextlib.AbstractContextManager | None]:
+    """Shard or wrap ``model`` for ``backend`` and build the optimizer on what the backend trains.
+
+    Returns (the module the loop calls, the client optimizer, the autocast context). FSDP2 shards
+    before the optimizer exists (it must see the sharded parameters); DeepSpeed takes the optimizer
+    and wraps both. On GPU, bf16 comes from FSDP2's mixed-precision policy or DeepSpeed's bf16 mode
+    instead of autocast.
+    """
+    train, world = cfg.train, dist.world_size()
+    autocast = autocast_for(train.precision, device)
+    gpu_bf16 = autocast is not None and device.type == "cuda"
+    if backend == "fsdp2":
+        dist.shard_fsdp2(model, list(model.layers), gpu_bf16, cfg.distributed.reshard_after_forward)
+        autocast = None if gpu_bf16 else autocast
+    optimizer = build_optimizer(cfg.optim.name, model.named_parameters(), **cfg.optim.optimizer_kwargs(train.seed))
+    if backend == "deepspeed":
+        ds_config = dist.deepspeed_config(
+            micro_batch=train.micro_batch(world),
+            grad_accum=train.grad_accum_steps(world),
+            grad_clip=train.grad_clip,
+            zero_stage=cfg.distributed.zero_stage,
+            bf16=gpu_bf16,
+        )
+        return dist.wrap_deepspeed(model, optimizer, ds_config), optimizer, (None if gpu_bf16 else autocast)
+    if backend == "ddp":
+        return dist.wrap_ddp(model, device), optimizer, autocast
+    return model, optimizer, autocast
