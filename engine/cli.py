@@ -154,11 +154,11 @@ def _load(spec: str, overrides: list[str]):
 
     Data is always tokenized with the checkpoint's own tokenizer, the way the model was trained.
     """
+    from leanlm.engine.build import build_model, pick_device
     from leanlm.engine.config import build_config, merge, parse_overrides, read_yaml
     from leanlm.engine.errors import ConfigError
     from leanlm.engine.sharded_checkpoint import load_weights
     from leanlm.engine.tokenizer import Tokenizer
-    from leanlm.engine.trainer import build_model, pick_device
 
     path = _checkpoint_path(spec)
     over = parse_overrides(overrides)
@@ -203,9 +203,9 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     import math
 
+    from leanlm.engine.build import autocast_for
     from leanlm.engine.data import build_corpus
     from leanlm.engine.evaluate import evaluate, unigram_loss
-    from leanlm.engine.trainer import autocast_for
 
     cfg, model, _, path, device = _load(args.checkpoint, args.overrides)
     if cfg.train.threads:

@@ -98,7 +98,7 @@ def activation_bytes(cfg: RunConfig, vocab: int, act_bytes: int, param_dtype_byt
 def memory_report(cfg: RunConfig, vocab: int, on_gpu: bool = True) -> MemoryReport:
     """Measure parameter, gradient and optimizer-state bytes on the meta device; estimate activations."""
     dtype = torch.bfloat16 if cfg.train.param_dtype == "bf16" else torch.float32
-    from leanlm.engine.trainer import build_model
+    from leanlm.engine.build import build_model
 
     model = build_model(cfg, vocab, "meta").to(dtype)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -1,15 +1,18 @@
 """Run metrics: TensorBoard event files and ``metrics.jsonl`` with the same scalars, main rank only.
 
 (Named ``metrics`` rather than ``logging`` so it can never shadow the standard library module.)
-Tags follow DESIGN.md: ``train/loss``, ``train/grad_norm``, ``val/loss``, ``val/ppl``, ``optim/lr``,
+Tags: ``train/loss``, ``train/grad_norm``, ``val/loss``, ``val/ppl``, ``optim/lr``,
 ``perf/tokens_per_s``, ``perf/mfu`` (CUDA), ``mem/peak_gib``, ``reweight/*``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +66,32 @@ def _step_of(line: str) -> int:
         return int(json.loads(line).get("step", 0))
     except (ValueError, TypeError, AttributeError):
         return 2**62  # a torn last line from a crash: drop it
+
+
+class Throughput:
+    """Tokens per second over a logging window, with eval and checkpoint time left out."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self._start, self._tokens, self._paused = time.perf_counter(), 0, 0.0
+
+    def add(self, tokens: int) -> None:
+        self._tokens += tokens
+
+    def rate(self) -> float:
+        """Tokens per second since the last ``reset``."""
+        return self._tokens / max(time.perf_counter() - self._start - self._paused, 1e-9)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time spent inside does not count (evaluation, checkpoints)."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._paused += time.perf_counter() - t0
 
 
 def trim_records(path: Path, last_step: int) -> None:

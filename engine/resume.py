@@ -121,25 +121,3 @@ def resume_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> 
     for group, lr in zip(groups, lrs, strict=True):
         group["lr"] = lr
     scheduler._last_lr = lrs
-
-
-def restore(
-    path: Path,
-    backend: str,
-    model: torch.nn.Module,
-    net: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LambdaLR,
-    data: Any,
-    device: torch.device,
-) -> tuple[int, int]:
-    """Everything a resume restores: weights, optimizer state, schedule position, data position
-    and RNG states. Returns (step, tokens seen)."""
-    state = load_state(path, backend, model, net, optimizer, device)
-    step = int(state["step"])
-    resume_schedule(scheduler, step)
-    data.load_state_dict(state["data"])
-    torch.set_rng_state(state["rng_cpu"])
-    if device.type == "cuda" and state.get("rng_cuda") is not None:
-        torch.cuda.set_rng_state(state["rng_cuda"], device)
-    return step, int(state["tokens_seen"])

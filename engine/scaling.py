@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from leanlm.engine.config import RunConfig
 from leanlm.engine.errors import DataError
 from leanlm.engine.scaling_fit import FitResult, absolute_relative_error, fit
 
@@ -30,8 +31,12 @@ __all__ = [
     "FitResult",
     "ScalingRecorder",
     "absolute_relative_error",
+    "export_colpret_csv",
     "fit",
+    "holdout_are",
     "load_records",
+    "plot_fit",
+    "recorder_for",
     "trajectory_points",
 ]
 
@@ -69,6 +74,43 @@ class ScalingRecorder:
         with open(self.path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
         return row
+
+
+def recorder_for(
+    cfg: RunConfig,
+    run_dir: Path,
+    num_params: int,
+    non_embedding_params: int,
+    flops_per_token: float,
+    train_sequences: int | None,
+) -> ScalingRecorder:
+    """The run's ``scaling.jsonl`` writer with its constant columns filled in."""
+    from leanlm.engine import __version__
+
+    o = cfg.optim
+    static = {
+        "model_name": cfg.log.model_name or run_dir.resolve().name,
+        "model_type": "leanlm-llama",
+        "scaled_set": cfg.log.scaled_set or run_dir.resolve().parent.name,
+        "num_params": num_params,
+        "non_embedding_params": non_embedding_params,
+        "data": cfg.data.source,
+        "loss_cols": ["val_loss"],
+        "original_paper": f"leanlm {__version__}",
+        "seed": str(cfg.train.seed),
+        "arch": "dec",
+        "domain": "LM",
+        "optimizer": o.name,
+        "density": None if o.name == "adamw" else o.density,
+        "projection": o.projection if o.name == "frugal" else None,
+        "lost_rank": None,
+        "lost_density": None,
+        "seq_len": cfg.train.seq_len,
+        "global_batch_tokens": cfg.train.tokens_per_step(),
+        "flops_per_token": flops_per_token,
+    }
+    per_epoch = (train_sequences or 0) * cfg.train.seq_len or None
+    return ScalingRecorder(run_dir / "scaling.jsonl", static, flops_per_token, per_epoch)
 
 
 def load_records(paths: list[str | Path]) -> list[dict[str, Any]]:

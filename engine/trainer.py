@@ -1,9 +1,9 @@
 """The training loop: when things happen (eval, checkpoints, logging); the math is in ``step``.
 
-``train(cfg)`` builds, in order: process group, data (tokenizer + packed stream + held-out set),
-model, optimizer and schedule, resume state, logging; then runs the loop below. SIGTERM/SIGINT
-finish the current step, save a checkpoint and return; a NaN/Inf loss stops the run with an error
-(the last good checkpoint stays on disk).
+``train(cfg)`` takes the run folder, builds (``setup``): process group, data (tokenizer + packed
+stream + held-out set), model, optimizer and schedule, resume state, logging; then runs ``_loop``.
+SIGTERM/SIGINT finish the current step, save a checkpoint and return; a NaN/Inf loss or gradient
+norm stops the run before its update with an error naming the last checkpoint known to be good.
 """
 
 from __future__ import annotations
@@ -22,25 +22,18 @@ from tqdm import tqdm
 
 from leanlm.engine import checkpoint as ckpt
 from leanlm.engine import distributed as dist
-from leanlm.engine import sharded_checkpoint as sharded
+from leanlm.engine.build import build_model, parallelize, pick_device
+from leanlm.engine.checkpointer import Checkpointer, TrainState, find_resume
 from leanlm.engine.config import RunConfig, check_world, save_yaml
 from leanlm.engine.data import Corpus, build_corpus
 from leanlm.engine.errors import ConfigError, TrainingError
 from leanlm.engine.evaluate import EvalResult, evaluate, unigram_loss
-from leanlm.engine.metrics import (
-    MetricsLogger,
-    available_memory_bytes,
-    peak_flops,
-    peak_memory_gib,
-    trim_records,
-)
-from leanlm.engine.model import LLaMA, count_parameters, flops_per_token
-from leanlm.engine.resume import check_resume_config, restore, zero_stage_of
+from leanlm.engine.metrics import MetricsLogger, Throughput, peak_flops, peak_memory_gib, trim_records
+from leanlm.engine.model import count_parameters, flops_per_token
 from leanlm.engine.run_lock import RunLock
-from leanlm.engine.scaling import ScalingRecorder
+from leanlm.engine.scaling import ScalingRecorder, recorder_for
 from leanlm.engine.schedule import build_scheduler
-from leanlm.engine.step import train_step
-from leanlm.optim import build_optimizer
+from leanlm.engine.step import StepResult, train_step
 
 
 @dataclass
@@ -57,60 +50,22 @@ class TrainResult:
     tokens_per_s: float = 0.0
 
 
-def pick_device(spec: str) -> torch.device:
-    if spec == "auto":
-        spec = f"cuda:{dist.local_rank()}" if torch.cuda.is_available() else "cpu"
-    if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={spec!r} but CUDA is not available; use train.device=cpu")
-    return torch.device(spec)
+@dataclass
+class Run:
+    """Everything the loop works with, built once by ``setup``."""
 
-
-def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager | None:
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return None
-
-
-def build_model(cfg: RunConfig, tokenizer_vocab: int, device: torch.device | str = "cpu") -> LLaMA:
-    vocab = cfg.model.vocab_size or tokenizer_vocab
-    if vocab < tokenizer_vocab:
-        raise ConfigError(
-            f"model.vocab_size={vocab} is smaller than the tokenizer's {tokenizer_vocab}; raise it or set 0"
-        )
-    dtype = torch.bfloat16 if cfg.train.param_dtype == "bf16" else torch.float32
-    if torch.device(device).type != "meta":
-        _check_weights_fit(cfg, vocab, torch.device(device), dtype)
-    with torch.device(device):
-        model = LLaMA(cfg.model, vocab, cfg.train.seq_len)
-    if cfg.model.lost.enabled:
-        apply_lost(model, cfg)
-    return model.to(dtype)
-
-
-def _check_weights_fit(cfg: RunConfig, vocab: int, device: torch.device, dtype: torch.dtype) -> None:
-    """Refuse, before allocating, a model whose weights alone exceed the device's free memory
-    (the dense init is built in float32 first, then cast)."""
-    with torch.device("meta"):
-        n = count_parameters(LLaMA(cfg.model, vocab, cfg.train.seq_len))
-    need, free = n * 4, available_memory_bytes(device)
-    if free is not None and need > free:
-        raise ConfigError(
-            f"the model has {n / 1e9:.2f}B parameters: {need / 2**30:.1f} GiB for the float32 "
-            f"weights alone, but {device} has {free / 2**30:.1f} GiB free; shrink model.* "
-            "(see `leanlm memory`) or use a larger device"
-        )
-
-
-def apply_lost(model: LLaMA, cfg: RunConfig):
-    """Convert the block projections to LOST layers, SVD-initialised from the dense init."""
-    from leanlm.optim.lost import convert
-
-    lc = cfg.model.lost
-    return convert(
-        model, lc.rank_for(cfg.model.d_model), lc.channel_density, gamma=lc.gamma, phi=lc.phi,
-        select=lc.select, values_init=lc.values_init, init=lc.init, support=lc.support,
-        svd_components=lc.svd_components, seed=cfg.train.seed,
-    )  # fmt: skip
+    cfg: RunConfig
+    device: torch.device
+    net: torch.nn.Module  # what the loop calls (the model, DDP, FSDP2 or a DeepSpeed engine)
+    optimizer: torch.optim.Optimizer
+    autocast: contextlib.AbstractContextManager | None
+    corpus: Corpus
+    state: TrainState
+    checkpointer: Checkpointer
+    logger: MetricsLogger
+    recorder: ScalingRecorder | None
+    flops_per_token: float
+    unigram_ppl: float
 
 
 class StopFlag:
@@ -134,40 +89,6 @@ class StopFlag:
             signal.signal(sig, old)
 
 
-def scaling_recorder(
-    cfg: RunConfig, model: LLaMA, run_dir: Path, fpt: float, corpus: Corpus, step: int
-) -> ScalingRecorder:
-    """The run's ``scaling.jsonl`` writer with its constant columns filled in; rows after the
-    restart ``step`` (written by a crashed attempt) are dropped first."""
-    trim_records(run_dir / "scaling.jsonl", step)
-    from leanlm.engine import __version__
-
-    o = cfg.optim
-    static = {
-        "model_name": cfg.log.model_name or run_dir.resolve().name,
-        "model_type": "leanlm-llama",
-        "scaled_set": cfg.log.scaled_set or run_dir.resolve().parent.name,
-        "num_params": count_parameters(model),
-        "non_embedding_params": count_parameters(model, non_embedding=True),
-        "data": cfg.data.source,
-        "loss_cols": ["val_loss"],
-        "original_paper": f"leanlm {__version__}",
-        "seed": str(cfg.train.seed),
-        "arch": "dec",
-        "domain": "LM",
-        "optimizer": o.name,
-        "density": None if o.name == "adamw" else o.density,
-        "projection": o.projection if o.name == "frugal" else None,
-        "lost_rank": None,
-        "lost_density": None,
-        "seq_len": cfg.train.seq_len,
-        "global_batch_tokens": cfg.train.tokens_per_step(),
-        "flops_per_token": fpt,
-    }
-    per_epoch = getattr(corpus.train, "n", 0) * cfg.train.seq_len or None
-    return ScalingRecorder(run_dir / "scaling.jsonl", static, fpt, per_epoch)
-
-
 def train(cfg: RunConfig, stop_at: int | None = None) -> TrainResult:
     """Train as ``cfg`` says. ``stop_at``: save and return after this step (for tests and resumable jobs)."""
     if os.environ.get("LEANLM_FAULT_AT"):
@@ -178,7 +99,11 @@ def train(cfg: RunConfig, stop_at: int | None = None) -> TrainResult:
     lock = RunLock(Path(cfg.train.out_dir))
     try:
         _hold_run_folder(lock)
-        return _train(cfg, device, backend, stop_at)
+        run = setup(cfg, device, backend)
+        try:
+            return _loop(run, stop_at)
+        finally:
+            run.logger.close()
     finally:
         lock.release()
         dist.shutdown()
@@ -200,38 +125,6 @@ def _hold_run_folder(lock: RunLock) -> None:
             print(f"leanlm: removed {stale.name}, left by a save that did not finish")
 
 
-def parallelize(
-    cfg: RunConfig, model: LLaMA, backend: str, device: torch.device
-) -> tuple[torch.nn.Module, torch.optim.Optimizer, contextlib.AbstractContextManager | None]:
-    """Shard or wrap ``model`` for ``backend`` and build the optimizer on what the backend trains.
-
-    Returns (the module the loop calls, the client optimizer, the autocast context). FSDP2 shards
-    before the optimizer exists (it must see the sharded parameters); DeepSpeed takes the optimizer
-    and wraps both. On GPU, bf16 comes from FSDP2's mixed-precision policy or DeepSpeed's bf16 mode
-    instead of autocast.
-    """
-    t, world = cfg.train, dist.world_size()
-    autocast = autocast_for(t.precision, device)
-    gpu_bf16 = autocast is not None and device.type == "cuda"
-    if backend == "fsdp2":
-        dist.shard_fsdp2(model, list(model.layers), gpu_bf16, cfg.distributed.reshard_after_forward)
-        autocast = None if gpu_bf16 else autocast
-    optimizer = build_optimizer(cfg.optim.name, model.named_parameters(), **cfg.optim.optimizer_kwargs(t.seed))
-    if backend == "deepspeed":
-        ds_config = dist.deepspeed_config(
-            t.micro_batch(world), t.grad_accum_steps(world), t.grad_clip,
-            cfg.distributed.zero_stage, gpu_bf16,
-        )  # fmt: skip
-        return (
-            dist.wrap_deepspeed(model, optimizer, ds_config),
-            optimizer,
-            (None if gpu_bf16 else autocast),
-        )
-    if backend == "ddp":
-        return dist.wrap_ddp(model, device), optimizer, autocast
-    return model, optimizer, autocast
-
-
 def _nan_message(res: Any, step: int, good: Path | None, latest: Path | None) -> str:
     """The NaN stop's one line. ``good``: the newest checkpoint whose weights then trained a
     finite step (resuming it with a lower lr works); ``latest`` may be the one that blew up."""
@@ -249,180 +142,150 @@ def _nan_message(res: Any, step: int, good: Path | None, latest: Path | None) ->
     )
 
 
-def _train(cfg: RunConfig, device: torch.device, backend: str, stop_at: int | None) -> TrainResult:
-    t, main = cfg.train, dist.is_main()
+def setup(cfg: RunConfig, device: torch.device, backend: str) -> Run:
+    """Build the run: data, model, optimizer, schedule, resume state, logs."""
+    train_cfg, main, run_dir = cfg.train, dist.is_main(), Path(cfg.train.out_dir)
     check_world(cfg, dist.world_size())
-    run_dir = Path(t.out_dir)
-    resume_from = ckpt.resolve_resume(run_dir, t.resume)
-    if resume_from is None and ckpt.list_checkpoints(run_dir) and t.resume != "auto":
-        raise ConfigError(
-            f"train.out_dir={t.out_dir!r} already holds checkpoints; pass train.resume=auto to continue it or pick a new train.out_dir"
-        )
-    if resume_from is not None:
-        check_resume_config(cfg, resume_from)
-    if t.threads:
-        torch.set_num_threads(t.threads)
-    torch.manual_seed(t.seed)
+    resume_from = find_resume(cfg)
+    if train_cfg.threads:
+        torch.set_num_threads(train_cfg.threads)
+    torch.manual_seed(train_cfg.seed)
 
-    corpus: Corpus = build_corpus(cfg, resume_from / "tokenizer.model" if resume_from else None)
+    corpus = build_corpus(cfg, resume_from / "tokenizer.model" if resume_from else None)
     model = build_model(cfg, corpus.tokenizer.vocab_size, device)
-    n_params = count_parameters(model)  # before sharding: the global count
+    n_params, n_body = count_parameters(model), count_parameters(model, True)  # before sharding
     net, optimizer, autocast = parallelize(cfg, model, backend, device)
-    scheduler = build_scheduler(optimizer, cfg.optim, t.steps)
-    step, tokens_seen = 0, 0
+    state = TrainState(build_scheduler(optimizer, cfg.optim, train_cfg.steps), corpus.train, device)
+    checkpointer = Checkpointer(cfg, backend, model, net, optimizer, corpus.tokenizer.proto)
     if resume_from is not None:
-        step, tokens_seen = restore(resume_from, backend, model, net, optimizer, scheduler, corpus.train, device)
+        checkpointer.restore(resume_from, state, device)
     if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_yaml(cfg, run_dir / "config.yaml")
+        save_yaml(cfg, run_dir / "config.yaml")  # what this run actually uses
         corpus.tokenizer.save(run_dir / "tokenizer.model")
-
-    if t.compile and dist.is_deepspeed(net):
+    if train_cfg.compile and dist.is_deepspeed(net):
         if main:
             print("leanlm: train.compile is ignored under DeepSpeed (its engine wraps the module)")
-    elif t.compile:
+    elif train_cfg.compile:
         net = torch.compile(net)
     # Records past the restart step (all of them on a fresh start) belong to an attempt that
     # crashed before saving them: dropped, so the logs read as one uninterrupted run.
-    logger = MetricsLogger(run_dir, main, cfg.log.tensorboard, resume_step=step)
-    fpt = flops_per_token(cfg.model, model.vocab_size, t.seq_len)
-    peak = peak_flops(device)
-    unigram = unigram_loss(corpus.train_counts, corpus.val_tokens, t.seq_len)
+    logger = MetricsLogger(run_dir, main, cfg.log.tensorboard, resume_step=state.step)
+    fpt = flops_per_token(cfg.model, model.vocab_size, train_cfg.seq_len)
+    recorder = None
+    if main and cfg.log.scaling:
+        trim_records(run_dir / "scaling.jsonl", state.step)
+        recorder = recorder_for(cfg, run_dir, n_params, n_body, fpt, getattr(corpus.train, "n", None))
     if main:
+        t, world = train_cfg, dist.world_size()
         print(
-            f"leanlm: {n_params / 1e6:.2f}M parameters ({count_parameters(model, True) / 1e6:.2f}M non-embedding), "
-            f"vocab {model.vocab_size}, {t.tokens_per_step():,} tokens/step x {t.steps} steps = {t.tokens_per_step() * t.steps:,} tokens, "
-            f"grad accum {t.grad_accum_steps(dist.world_size())} x world {dist.world_size()} ({backend}), device {device}\n"
+            f"leanlm: {n_params / 1e6:.2f}M parameters ({n_body / 1e6:.2f}M non-embedding), vocab {model.vocab_size}, "
+            f"{t.tokens_per_step():,} tokens/step x {t.steps} steps = {t.tokens_per_step() * t.steps:,} tokens, "
+            f"grad accum {t.grad_accum_steps(world)} x world {world} ({backend}), device {device}\n"
             f"leanlm: data {corpus.description}\n"
-            f"leanlm: run folder {run_dir}" + (f", resuming from {resume_from} (step {step})" if resume_from else "")
+            f"leanlm: run folder {run_dir}"
+            + (f", resuming from {resume_from} (step {state.step})" if resume_from else "")
         )
+    unigram = math.exp(unigram_loss(corpus.train_counts, corpus.val_tokens, train_cfg.seq_len))
+    return Run(cfg, device, net, optimizer, autocast, corpus, state, checkpointer, logger, recorder, fpt, unigram)
 
-    def do_eval(at: int) -> EvalResult:
-        res = evaluate(
-            net,
-            corpus.val_tokens,
-            t.seq_len,
-            cfg.eval.batch_size,
-            device,
-            autocast,
-            t.loss_chunk_tokens,
-        )
-        logger.log(at, {"val/loss": res.loss, "val/ppl": res.ppl}, tokens_seen=tokens_seen)
-        if recorder is not None:
-            elapsed = time.perf_counter() - start
-            recorder.record(
-                at, tokens_seen, res.loss, result.losses[-1] if result.losses else None,
-                scheduler.get_last_lr()[0], elapsed, (tokens_seen - start_tokens) / max(elapsed, 1e-9),
-                str(last_ckpt or ""),
-            )  # fmt: skip
-        return res
 
-    def do_save(at: int) -> Path | None:
-        """Backends none/ddp: the main rank writes model.pt + optim.pt. fsdp2 / deepspeed: every
-        rank writes its shards (DCP / DeepSpeed files), the main rank the rest."""
-        writer = {
-            "fsdp2": lambda tmp: sharded.save_dcp(tmp / sharded.DCP_DIR, model, optimizer),
-            "deepspeed": lambda tmp: sharded.save_deepspeed(tmp / sharded.DS_DIR, net),
-        }.get(backend)
-        if writer is None and not main:
-            return None
-        train_state = {
-            "step": at,
-            "tokens_seen": tokens_seen,
-            "scheduler": scheduler.state_dict(),
-            "data": corpus.train.state_dict(),
-            "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            "backend": backend,
-            "world_size": dist.world_size(),
-            "zero_stage": zero_stage_of(net),
-            "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups],
-        }
-        files = {
-            "config.yaml": (run_dir / "config.yaml").read_bytes() if main else b"",
-            "tokenizer.model": corpus.tokenizer.proto,
-        }
-        tensors = {"train": train_state}
-        if writer is None:
-            tensors.update(model=model.state_dict(), optim=optimizer.state_dict())
-        path = ckpt.save_checkpoint(run_dir, at, tensors, files, cfg.checkpoint.keep, writer, written)
-        return path if main else None
-
-    written: set[Path] = set()  # checkpoint folders of this call: the only ones a save may replace
-    recorder = scaling_recorder(cfg, model, run_dir, fpt, corpus, step) if main and cfg.log.scaling else None
-    start, start_tokens = time.perf_counter(), tokens_seen
-    result = TrainResult(run_dir=run_dir, step=step, tokens_seen=tokens_seen, unigram_ppl=math.exp(unigram))
-    last_ckpt: Path | None = resume_from
-    # A checkpoint is "good" once the step after it trained finitely from its weights.
-    good_ckpt: Path | None = None
-    bar = tqdm(
-        total=t.steps,
-        initial=step,
-        disable=not (main and cfg.log.progress),
-        dynamic_ncols=True,
-        unit="step",
-    )
-    window_start = time.perf_counter()
-    window_tokens, paused = 0, 0.0
-    net.train()
-    try:  # the logs are closed (flushed) however the loop ends
-        with StopFlag() as stop:
-            while step < t.steps:
-                rw = t.reweight if t.reweight.strategy != "uniform" and step >= t.reweight.warmup_steps else None
-                res = train_step(
-                    net, optimizer, corpus.train.next_step(), device, autocast, t.grad_clip,
-                    reweight=(rw.strategy, rw.r) if rw else None, chunk_tokens=t.loss_chunk_tokens,
-                )  # fmt: skip
-                if not res.finite:
-                    raise TrainingError(_nan_message(res, step + 1, good_ckpt, last_ckpt))
-                good_ckpt = last_ckpt
-                lr = scheduler.get_last_lr()[0]
-                scheduler.step()
-                step += 1
-                step_tokens = res.tokens * dist.world_size()
-                tokens_seen += step_tokens
-                window_tokens += step_tokens
-                loss = dist.all_reduce_mean(res.loss, device)
-                result.losses.append(loss)
-                if step % cfg.log.every == 0 or step == t.steps:
-                    elapsed = time.perf_counter() - window_start - paused
-                    tps = window_tokens / max(elapsed, 1e-9)
-                    scalars = {
-                        "train/loss": loss,
-                        "train/grad_norm": res.grad_norm,
-                        "optim/lr": lr,
-                        "perf/tokens_per_s": tps,
-                        "mem/peak_gib": peak_memory_gib(device),
-                    }
-                    if peak:
-                        scalars["perf/mfu"] = fpt * tps / (peak * dist.world_size())
-                    if res.reweight is not None:
-                        scalars.update(res.reweight.scalars())
-                    logger.log(step, scalars, tokens_seen=tokens_seen)
-                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
-                    window_start, window_tokens, paused = time.perf_counter(), 0, 0.0
-                bar.update(1)
-                pause = time.perf_counter()  # eval and checkpoint time stays out of tokens/s
-                if cfg.eval.is_eval_step(step) and step != t.steps:
-                    val = do_eval(step)
-                    if main:
-                        bar.write(f"step {step}: val loss {val.loss:.4f}, ppl {val.ppl:.2f}")
-                stopping = dist.any_rank(stop.signal is not None) or step == stop_at
-                if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or stopping or step == t.steps:
-                    last_ckpt = do_save(step) or last_ckpt
-                paused += time.perf_counter() - pause
-                if dist.fault_injection_due(step):
-                    os.kill(os.getpid(), signal.SIGKILL)
-                if stopping:
-                    result.interrupted = stop.signal is not None
-                    break
-        result.wall_s = time.perf_counter() - start
-        result.tokens_per_s = (tokens_seen - result.tokens_seen) / max(result.wall_s, 1e-9)
-        result.step, result.tokens_seen, result.checkpoint = step, tokens_seen, last_ckpt
-        if step == t.steps:
-            result.final = do_eval(step)
-    finally:
-        bar.close()
-        logger.close()
+def _loop(run: Run, stop_at: int | None) -> TrainResult:
+    """Step until ``train.steps``, a stop signal or ``stop_at``; evaluate, log and save on cadence."""
+    cfg, state, train_cfg = run.cfg, run.state, run.cfg.train
+    result = TrainResult(Path(train_cfg.out_dir), state.step, state.tokens_seen, unigram_ppl=run.unigram_ppl)
+    started, meter = time.perf_counter(), Throughput()
+    show = dist.is_main() and cfg.log.progress
+    bar = tqdm(total=train_cfg.steps, initial=state.step, disable=not show, dynamic_ncols=True, unit="step")
+    run.net.train()
+    with bar, StopFlag() as stop:
+        while state.step < train_cfg.steps:
+            # forward, backward, clip, update: the step's math lives in engine.step
+            res = train_step(
+                run.net,
+                run.optimizer,
+                run.corpus.train.next_step(),
+                run.device,
+                run.autocast,
+                train_cfg.grad_clip,
+                reweight=_reweighting(cfg, state.step),
+                chunk_tokens=train_cfg.loss_chunk_tokens,
+            )
+            # a NaN/Inf step was not applied: stop, pointing at weights known to train
+            if not res.finite:
+                raise TrainingError(_nan_message(res, state.step + 1, run.checkpointer.good, run.checkpointer.last))
+            run.checkpointer.confirm()
+            lr = state.scheduler.get_last_lr()[0]
+            state.advance(res.tokens * dist.world_size())
+            meter.add(res.tokens * dist.world_size())
+            loss = dist.all_reduce_mean(res.loss, run.device)
+            result.losses.append(loss)
+            # logging
+            if state.step % cfg.log.every == 0 or state.step == train_cfg.steps:
+                _log_step(run, res, loss, lr, meter.rate())
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{meter.rate():,.0f}")
+                meter.reset()
+            bar.update(1)
+            stopping = dist.any_rank(stop.signal is not None) or state.step == stop_at
+            with meter.paused():  # evaluation and checkpoint time stays out of tokens/s
+                if cfg.eval.is_eval_step(state.step) and state.step != train_cfg.steps:
+                    val = _evaluate(run, result, started)
+                    if dist.is_main():
+                        bar.write(f"step {state.step}: val loss {val.loss:.4f}, ppl {val.ppl:.2f}")
+                if run.checkpointer.due(state.step, stopping):
+                    run.checkpointer.save(state)
+            # termination
+            if dist.fault_injection_due(state.step):
+                os.kill(os.getpid(), signal.SIGKILL)
+            if stopping:
+                result.interrupted = stop.signal is not None
+                break
+    result.wall_s = time.perf_counter() - started
+    result.tokens_per_s = (state.tokens_seen - result.tokens_seen) / max(result.wall_s, 1e-9)
+    if state.step == train_cfg.steps:
+        result.final = _evaluate(run, result, started)
+    result.step, result.tokens_seen, result.checkpoint = state.step, state.tokens_seen, run.checkpointer.last
     dist.barrier()
     return result
+
+
+def _reweighting(cfg: RunConfig, step: int) -> tuple[str, float] | None:
+    """(strategy, r) once reweighting is on and past its warmup; None for the plain mean."""
+    rw = cfg.train.reweight
+    return (rw.strategy, rw.r) if rw.strategy != "uniform" and step >= rw.warmup_steps else None
+
+
+def _log_step(run: Run, res: StepResult, loss: float, lr: float, tokens_per_s: float) -> None:
+    scalars = {
+        "train/loss": loss,
+        "train/grad_norm": res.grad_norm,
+        "optim/lr": lr,
+        "perf/tokens_per_s": tokens_per_s,
+        "mem/peak_gib": peak_memory_gib(run.device),
+    }
+    peak = peak_flops(run.device)
+    if peak:
+        scalars["perf/mfu"] = run.flops_per_token * tokens_per_s / (peak * dist.world_size())
+    if res.reweight is not None:
+        scalars.update(res.reweight.scalars())
+    run.logger.log(run.state.step, scalars, tokens_seen=run.state.tokens_seen)
+
+
+def _evaluate(run: Run, result: TrainResult, started: float) -> EvalResult:
+    """Held-out loss now: logged, and a row in scaling.jsonl."""
+    cfg, state = run.cfg, run.state
+    seq_len, batch, chunk = cfg.train.seq_len, cfg.eval.batch_size, cfg.train.loss_chunk_tokens
+    res = evaluate(run.net, run.corpus.val_tokens, seq_len, batch, run.device, run.autocast, chunk)
+    run.logger.log(state.step, {"val/loss": res.loss, "val/ppl": res.ppl}, tokens_seen=state.tokens_seen)
+    if run.recorder is not None:
+        elapsed = time.perf_counter() - started
+        run.recorder.record(
+            state.step,
+            state.tokens_seen,
+            res.loss,
+            result.losses[-1] if result.losses else None,
+            state.scheduler.get_last_lr()[0],
+            elapsed,
+            (state.tokens_seen - result.tokens_seen) / max(elapsed, 1e-9),
+            str(run.checkpointer.last or ""),
+        )
+    return res

@@ -17,10 +17,10 @@ import torch
 import torch.distributed as tdist
 
 from leanlm.engine import distributed as dist
+from leanlm.engine.build import build_model
 from leanlm.engine.config import load_config
 from leanlm.engine.memory import memory_report
 from leanlm.engine.step import train_step
-from leanlm.engine.trainer import build_model
 from leanlm.optim import build_optimizer, state_bytes
 
 

@@ -30,10 +30,11 @@ VARIANTS = {
 def run_one(name: str, over: list[str]) -> dict:
     import torch
 
+    from leanlm.engine.build import build_model
     from leanlm.engine.config import load_config
     from leanlm.engine.metrics import peak_memory_gib
     from leanlm.engine.model import count_parameters
-    from leanlm.engine.trainer import build_model, train
+    from leanlm.engine.trainer import train
     from leanlm.optim import build_optimizer, state_bytes
 
     cfg = load_config(ROOT / "configs" / "tiny.yaml", over)

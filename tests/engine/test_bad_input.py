@@ -69,9 +69,9 @@ def test_values_without_a_bound_are_refused(capsys, tmp_path, override, fragment
 
 def test_weights_that_cannot_fit_are_refused_before_allocating(capsys, tiny_overrides, monkeypatch):
     """F11: a model bigger than the free memory gets a line, not an OOM kill."""
-    import leanlm.engine.trainer as trainer
+    import leanlm.engine.build as build
 
-    monkeypatch.setattr(trainer, "available_memory_bytes", lambda device: 1000)
+    monkeypatch.setattr(build, "available_memory_bytes", lambda device: 1000)
     one_line_error(capsys, ["train", TINY, *tiny_overrides], "GiB free; shrink model.*")
 
 

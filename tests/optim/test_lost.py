@@ -20,9 +20,9 @@ def dense(m=12, n=20, seed=0):
 
 @pytest.mark.parametrize(("name", "expected"), [("60m", 44.0), ("130m", 98.2), ("350m", 200.3), ("1b", 669.5)])
 def test_preset_parameter_counts_at_default_ranks(name, expected):
+    from leanlm.engine.build import build_model
     from leanlm.engine.config import load_config
     from leanlm.engine.model import count_parameters
-    from leanlm.engine.trainer import build_model
 
     cfg = load_config(CONFIGS / f"llama_{name}.yaml", ["model.lost.enabled=true"])
     model = build_model(cfg, 32000, "meta")
