@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from leanlm.kernels import inverse_index, kernel_path, triton_available
+from leanlm.kernels import inverse_index, use_triton
 
 FREE_CODE = {"sign": 0, "sgd": 1, "none": 2}
 
@@ -62,18 +62,6 @@ def frugal_update_reference(
     u = state_free_update(g, free, scratch).mul_(-lr_free)
     u.index_copy_(dim, index, upd.to(u.dtype))
     p.add_(u)
-
-
-def use_triton(p: torch.Tensor) -> bool:
-    """Whether ``frugal_update`` takes the Triton path for this tensor."""
-    path = kernel_path()
-    if path == "reference":
-        return False
-    if path == "triton":
-        if not triton_available():
-            raise RuntimeError("LEANLM_KERNELS=triton but Triton is not installed: pip install triton")
-        return True
-    return p.is_cuda and triton_available()
 
 
 def frugal_update(

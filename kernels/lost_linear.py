@@ -14,21 +14,8 @@ installed. ``LEANLM_KERNELS=reference|triton`` forces one (triton on CPU tensors
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from leanlm.kernels import kernel_path, triton_available
-
-PHIS = ("identity", "silu", "relu2")
-
-
-def apply_phi(h: torch.Tensor, phi: str) -> torch.Tensor:
-    if phi == "identity":
-        return h
-    if phi == "silu":
-        return F.silu(h)
-    if phi == "relu2":
-        return F.relu(h).square()
-    raise ValueError(f"unknown phi {phi!r}; choose one of {', '.join(PHIS)}")
+from leanlm.kernels import PHIS, apply_phi, use_triton
 
 
 def lost_linear_reference(
@@ -58,14 +45,11 @@ def lost_linear(
     phi: str = "silu",
 ) -> torch.Tensor:
     """Dispatch: Triton on CUDA (or when forced), the PyTorch reference otherwise."""
-    path = kernel_path()
-    if path == "reference" or (path == "auto" and not (x.is_cuda and triton_available())):
+    if not use_triton(x):
         return lost_linear_reference(x, lowrank_in, lowrank_out, sparse, index, gamma, phi)
-    if not triton_available():
-        raise RuntimeError("LEANLM_KERNELS=triton but Triton is not installed: pip install triton")
     if phi not in PHIS:
         raise ValueError(f"unknown phi {phi!r}; choose one of {', '.join(PHIS)}")
-    from leanlm.kernels.lost_op import lost_linear_fwd
+    from leanlm.kernels.lost_op import lost_linear_fwd  # lazy: keeps triton off the CPU path
 
     dtype = _compute_dtype(x)
     lead = x.shape[:-1]

@@ -29,9 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
-from leanlm.kernels import inverse_index
+from leanlm.kernels import PHIS, apply_phi, inverse_index
 
-PHI_CODE = {"identity": 0, "silu": 1, "relu2": 2}
+PHI_CODE = {name: code for code, name in enumerate(PHIS)}  # the kernels' PHI constexpr
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -366,6 +366,4 @@ def backward(
 
 
 def _phi_torch(h: torch.Tensor, phi: str) -> torch.Tensor:
-    from leanlm.kernels.lost_linear import apply_phi
-
     return apply_phi(h.float(), phi).to(h.dtype)
