@@ -19,7 +19,7 @@ import torch
 from leanlm.engine import checkpoint as ckpt
 from leanlm.engine import distributed as dist
 from leanlm.engine import sharded_checkpoint as sharded
-from leanlm.engine.config import RunConfig, _leaves, load_config
+from leanlm.engine.config import RunConfig, leaves, load_config
 from leanlm.engine.errors import CheckpointError
 
 # Keys a resume must keep (dotted, as in ``leanlm keys``); a prefix ending in "." covers a section.
@@ -45,8 +45,8 @@ def check_resume_config(cfg: RunConfig, path: Path) -> None:
         saved = load_config(path / "config.yaml")
     except Exception as e:  # a checkpoint's config that no longer validates is not resumable
         raise CheckpointError(f"{path}: its config.yaml cannot be read ({e})") from None
-    now = {key: value for sname in cfg.to_dict() for key, _, value in _leaves(getattr(cfg, sname), sname)}
-    then = {key: value for sname in saved.to_dict() for key, _, value in _leaves(getattr(saved, sname), sname)}  # fmt: skip
+    now = {key: value for sname in cfg.to_dict() for key, _, value in leaves(getattr(cfg, sname), sname)}
+    then = {key: value for sname in saved.to_dict() for key, _, value in leaves(getattr(saved, sname), sname)}  # fmt: skip
     for key in FIXED_KEYS:
         if now[key] != then[key]:
             raise CheckpointError(

@@ -1,0 +1,209 @@
+"""Loading a config: YAML presets (with ``extends:``), dotted command-line overrides, coercion of
+every value to its field's type, then ``validate``; every problem is reported in one
+``ConfigError``."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from leanlm.engine.config.schema import SECTION_TYPES, RunConfig, field_type, item_type, suggest
+from leanlm.engine.config.validate import validate
+from leanlm.engine.errors import ConfigError
+
+
+def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a preset, resolving ``extends: other.yaml`` (relative to the file) recursively."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} not found; pass a path such as configs/tiny.yaml")
+    if path.resolve() in _seen:
+        raise ConfigError(f"config {str(path)!r} extends itself through {[str(p) for p in _seen]}")
+    try:
+        raw = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"config {str(path)!r} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+            f"{e.start}); save it as UTF-8"
+        ) from None
+    except OSError as e:
+        raise ConfigError(f"config {str(path)!r} cannot be read ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {str(path)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {str(path)!r} must be a mapping of sections, got {type(raw).__name__}")
+    _check_sections(raw, str(path))
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    if not isinstance(parent, str) or not parent.strip():
+        raise ConfigError(
+            f"config {str(path)!r}: extends must be one preset file name such as tiny.yaml, got {parent!r}"
+        )
+    base = read_yaml(path.parent / parent, (*_seen, path.resolve()))
+    return merge(base, raw)
+
+
+def _check_sections(raw: dict[str, Any], where: str) -> None:
+    """Sections (and nested groups such as ``model.lost``) must be mappings: ``train: 5`` would
+    otherwise vanish silently when an override of ``train.*`` is merged over it."""
+
+    def walk(values: Any, cls: type, prefix: str) -> None:
+        if values is None:
+            return
+        if not isinstance(values, dict):
+            raise ConfigError(
+                f"config {where!r}: '{prefix}' must be a mapping of keys (e.g. {prefix}: {{...}}), got {values!r}"
+            )
+        for f in dataclasses.fields(cls):
+            if f.name in values and dataclasses.is_dataclass(field_type(cls, f.name)):
+                walk(values[f.name], field_type(cls, f.name), f"{prefix}.{f.name}")
+
+    for name, values in raw.items():
+        if name in SECTION_TYPES:
+            walk(values, SECTION_TYPES[name], name)
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge ``over`` into a copy of ``base`` (sections merge key by key)."""
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["optim.lr=3e-4", "train.steps=10"]`` -> nested dict of raw strings."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.steps=100)")
+        *parents, name = key.strip().split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with another override of {part!r}")
+        node[name] = value
+    return out
+
+
+def _coerce(value: Any, tp: Any, key: str, item: Any = None) -> Any:
+    """Coerce a YAML or command-line value to the field type (``item``: a list's element type);
+    raise ValueError with a reason."""
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "yes", "1", "on"):
+            return True
+        if isinstance(value, str) and value.strip().lower() in ("false", "no", "0", "off"):
+            return False
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ValueError(f"{key}={value!r}: expected true or false")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ValueError(f"{key}={value!r}: expected an integer")
+        try:
+            f = float(value)
+            if not f.is_integer():
+                raise ValueError
+            return int(f)
+        except (TypeError, ValueError):
+            raise ValueError(f"{key}={value!r}: expected an integer") from None
+    if tp is float:
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{key}={value!r}: expected a number") from None
+        if not math.isfinite(f):
+            raise ValueError(f"{key}={value!r}: expected a finite number")
+        return f
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ValueError(f"{key}={value!r}: expected a string")
+        return "" if value is None else str(value)
+    if tp is list:
+        if isinstance(value, str):
+            s = value.strip()
+            value = yaml.safe_load(s) if s.startswith("[") else [v.strip() for v in s.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{key}={value!r}: expected a list (YAML list or comma-separated)")
+        if item is None:
+            return list(value)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    raise TypeError(f"unsupported config field type {tp!r} for {key}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str, problems: list[str]) -> Any:
+    """One (possibly nested) config dataclass from a mapping; problems are appended, not raised."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in values.items():
+        if k not in names:
+            problems.append(f"unknown key '{prefix}.{k}'{suggest(k, names)}")
+            continue
+        tp = field_type(cls, k)
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(v, dict):
+                problems.append(
+                    f"'{prefix}.{k}' must be a mapping of {', '.join(f.name for f in dataclasses.fields(tp))}"
+                )
+                continue
+            kwargs[k] = _build(tp, v, f"{prefix}.{k}", problems)
+            continue
+        try:
+            kwargs[k] = _coerce(v, tp, f"{prefix}.{k}", item_type(cls, k))
+        except ValueError as e:
+            problems.append(str(e))
+    return cls(**kwargs)
+
+
+def build_config(raw: dict[str, Any]) -> RunConfig:
+    """Turn a nested mapping into a validated ``RunConfig``; report every problem at once."""
+    problems: list[str] = []
+    sections: dict[str, Any] = {}
+    for sname, values in raw.items():
+        if sname not in SECTION_TYPES:
+            problems.append(f"unknown section '{sname}'{suggest(sname, list(SECTION_TYPES))}")
+            continue
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            problems.append(f"section '{sname}' must be a mapping, got {values!r}")
+            continue
+        sections[sname] = _build(SECTION_TYPES[sname], values, sname, problems)
+    cfg = RunConfig(**{s: sections.get(s) or SECTION_TYPES[s]() for s in SECTION_TYPES})
+    problems += validate(cfg)
+    if problems:
+        raise ConfigError("invalid config: " + "; ".join(problems))
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Preset file (optional) + dotted overrides -> validated ``RunConfig``."""
+    raw = read_yaml(path) if path else {}
+    return build_config(merge(raw, parse_overrides(overrides or [])))
+
+
+def check_world(cfg: RunConfig, world_size: int) -> None:
+    """Checks that need the world size (known only once the process group exists)."""
+    t = cfg.train
+    micro = t.micro_batch(world_size)
+    if micro == 0 or t.batch_size % (micro * world_size):
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} must be a multiple of micro_batch_size ({micro}) x "
+            f"world size ({world_size}); adjust train.batch_size or train.micro_batch_size"
+        )
+
+
+def save_yaml(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

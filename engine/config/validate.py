@@ -1,0 +1,84 @@
+"""Checks of a built ``RunConfig``: each field's choices and bounds (declared on the field), then
+the rules that span fields. Every problem is a phrase that names the key and says what to fix
+(``build_config`` joins them into one ``ConfigError``)."""
+
+from __future__ import annotations
+
+from leanlm.engine.config.schema import SECTION_TYPES, RunConfig, leaves, suggest
+
+
+def _bound_problem(key: str, value: float, bounds: dict[str, float]) -> str | None:
+    """The phrase for a value outside its field's bounds (``_f(..., gt=0, le=1)``), or None."""
+    ge, gt, le, lt = (bounds.get(k) for k in ("ge", "gt", "le", "lt"))
+    ok = (
+        (ge is None or value >= ge)
+        and (gt is None or value > gt)
+        and (le is None or value <= le)
+        and (lt is None or value < lt)
+    )
+    if ok:
+        return None
+
+    def fmt(x: float) -> str:
+        return f"{x:,}" if isinstance(x, int) else f"{x:g}"
+
+    low, high = (ge, "[") if ge is not None else (gt, "("), (le, "]") if le is not None else (lt, ")")
+    if low[0] is not None and high[0] is not None:
+        what = f"in {low[1]}{fmt(low[0])}, {fmt(high[0])}{high[1]}"
+    elif low[0] is not None:
+        what = f"{'>=' if ge is not None else '>'} {fmt(low[0])}"
+    else:
+        what = f"{'<=' if le is not None else '<'} {fmt(high[0])}"
+    return f"{key}={value}: must be {what}"
+
+
+def validate(cfg: RunConfig) -> list[str]:
+    """Every field's choices and bounds, then the rules that span fields. Returns the problems
+    (empty when valid)."""
+    p: list[str] = []
+    for sname in SECTION_TYPES:
+        for key, f, value in leaves(getattr(cfg, sname), sname):
+            choices = f.metadata.get("choices")
+            if choices and value not in choices:
+                p.append(
+                    f"{key}={value!r}: must be one of {', '.join(map(str, choices))}"
+                    f"{suggest(str(value), [str(c) for c in choices])}"
+                )
+            problem = _bound_problem(key, value, f.metadata.get("bounds") or {})
+            if problem:
+                p.append(problem)
+    m, t, o, d = cfg.model, cfg.train, cfg.optim, cfg.data
+    if m.n_heads > 0 and m.d_model % m.n_heads:
+        p.append(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}")
+    elif m.n_heads > 0 and m.head_dim() % 2:
+        p.append(f"head dim {m.head_dim()} (model.d_model / model.n_heads) must be even for rotary embeddings")
+    if t.micro_batch_size and t.batch_size % t.micro_batch_size:
+        p.append(f"train.batch_size={t.batch_size} is not a multiple of train.micro_batch_size={t.micro_batch_size}")
+    if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
+        p.append(f"train.device={t.device!r}: must be auto, cpu, cuda or cuda:N")
+    if not t.out_dir:
+        p.append("train.out_dir is empty: name a run folder such as runs/my_run")
+    if len(o.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in o.betas):
+        p.append(f"optim.betas={o.betas!r}: must be two numbers in [0, 1)")
+    if not d.tokenizer and d.vocab_size < 300:
+        p.append(f"data.vocab_size={d.vocab_size}: must be >= 300 (byte fallback needs 256 byte pieces)")
+    if m.vocab_size and not d.tokenizer and m.vocab_size < d.vocab_size:
+        p.append(f"model.vocab_size={m.vocab_size} is smaller than data.vocab_size={d.vocab_size}")
+    return p + _distributed_problems(cfg)
+
+
+def _distributed_problems(cfg: RunConfig) -> list[str]:
+    """Backend x optimizer combinations that cannot work, said before any process starts."""
+    dc, o = cfg.distributed, cfg.optim
+    if dc.backend != "deepspeed":
+        return [f"distributed.zero_stage={dc.zero_stage} needs distributed.backend=deepspeed"] if dc.zero_stage else []
+    projection = {"galore": "svd", "badam": "blocks"}.get(o.name, o.projection)
+    if o.name == "adamw" or dc.zero_stage == 0:
+        return []
+    if projection not in ("columns", "randk"):
+        return [
+            f"optim.name={o.name} with projection {projection} has no flat form under ZeRO-"
+            f"{dc.zero_stage}; use optim.projection=columns or randk, distributed.zero_stage=0, "
+            "or distributed.backend=fsdp2"
+        ]
+    return []
