@@ -8,6 +8,8 @@ tool has to import the loop to get one.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+from collections.abc import Iterable
 
 import torch
 
@@ -16,7 +18,7 @@ from leanlm.engine.config import RunConfig
 from leanlm.engine.errors import ConfigError
 from leanlm.engine.metrics import available_memory_bytes
 from leanlm.engine.model import LLaMA, count_parameters
-from leanlm.optim import build_optimizer
+from leanlm.optim import build_optimizer, optimizer_kwargs
 from leanlm.optim.lost import convert
 
 
@@ -86,6 +88,12 @@ def apply_lost(model: LLaMA, cfg: RunConfig) -> LLaMA:
     )
 
 
+def make_optimizer(cfg: RunConfig, named_params: Iterable[tuple[str, torch.nn.Parameter]]) -> torch.optim.Optimizer:
+    """The configured optimizer (``optim.*``) over ``named_params``, its subspaces seeded by ``train.seed``."""
+    name = cfg.optim.name
+    return build_optimizer(name, named_params, **optimizer_kwargs(name, dataclasses.asdict(cfg.optim), cfg.train.seed))
+
+
 def parallelize(
     cfg: RunConfig, model: LLaMA, backend: str, device: torch.device
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer, contextlib.AbstractContextManager | None]:
@@ -102,7 +110,7 @@ def parallelize(
     if backend == "fsdp2":
         dist.shard_fsdp2(model, list(model.layers), gpu_bf16, cfg.distributed.reshard_after_forward)
         autocast = None if gpu_bf16 else autocast
-    optimizer = build_optimizer(cfg.optim.name, model.named_parameters(), **cfg.optim.optimizer_kwargs(train.seed))
+    optimizer = make_optimizer(cfg, model.named_parameters())
     if backend == "deepspeed":
         ds_config = dist.deepspeed_config(
             micro_batch=train.micro_batch(world),

@@ -13,8 +13,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from leanlm.engine.build import build_model, make_optimizer
 from leanlm.engine.config import RunConfig
-from leanlm.optim import build_optimizer, state_bytes
+from leanlm.optim import state_bytes
 
 GIB = 2**30
 
@@ -98,13 +99,12 @@ def activation_bytes(cfg: RunConfig, vocab: int, act_bytes: int, param_dtype_byt
 def memory_report(cfg: RunConfig, vocab: int, on_gpu: bool = True) -> MemoryReport:
     """Measure parameter, gradient and optimizer-state bytes on the meta device; estimate activations."""
     dtype = torch.bfloat16 if cfg.train.param_dtype == "bf16" else torch.float32
-    from leanlm.engine.build import build_model
 
     model = build_model(cfg, vocab, "meta").to(dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
         p.grad = torch.empty_like(p)
-    opt = build_optimizer(cfg.optim.name, model.named_parameters(), **cfg.optim.optimizer_kwargs(cfg.train.seed))
+    opt = make_optimizer(cfg, model.named_parameters())
     if cfg.optim.name == "adamw":  # torch's AdamW allocates lazily and cannot step on meta tensors
         optim = sum(2 * p.numel() * p.element_size() + 4 for p in params)
     else:

@@ -6,7 +6,13 @@ Imports torch (and ``leanlm.kernels`` for dispatch) only, never ``leanlm.engine`
     opt = FRUGAL(model.named_parameters(), lr=1e-3, density=0.25, projection="columns")
 """
 
-from leanlm.optim.factory import OPTIMIZERS, build_optimizer, param_groups_by_decay
+from leanlm.optim.factory import (
+    OPTIMIZER_SETTINGS,
+    OPTIMIZERS,
+    build_optimizer,
+    optimizer_kwargs,
+    param_groups_by_decay,
+)
 from leanlm.optim.frugal import FRUGAL
 from leanlm.optim.groups import frugal_param_groups, is_projectable_name
 from leanlm.optim.memory import state_bytes
@@ -15,11 +21,13 @@ from leanlm.optim.presets import badam, galore
 __all__ = [
     "FRUGAL",
     "OPTIMIZERS",
+    "OPTIMIZER_SETTINGS",
     "badam",
     "build_optimizer",
     "frugal_param_groups",
     "galore",
     "is_projectable_name",
+    "optimizer_kwargs",
     "param_groups_by_decay",
     "state_bytes",
 ]

@@ -6,11 +6,14 @@ Later optimizers (FRUGAL and its GaLore/BAdam presets) register here.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
+
+from leanlm.optim.frugal import FRUGAL
+from leanlm.optim.presets import badam, galore
 
 NamedParams = Iterable[tuple[str, nn.Parameter]]
 
@@ -44,29 +47,40 @@ def _adamw(
 
 
 def _frugal(named_params: NamedParams, **kwargs: Any) -> torch.optim.Optimizer:
-    from leanlm.optim.frugal import FRUGAL
-
     return FRUGAL(list(named_params), **kwargs)
-
-
-def _galore(named_params: NamedParams, **kwargs: Any) -> torch.optim.Optimizer:
-    from leanlm.optim.presets import galore
-
-    return galore(list(named_params), **kwargs)
-
-
-def _badam(named_params: NamedParams, **kwargs: Any) -> torch.optim.Optimizer:
-    from leanlm.optim.presets import badam
-
-    return badam(list(named_params), **kwargs)
 
 
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "adamw": _adamw,
     "frugal": _frugal,
-    "galore": _galore,
-    "badam": _badam,
+    "galore": galore,
+    "badam": badam,
 }
+
+_ADAM = {"lr": "lr", "betas": "betas", "eps": "eps", "weight_decay": "weight_decay"}
+# Which settings each optimizer takes: setting name (as in leanlm's ``optim.*`` config) -> keyword.
+OPTIMIZER_SETTINGS: dict[str, dict[str, str]] = {
+    "adamw": _ADAM,
+    "galore": {**_ADAM, "density": "density", "update_gap": "update_gap", "galore_scale": "scale"},
+    "badam": {**_ADAM, "density": "density", "update_gap": "update_gap", "block_order": "block_order"},
+    "frugal": {
+        **_ADAM,
+        **{k: k for k in ("density", "projection", "update_gap", "state_free", "state_free_lr_scale")},
+        **{k: k for k in ("proj_lr_scale", "reset_on_refresh", "block_order")},
+    },
+}
+
+
+def optimizer_kwargs(name: str, settings: Mapping[str, Any], seed: int) -> dict[str, Any]:
+    """The keyword arguments ``build_optimizer(name, ...)`` takes, picked from a flat mapping of
+    settings (e.g. ``dataclasses.asdict(cfg.optim)``); ``seed`` seeds the subspace choices."""
+    if name not in OPTIMIZER_SETTINGS:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZER_SETTINGS)}")
+    kwargs = {arg: settings[key] for key, arg in OPTIMIZER_SETTINGS[name].items()}
+    kwargs["betas"] = tuple(kwargs["betas"])
+    if name != "adamw":
+        kwargs["seed"] = seed
+    return kwargs
 
 
 def build_optimizer(name: str, named_params: NamedParams, **kwargs: Any) -> torch.optim.Optimizer:

@@ -17,11 +17,11 @@ import torch
 import torch.distributed as tdist
 
 from leanlm.engine import distributed as dist
-from leanlm.engine.build import build_model
+from leanlm.engine.build import build_model, make_optimizer
 from leanlm.engine.config import load_config
 from leanlm.engine.memory import memory_report
 from leanlm.engine.step import train_step
-from leanlm.optim import build_optimizer, state_bytes
+from leanlm.optim import state_bytes
 
 
 def measure(config: str, backend: str, optim: str, vocab: int, seq: int, over: list[str]) -> tuple[int, int]:
@@ -31,7 +31,7 @@ def measure(config: str, backend: str, optim: str, vocab: int, seq: int, over: l
     model = build_model(cfg, vocab, "cpu")
     if backend == "fsdp2":
         dist.shard_fsdp2(model, list(model.layers), bf16=False)
-    opt = build_optimizer(optim, model.named_parameters(), **cfg.optim.optimizer_kwargs(0))
+    opt = make_optimizer(cfg, model.named_parameters())
     net = model
     if backend.startswith("zero"):
         stage = int(backend[-1])

@@ -30,19 +30,19 @@ VARIANTS = {
 def run_one(name: str, over: list[str]) -> dict:
     import torch
 
-    from leanlm.engine.build import build_model
+    from leanlm.engine.build import build_model, make_optimizer
     from leanlm.engine.config import load_config
     from leanlm.engine.metrics import peak_memory_gib
     from leanlm.engine.model import count_parameters
     from leanlm.engine.trainer import train
-    from leanlm.optim import build_optimizer, state_bytes
+    from leanlm.optim import state_bytes
 
     cfg = load_config(ROOT / "configs" / "tiny.yaml", over)
     res = train(cfg)
     model = build_model(cfg, 4096, "meta")
     for p in model.parameters():
         p.grad = p.new_empty(p.shape)
-    opt = build_optimizer(cfg.optim.name, model.named_parameters(), **cfg.optim.optimizer_kwargs(0))
+    opt = make_optimizer(cfg, model.named_parameters())
     if cfg.optim.name == "adamw":
         optim_bytes = sum(8 * p.numel() for p in model.parameters())
     else:

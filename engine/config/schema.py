@@ -159,34 +159,6 @@ class OptimConfig:
     block_order: str = _f("descending", "order of blocks mode", choices=("descending", "ascending", "random"))
     galore_scale: float = _f(0.25, "galore: scale α of the low-rank update")
 
-    def optimizer_kwargs(self, seed: int) -> dict:
-        """Keyword arguments for ``leanlm.optim.build_optimizer(self.name, ...)``."""
-        common = dict(lr=self.lr, betas=tuple(self.betas), eps=self.eps, weight_decay=self.weight_decay)
-        if self.name == "adamw":
-            return common
-        if self.name == "galore":
-            return dict(
-                common,
-                density=self.density,
-                update_gap=self.update_gap,
-                scale=self.galore_scale,
-                seed=seed,
-            )
-        if self.name == "badam":
-            return dict(
-                common,
-                density=self.density,
-                update_gap=self.update_gap,
-                block_order=self.block_order,
-                seed=seed,
-            )
-        return dict(
-            common, density=self.density, projection=self.projection, update_gap=self.update_gap,
-            state_free=self.state_free, state_free_lr_scale=self.state_free_lr_scale,
-            proj_lr_scale=self.proj_lr_scale, reset_on_refresh=self.reset_on_refresh,
-            block_order=self.block_order, seed=seed,
-        )  # fmt: skip
-
 
 @dataclass(kw_only=True)
 class ReweightConfig:

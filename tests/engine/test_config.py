@@ -110,3 +110,41 @@ def test_readme_documents_every_config_key():
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     missing = [key for key, _, _ in describe_keys() if f"`{key}`" not in readme]
     assert not missing, f"README.md lacks {missing}; regenerate with scripts/config_keys.py"
+
+
+def test_config_choices_match_their_owners_constants():
+    """The config is torch-free, so its choices restate the owners' names: they must agree."""
+    import dataclasses
+
+    from leanlm.engine.config import SECTION_TYPES, leaves
+    from leanlm.engine.reweight import STRATEGIES
+    from leanlm.kernels import PHIS
+    from leanlm.optim import OPTIMIZER_SETTINGS, OPTIMIZERS
+    from leanlm.optim.frugal import STATE_FREE
+    from leanlm.optim.lost import SELECTORS, SUPPORTS, VALUES_INIT
+    from leanlm.optim.projections import BLOCK_ORDERS, PROJECTIONS
+
+    owners = {
+        "model.lost.phi": PHIS,
+        "model.lost.select": SELECTORS,
+        "model.lost.values_init": VALUES_INIT,
+        "model.lost.support": SUPPORTS,
+        "optim.name": tuple(OPTIMIZERS),
+        "optim.projection": PROJECTIONS,
+        "optim.state_free": STATE_FREE,
+        "optim.block_order": BLOCK_ORDERS,
+        "train.reweight.strategy": STRATEGIES,
+    }
+    choices = {
+        key: f.metadata["choices"]
+        for name, cls in SECTION_TYPES.items()
+        for key, f, _ in leaves(cls(), name)
+        if f.metadata.get("choices")
+    }
+    for key, names in owners.items():
+        assert tuple(choices[key]) == tuple(names), key
+    # every optimizer setting the factory reads exists in the config
+    fields = {f.name for f in dataclasses.fields(SECTION_TYPES["optim"])}
+    assert set(OPTIMIZER_SETTINGS) == set(OPTIMIZERS)
+    for name, settings in OPTIMIZER_SETTINGS.items():
+        assert set(settings) <= fields, name
