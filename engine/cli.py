@@ -84,9 +84,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     mm.add_argument("--cpu", action="store_true", help="estimate for CPU training (fp32 activations)")
     mm.add_argument(
-        "--world", type=_number(int, 1), default=1,
+        "--world",
+        type=_number(int, 1),
+        default=1,
         help="ranks: per-rank figures under the config's distributed.backend (fsdp2, deepspeed)",
-    )  # fmt: skip
+    )
     sc = sub.add_parser("scaling", help="scaling-law records: export runs' scaling.jsonl as a ColPret CSV")
     sc.add_argument("action", choices=["export"])
     sc.add_argument("runs", nargs="+", help="run folders or scaling.jsonl files")
@@ -188,14 +190,16 @@ def cmd_train(args) -> int:
             return 0
         if res.final is not None:
             print(
-                f"leanlm: done: {res.step} steps, {res.tokens_seen:,} tokens in {res.wall_s:.0f}s ({res.tokens_per_s:,.0f} tokens/s)"
+                f"leanlm: done: {res.step} steps, {res.tokens_seen:,} tokens in {res.wall_s:.0f}s "
+                f"({res.tokens_per_s:,.0f} tokens/s)"
             )
             print(
                 f"leanlm: held-out loss {res.final.loss:.4f}, perplexity {res.final.ppl:.2f} "
                 f"(unigram baseline of the same tokenizer: {res.unigram_ppl:.2f}) on {res.final.tokens:,} tokens"
             )
         print(
-            f"leanlm: logs {res.run_dir}/metrics.jsonl and {res.run_dir}/tb (tensorboard --logdir {res.run_dir}/tb); checkpoint {res.checkpoint}"
+            f"leanlm: logs {res.run_dir}/metrics.jsonl and {res.run_dir}/tb (tensorboard --logdir {res.run_dir}/tb); "
+            f"checkpoint {res.checkpoint}"
         )
     return 0
 
@@ -299,7 +303,8 @@ def cmd_fit(args) -> int:
         n_opt, d_opt = result.compute_optimal(args.budget)
         out["compute_optimal"] = {"flops": args.budget, "N": n_opt, "D": d_opt}
         print(
-            f"compute-optimal at C={args.budget:.3g}: N={n_opt:.4g}, D={d_opt:.4g} ({d_opt / n_opt:.1f} tokens/parameter)"
+            f"compute-optimal at C={args.budget:.3g}: N={n_opt:.4g}, D={d_opt:.4g} "
+            f"({d_opt / n_opt:.1f} tokens/parameter)"
         )
     if args.predict:
         loss = float(result.predict(*args.predict))

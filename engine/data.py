@@ -233,7 +233,8 @@ def _tokenizer_for(cfg: RunConfig, tokenizer_file: Path | None, fingerprint: str
     texts = list(sample_texts())
     if not texts:
         raise DataError(
-            f"data.source={d.source!r}: no training text to train a tokenizer on (every document is empty, unreadable or held out; for .jsonl/.parquet, check data.text_field={d.text_field!r})"
+            f"data.source={d.source!r}: no training text to train a tokenizer on (every document is empty, "
+            f"unreadable or held out; for .jsonl/.parquet, check data.text_field={d.text_field!r})"
         )
     tok = train_tokenizer(texts, d.vocab_size)
     cached.parent.mkdir(parents=True, exist_ok=True)

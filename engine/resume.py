@@ -25,16 +25,38 @@ from leanlm.engine.errors import CheckpointError
 # Keys a resume must keep (dotted, as in ``leanlm keys``); a prefix ending in "." covers a section.
 FIXED_KEYS = (
     # the model's shape (activation checkpointing and the init-only LOST keys may change)
-    "model.d_model", "model.n_layers", "model.n_heads", "model.ffn_dim", "model.vocab_size",
-    "model.rope_theta", "model.norm_eps", "model.lost.enabled", "model.lost.rank",
-    "model.lost.channel_density", "model.lost.phi", "model.lost.support",
+    "model.d_model",
+    "model.n_layers",
+    "model.n_heads",
+    "model.ffn_dim",
+    "model.vocab_size",
+    "model.rope_theta",
+    "model.norm_eps",
+    "model.lost.enabled",
+    "model.lost.rank",
+    "model.lost.channel_density",
+    "model.lost.phi",
+    "model.lost.support",
     # the optimizer's state and subspaces
-    "optim.name", "optim.projection", "optim.density", "optim.update_gap", "optim.block_order",
+    "optim.name",
+    "optim.projection",
+    "optim.density",
+    "optim.update_gap",
+    "optim.block_order",
     # the data, its order and its tokenizer (a checkpoint carries its own tokenizer)
-    "data.source", "data.text_field", "data.hf_split", "data.hf_data_files", "data.val_fraction",
-    "data.tokenizer", "data.vocab_size", "data.tokenizer_sample_mb", "data.shuffle",
-    "train.seq_len", "train.seed", "train.param_dtype",
-)  # fmt: skip
+    "data.source",
+    "data.text_field",
+    "data.hf_split",
+    "data.hf_data_files",
+    "data.val_fraction",
+    "data.tokenizer",
+    "data.vocab_size",
+    "data.tokenizer_sample_mb",
+    "data.shuffle",
+    "train.seq_len",
+    "train.seed",
+    "train.param_dtype",
+)
 
 EXPECTED_FORMAT = {"fsdp2": "dcp", "deepspeed": "deepspeed", "ddp": "torch", "none": "torch"}
 
@@ -46,7 +68,7 @@ def check_resume_config(cfg: RunConfig, path: Path) -> None:
     except Exception as e:  # a checkpoint's config that no longer validates is not resumable
         raise CheckpointError(f"{path}: its config.yaml cannot be read ({e})") from None
     now = {key: value for sname in cfg.to_dict() for key, _, value in leaves(getattr(cfg, sname), sname)}
-    then = {key: value for sname in saved.to_dict() for key, _, value in leaves(getattr(saved, sname), sname)}  # fmt: skip
+    then = {key: value for sname in saved.to_dict() for key, _, value in leaves(getattr(saved, sname), sname)}
     for key in FIXED_KEYS:
         if now[key] != then[key]:
             raise CheckpointError(

@@ -114,8 +114,14 @@ _DCP_METADATA = "torch.distributed.checkpoint.metadata"
 _DCP_ALLOWED = {
     (_DCP_METADATA, name)
     for name in (
-        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
-        "ChunkStorageMetadata", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING",
+        "Metadata",
+        "MetadataIndex",
+        "StorageMeta",
+        "TensorProperties",
+        "TensorStorageMetadata",
+        "ChunkStorageMetadata",
+        "BytesStorageMetadata",
+        "_MEM_FORMAT_ENCODING",
     )
 } | {
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
@@ -127,7 +133,7 @@ _DCP_ALLOWED = {
     ("pathlib", "PureWindowsPath"),
     ("pathlib._local", "PosixPath"),
     ("collections", "OrderedDict"),
-}  # fmt: skip
+}
 
 
 class _DCPUnpickler(pickle.Unpickler):

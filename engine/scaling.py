@@ -41,9 +41,20 @@ __all__ = [
 ]
 
 COLPRET_COLUMNS = (
-    "model_name", "model_type", "scaled_set", "tokens_seen", "flops", "num_params", "data", "checkpoint",
-    "loss_cols", "original_paper", "seed", "epochs", "arch",
-)  # fmt: skip
+    "model_name",
+    "model_type",
+    "scaled_set",
+    "tokens_seen",
+    "flops",
+    "num_params",
+    "data",
+    "checkpoint",
+    "loss_cols",
+    "original_paper",
+    "seed",
+    "epochs",
+    "arch",
+)
 
 
 @dataclass
@@ -55,8 +66,17 @@ class ScalingRecorder:
     flops_per_token: float
     train_tokens_per_epoch: int | None = None
 
-    def record(self, step: int, tokens_seen: int, val_loss: float, train_loss: float | None, lr: float,
-               wall_s: float, tokens_per_s: float, checkpoint: str = "") -> dict[str, Any]:  # fmt: skip
+    def record(
+        self,
+        step: int,
+        tokens_seen: int,
+        val_loss: float,
+        train_loss: float | None,
+        lr: float,
+        wall_s: float,
+        tokens_per_s: float,
+        checkpoint: str = "",
+    ) -> dict[str, Any]:
         row = dict(self.static)
         row.update(
             tokens_seen=int(tokens_seen),
@@ -189,8 +209,15 @@ def trajectory_points(rows: list[dict[str, Any]], drop_fraction: float = 0.1) ->
     N, D, L, G = [], [], [], []
     for name, rs in by_run.items():
         try:
-            rs = [dict(r, num_params=float(r["num_params"]), tokens_seen=float(r["tokens_seen"]),
-                       val_loss=float(r["val_loss"])) for r in rs]  # fmt: skip
+            rs = [
+                dict(
+                    r,
+                    num_params=float(r["num_params"]),
+                    tokens_seen=float(r["tokens_seen"]),
+                    val_loss=float(r["val_loss"]),
+                )
+                for r in rs
+            ]
         except (KeyError, TypeError, ValueError) as e:
             raise DataError(
                 f"run {name}: a record lacks a numeric num_params, tokens_seen or val_loss ({e!r})"
@@ -216,8 +243,9 @@ def export_colpret_csv(rows: list[dict[str, Any]], path: str | Path) -> int:
     return len(rows)
 
 
-def holdout_are(rows: list[dict[str, Any]], last_fraction: float = 0.3, drop_fraction: float = 0.1,
-                **fit_kwargs: Any) -> tuple[FitResult, float, int]:  # fmt: skip
+def holdout_are(
+    rows: list[dict[str, Any]], last_fraction: float = 0.3, drop_fraction: float = 0.1, **fit_kwargs: Any
+) -> tuple[FitResult, float, int]:
     """Fit on every model but the largest; ARE on the largest's last ``last_fraction`` of checkpoints."""
     N, D, L, _ = trajectory_points(rows, drop_fraction=0.0)
     target = N.max()

@@ -106,10 +106,15 @@ def _huber_objective(x: np.ndarray, logN, logD, logL, delta: float) -> tuple[flo
     small = np.abs(r) <= delta
     h = np.where(small, 0.5 * r * r, delta * (np.abs(r) - 0.5 * delta))
     dh = np.where(small, r, delta * np.sign(r))
-    grad = np.array([
-        np.sum(dh * soft[0]), np.sum(dh * soft[1]), np.sum(dh * soft[2]),
-        np.sum(dh * soft[0] * -logN), np.sum(dh * soft[1] * -logD),
-    ])  # fmt: skip
+    grad = np.array(
+        [
+            np.sum(dh * soft[0]),
+            np.sum(dh * soft[1]),
+            np.sum(dh * soft[2]),
+            np.sum(dh * soft[0] * -logN),
+            np.sum(dh * soft[1] * -logD),
+        ]
+    )
     return float(h.sum()), grad
 
 
@@ -120,9 +125,14 @@ def _fit_chinchilla(N, D, L, delta: float, grid: str) -> tuple[np.ndarray, float
     best_x, best_f = None, math.inf
     for x0 in chinchilla_grid(grid):  # tight tolerances: the summed objective is ~1e-3
         res = minimize(
-            _huber_objective, np.array(x0, dtype=float), args=(logN, logD, logL, delta), jac=True,
-            method="L-BFGS-B", bounds=BOUNDS, options={"maxiter": 2000, "ftol": 1e-15, "gtol": 1e-12},
-        )  # fmt: skip
+            _huber_objective,
+            np.array(x0, dtype=float),
+            args=(logN, logD, logL, delta),
+            jac=True,
+            method="L-BFGS-B",
+            bounds=BOUNDS,
+            options={"maxiter": 2000, "ftol": 1e-15, "gtol": 1e-12},
+        )
         if np.isfinite(res.fun) and res.fun < best_f:
             best_x, best_f = res.x, float(res.fun)
     if best_x is None:
@@ -148,8 +158,17 @@ def _fit_colpret(N, D, L) -> tuple[np.ndarray, float]:
 def _to_result(x: np.ndarray, objective: float, n: int, method: str) -> FitResult:
     hit = [name for name, v, (lo, hi) in zip(NAMES, x, BOUNDS) if min(abs(v - lo), abs(v - hi)) < 1e-6]
     a, b, e, al, be = (float(v) for v in x)
-    return FitResult(E=math.exp(e), A=math.exp(a), B=math.exp(b), alpha=al, beta=be, objective=objective,
-                     n_points=n, method=method, bounds_hit=hit)  # fmt: skip
+    return FitResult(
+        E=math.exp(e),
+        A=math.exp(a),
+        B=math.exp(b),
+        alpha=al,
+        beta=be,
+        objective=objective,
+        n_points=n,
+        method=method,
+        bounds_hit=hit,
+    )
 
 
 def fit(
@@ -196,15 +215,24 @@ def _bootstrap(N, D, L, x_best, method, delta, rounds, groups, seed) -> dict[str
         if len(np.unique(N[idx])) < 3:
             continue
         if method == "chinchilla":
-            res = minimize(_huber_objective, x_best, args=(np.log(N[idx]), np.log(D[idx]), np.log(L[idx]), delta),
-                           jac=True, method="L-BFGS-B", bounds=BOUNDS, options={"ftol": 1e-15, "gtol": 1e-12})  # fmt: skip
+            res = minimize(
+                _huber_objective,
+                x_best,
+                args=(np.log(N[idx]), np.log(D[idx]), np.log(L[idx]), delta),
+                jac=True,
+                method="L-BFGS-B",
+                bounds=BOUNDS,
+                options={"ftol": 1e-15, "gtol": 1e-12},
+            )
             x = res.x
         else:
             x, _ = _fit_colpret(N[idx], D[idx], L[idx])
         samples.append([math.exp(x[2]), math.exp(x[0]), math.exp(x[1]), x[3], x[4]])
     arr = np.array(samples)
-    return {k: (float(np.percentile(arr[:, i], 2.5)), float(np.percentile(arr[:, i], 97.5)))
-            for i, k in enumerate(("E", "A", "B", "alpha", "beta"))}  # fmt: skip
+    return {
+        k: (float(np.percentile(arr[:, i], 2.5)), float(np.percentile(arr[:, i], 97.5)))
+        for i, k in enumerate(("E", "A", "B", "alpha", "beta"))
+    }
 
 
 def absolute_relative_error(result: FitResult, N, D, L) -> float:

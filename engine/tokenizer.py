@@ -32,7 +32,8 @@ class Tokenizer:
         path = Path(path)
         if not path.is_file():
             raise DataError(
-                f"tokenizer {str(path)!r} not found; give a sentencepiece .model file or leave data.tokenizer empty to train one"
+                f"tokenizer {str(path)!r} not found; give a sentencepiece .model file or leave data.tokenizer "
+                "empty to train one"
             )
         try:
             return cls(path.read_bytes())

@@ -14,11 +14,24 @@ import triton.language as tl
 
 @triton.jit
 def _frugal_kernel(
-    p_ptr, g_ptr, m_ptr, v_ptr, inv_ptr,
-    n_cols, k_sel,
-    decay, step_size, bc2_sqrt, b1, b2, eps, lr_free,
-    DIM: tl.constexpr, FREE: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
+    p_ptr,
+    g_ptr,
+    m_ptr,
+    v_ptr,
+    inv_ptr,
+    n_cols,
+    k_sel,
+    decay,
+    step_size,
+    bc2_sqrt,
+    b1,
+    b2,
+    eps,
+    lr_free,
+    DIM: tl.constexpr,
+    FREE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """Program (row, column block): no per-element integer division on the GPU."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -51,15 +64,43 @@ def _frugal_kernel(
 
 
 def fused_update(
-    p: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-    inv: torch.Tensor, dim: int, k: int, *, decay: float, step_size: float, bc2_sqrt: float,
-    b1: float, b2: float, eps: float, lr_free: float, free: int,
-) -> None:  # fmt: skip
+    p: torch.Tensor,
+    g: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    inv: torch.Tensor,
+    dim: int,
+    k: int,
+    *,
+    decay: float,
+    step_size: float,
+    bc2_sqrt: float,
+    b1: float,
+    b2: float,
+    eps: float,
+    lr_free: float,
+    free: int,
+) -> None:
     """One launch over the whole matrix; p, exp_avg, exp_avg_sq are updated in place."""
     m, n = p.shape
     block = min(1024, triton.next_power_of_2(n))
     _frugal_kernel[(m, triton.cdiv(n, block))](
-        p, g, exp_avg, exp_avg_sq, inv, n, k,
-        decay, step_size, bc2_sqrt, b1, b2, eps, lr_free,
-        DIM=dim, FREE=free, BLOCK=block, num_warps=4,
-    )  # fmt: skip
+        p_ptr=p,
+        g_ptr=g,
+        m_ptr=exp_avg,
+        v_ptr=exp_avg_sq,
+        inv_ptr=inv,
+        n_cols=n,
+        k_sel=k,
+        decay=decay,
+        step_size=step_size,
+        bc2_sqrt=bc2_sqrt,
+        b1=b1,
+        b2=b2,
+        eps=eps,
+        lr_free=lr_free,
+        DIM=dim,
+        FREE=free,
+        BLOCK=block,
+        num_warps=4,
+    )

@@ -44,9 +44,18 @@ def state_free_update(residual: torch.Tensor, rule: str, out: torch.Tensor | Non
 
 
 def frugal_update_reference(
-    p: torch.Tensor, g: torch.Tensor, st: dict[str, Any], dim: int, lr: float, lr_free: float,
-    betas, eps: float, free: str, decay: float = 1.0, scratch: torch.Tensor | None = None,
-) -> None:  # fmt: skip
+    p: torch.Tensor,
+    g: torch.Tensor,
+    st: dict[str, Any],
+    dim: int,
+    lr: float,
+    lr_free: float,
+    betas,
+    eps: float,
+    free: str,
+    decay: float = 1.0,
+    scratch: torch.Tensor | None = None,
+) -> None:
     """In place on ``p`` and the state ``st`` (exp_avg, exp_avg_sq, step, index). ``dim``: 1 for
     columns, 0 for rows. ``scratch``: a reusable buffer shaped like ``g`` for the state-free step."""
     if decay != 1.0:
@@ -65,10 +74,19 @@ def frugal_update_reference(
 
 
 def frugal_update(
-    p: torch.Tensor, g: torch.Tensor, st: dict[str, Any], dim: int, lr: float, lr_free: float,
-    betas, eps: float, free: str, decay: float = 1.0, scratch: torch.Tensor | None = None,
+    p: torch.Tensor,
+    g: torch.Tensor,
+    st: dict[str, Any],
+    dim: int,
+    lr: float,
+    lr_free: float,
+    betas,
+    eps: float,
+    free: str,
+    decay: float = 1.0,
+    scratch: torch.Tensor | None = None,
     inv: torch.Tensor | None = None,
-) -> None:  # fmt: skip
+) -> None:
     """Dispatch: the fused Triton kernel (contiguous p, g and moments) or the reference.
     ``inv``: the cached ``inverse_index`` of ``st["index"]`` (computed when omitted)."""
     fusable = p.is_contiguous() and g.is_contiguous() and st["exp_avg"].is_contiguous()
@@ -84,7 +102,19 @@ def frugal_update(
     k = max(float(st["step"]), 1.0)
     b1, b2 = betas
     fused_update(
-        p, g, st["exp_avg"], st["exp_avg_sq"], inv, dim, st["index"].numel(),
-        decay=decay, step_size=-lr / (1 - b1**k), bc2_sqrt=math.sqrt(1 - b2**k),
-        b1=b1, b2=b2, eps=eps, lr_free=lr_free, free=FREE_CODE[free],
-    )  # fmt: skip
+        p,
+        g,
+        st["exp_avg"],
+        st["exp_avg_sq"],
+        inv,
+        dim,
+        st["index"].numel(),
+        decay=decay,
+        step_size=-lr / (1 - b1**k),
+        bc2_sqrt=math.sqrt(1 - b2**k),
+        b1=b1,
+        b2=b2,
+        eps=eps,
+        lr_free=lr_free,
+        free=FREE_CODE[free],
+    )

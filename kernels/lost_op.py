@@ -28,9 +28,16 @@ def _(x, a, b, ws, index, gamma, phi):
 
 @torch.library.custom_op("leanlm::lost_linear_bwd", mutates_args=())
 def lost_linear_bwd(
-    dy: Tensor, x: Tensor, a: Tensor, b: Tensor, ws: Tensor, index: Tensor, hpre: Tensor,
-    gamma: Tensor, phi: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    dy: Tensor,
+    x: Tensor,
+    a: Tensor,
+    b: Tensor,
+    ws: Tensor,
+    index: Tensor,
+    hpre: Tensor,
+    gamma: Tensor,
+    phi: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dA, dB, dW_s)."""
     return lost_triton.backward(dy, x, a, b, ws, index, hpre, gamma, phi)
 

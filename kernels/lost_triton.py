@@ -67,21 +67,36 @@ def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _gemm_tiles(
-    acc, a_ptr, s_a_row, s_a_k, b_ptr, s_b_k, s_b_col, rows, row_ok, cols, col_ok, K,
-    PREC: tl.constexpr, UPCAST: tl.constexpr, BK: tl.constexpr,
-):  # fmt: skip
+    acc,
+    a_ptr,
+    s_a_row,
+    s_a_k,
+    b_ptr,
+    s_b_k,
+    s_b_col,
+    rows,
+    row_ok,
+    cols,
+    col_ok,
+    K,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BK: tl.constexpr,
+):
     """acc += A[rows, :K] @ B[:K, cols] for strided A and B (transposes are just strides)."""
     for k0 in range(0, K, BK):
         kk = k0 + tl.arange(0, BK)
         kk_ok = kk < K
         a = tl.load(
             a_ptr + rows[:, None] * s_a_row + kk[None, :] * s_a_k,
-            mask=row_ok[:, None] & kk_ok[None, :], other=0.0,
-        )  # fmt: skip
+            mask=row_ok[:, None] & kk_ok[None, :],
+            other=0.0,
+        )
         b = tl.load(
             b_ptr + kk[:, None] * s_b_k + cols[None, :] * s_b_col,
-            mask=kk_ok[:, None] & col_ok[None, :], other=0.0,
-        )  # fmt: skip
+            mask=kk_ok[:, None] & col_ok[None, :],
+            other=0.0,
+        )
         acc += _dot(a, b, PREC, UPCAST)
     return acc
 
@@ -113,11 +128,34 @@ def _dphi(h, PHI: tl.constexpr):
 @triton.autotune(configs=_configs(), key=["N", "M", "R", "K"], prune_configs_by=PRUNE)
 @triton.jit
 def _lost_out_kernel(
-    h_ptr, x_ptr, b_ptr, ws_ptr, idx_ptr, y_ptr, gamma_ptr,
-    N, M, R, K,
-    s_hn, s_hr, s_xn, s_xc, s_br, s_bm, s_wm, s_wk, s_yn, s_ym,
-    PHI: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-):  # fmt: skip
+    h_ptr,
+    x_ptr,
+    b_ptr,
+    ws_ptr,
+    idx_ptr,
+    y_ptr,
+    gamma_ptr,
+    N,
+    M,
+    R,
+    K,
+    s_hn,
+    s_hr,
+    s_xn,
+    s_xc,
+    s_br,
+    s_bm,
+    s_wm,
+    s_wk,
+    s_yn,
+    s_ym,
+    PHI: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
     """Y[rows, cols] = γ φ(H_pre) B + (1 − γ) x[:, I] W_sᵀ over the concatenated inner dim."""
     gamma = tl.load(gamma_ptr).to(tl.float32)  # a device scalar: no host sync, compile-friendly
     pid_n, pid_m = tl.program_id(0), tl.program_id(1)
@@ -130,13 +168,15 @@ def _lost_out_kernel(
         kk_ok = kk < R
         h = tl.load(
             h_ptr + rows[:, None] * s_hn + kk[None, :] * s_hr,
-            mask=row_ok[:, None] & kk_ok[None, :], other=0.0,
-        )  # fmt: skip
+            mask=row_ok[:, None] & kk_ok[None, :],
+            other=0.0,
+        )
         h = _phi(h.to(tl.float32), PHI).to(h_ptr.dtype.element_ty)
         b = tl.load(
             b_ptr + kk[:, None] * s_br + cols[None, :] * s_bm,
-            mask=kk_ok[:, None] & col_ok[None, :], other=0.0,
-        )  # fmt: skip
+            mask=kk_ok[:, None] & col_ok[None, :],
+            other=0.0,
+        )
         acc += _dot(h, b, PREC, UPCAST)
     acc = acc * gamma
     sp = tl.zeros((BM, BN), dtype=tl.float32)
@@ -146,18 +186,21 @@ def _lost_out_kernel(
         ch = tl.load(idx_ptr + kk, mask=kk_ok, other=0)
         xs = tl.load(
             x_ptr + rows[:, None] * s_xn + ch[None, :] * s_xc,
-            mask=row_ok[:, None] & kk_ok[None, :], other=0.0,
-        )  # fmt: skip
+            mask=row_ok[:, None] & kk_ok[None, :],
+            other=0.0,
+        )
         w = tl.load(
             ws_ptr + cols[None, :] * s_wm + kk[:, None] * s_wk,
-            mask=kk_ok[:, None] & col_ok[None, :], other=0.0,
-        )  # fmt: skip
+            mask=kk_ok[:, None] & col_ok[None, :],
+            other=0.0,
+        )
         sp += _dot(xs, w, PREC, UPCAST)
     acc += sp * (1.0 - gamma)
     tl.store(
         y_ptr + rows[:, None] * s_yn + cols[None, :] * s_ym,
-        acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :],
-    )  # fmt: skip
+        acc.to(y_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & col_ok[None, :],
+    )
 
 
 # ------------------------------------------------------------------------------------ backward
@@ -166,11 +209,34 @@ def _lost_out_kernel(
 @triton.autotune(configs=_configs(big=False), key=["N", "M", "R", "K"], prune_configs_by=PRUNE)
 @triton.jit
 def _lost_t_kernel(
-    dy_ptr, b_ptr, ws_ptr, hpre_ptr, dh_ptr, tk_ptr, gamma_ptr,
-    N, M, R, K,
-    s_dn, s_dm, s_br, s_bm, s_wm, s_wk, s_hn, s_hr, s_tn, s_tk,
-    PHI: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-):  # fmt: skip
+    dy_ptr,
+    b_ptr,
+    ws_ptr,
+    hpre_ptr,
+    dh_ptr,
+    tk_ptr,
+    gamma_ptr,
+    N,
+    M,
+    R,
+    K,
+    s_dn,
+    s_dm,
+    s_br,
+    s_bm,
+    s_wm,
+    s_wk,
+    s_hn,
+    s_hr,
+    s_tn,
+    s_tk,
+    PHI: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
     """Column blocks [0, ⌈R/BN⌉): dH_pre = γ (dY Bᵀ) ⊙ φ'(H_pre); the rest: T_k = (1 − γ) dY W_s."""
     gamma = tl.load(gamma_ptr).to(tl.float32)
     pid_n, pid_c = tl.program_id(0), tl.program_id(1)
@@ -182,9 +248,22 @@ def _lost_t_kernel(
         cols = pid_c * BN + tl.arange(0, BN)
         col_ok = cols < R
         acc = _gemm_tiles(  # dY @ Bᵀ: Bᵀ[mm, cols] = B[cols, mm]
-            acc, dy_ptr, s_dn, s_dm, b_ptr, s_bm, s_br, rows, row_ok, cols, col_ok, M,
-            PREC, UPCAST, BK,
-        )  # fmt: skip
+            acc,
+            dy_ptr,
+            s_dn,
+            s_dm,
+            b_ptr,
+            s_bm,
+            s_br,
+            rows,
+            row_ok,
+            cols,
+            col_ok,
+            M,
+            PREC,
+            UPCAST,
+            BK,
+        )
         mask = row_ok[:, None] & col_ok[None, :]
         if PHI != 0:
             hp = tl.load(hpre_ptr + rows[:, None] * s_hn + cols[None, :] * s_hr, mask=mask, other=0.0)
@@ -192,30 +271,62 @@ def _lost_t_kernel(
         acc = acc * gamma
         tl.store(
             dh_ptr + rows[:, None] * s_hn + cols[None, :] * s_hr,
-            acc.to(dh_ptr.dtype.element_ty), mask=mask,
-        )  # fmt: skip
+            acc.to(dh_ptr.dtype.element_ty),
+            mask=mask,
+        )
     else:
         cols = (pid_c - r_blocks) * BN + tl.arange(0, BN)
         col_ok = cols < K
         acc = _gemm_tiles(  # dY @ W_s
-            acc, dy_ptr, s_dn, s_dm, ws_ptr, s_wm, s_wk, rows, row_ok, cols, col_ok, M,
-            PREC, UPCAST, BK,
-        )  # fmt: skip
+            acc,
+            dy_ptr,
+            s_dn,
+            s_dm,
+            ws_ptr,
+            s_wm,
+            s_wk,
+            rows,
+            row_ok,
+            cols,
+            col_ok,
+            M,
+            PREC,
+            UPCAST,
+            BK,
+        )
         acc = acc * (1.0 - gamma)
         tl.store(
             tk_ptr + rows[:, None] * s_tn + cols[None, :] * s_tk,
-            acc.to(tk_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :],
-        )  # fmt: skip
+            acc.to(tk_ptr.dtype.element_ty),
+            mask=row_ok[:, None] & col_ok[None, :],
+        )
 
 
 @triton.autotune(configs=_configs(big=False), key=["N", "C", "R"], prune_configs_by=PRUNE)
 @triton.jit
 def _lost_dx_kernel(
-    dh_ptr, a_ptr, tk_ptr, inv_ptr, dx_ptr,
-    N, C, R,
-    s_hn, s_hr, s_ac, s_ar, s_tn, s_tk, s_xn, s_xc,
-    PREC: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-):  # fmt: skip
+    dh_ptr,
+    a_ptr,
+    tk_ptr,
+    inv_ptr,
+    dx_ptr,
+    N,
+    C,
+    R,
+    s_hn,
+    s_hr,
+    s_ac,
+    s_ar,
+    s_tn,
+    s_tk,
+    s_xn,
+    s_xc,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
     """dx = dH_pre Aᵀ, plus T_k[:, inv[c]] on every input channel c in I (epilogue)."""
     pid_n, pid_c = tl.program_id(0), tl.program_id(1)
     rows = pid_n * BM + tl.arange(0, BM)
@@ -223,30 +334,58 @@ def _lost_dx_kernel(
     row_ok, col_ok = rows < N, cols < C
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     acc = _gemm_tiles(  # dH_pre @ Aᵀ: Aᵀ[kk, cols] = A[cols, kk]
-        acc, dh_ptr, s_hn, s_hr, a_ptr, s_ar, s_ac, rows, row_ok, cols, col_ok, R,
-        PREC, UPCAST, BK,
-    )  # fmt: skip
+        acc,
+        dh_ptr,
+        s_hn,
+        s_hr,
+        a_ptr,
+        s_ar,
+        s_ac,
+        rows,
+        row_ok,
+        cols,
+        col_ok,
+        R,
+        PREC,
+        UPCAST,
+        BK,
+    )
     inv = tl.load(inv_ptr + cols, mask=col_ok, other=-1)
     hit = inv >= 0
     sp = tl.load(
         tk_ptr + rows[:, None] * s_tn + tl.maximum(inv, 0)[None, :] * s_tk,
-        mask=row_ok[:, None] & hit[None, :], other=0.0,
-    )  # fmt: skip
+        mask=row_ok[:, None] & hit[None, :],
+        other=0.0,
+    )
     acc += sp.to(tl.float32)
     tl.store(
         dx_ptr + rows[:, None] * s_xn + cols[None, :] * s_xc,
-        acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :],
-    )  # fmt: skip
+        acc.to(dx_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & col_ok[None, :],
+    )
 
 
 @triton.autotune(configs=_configs(big=False), key=["N", "M", "K"], prune_configs_by=PRUNE)
 @triton.jit
 def _lost_dws_kernel(
-    dy_ptr, x_ptr, idx_ptr, part_ptr,
-    N, M, K, tokens_per_split,
-    s_dn, s_dm, s_xn, s_xc,
-    PREC: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-):  # fmt: skip
+    dy_ptr,
+    x_ptr,
+    idx_ptr,
+    part_ptr,
+    N,
+    M,
+    K,
+    tokens_per_split,
+    s_dn,
+    s_dm,
+    s_xn,
+    s_xc,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
     """Split s of dW_s[m, j] = Σ_t dY[t, m] x[t, I[j]] over its slice of tokens, the x tiles
     loaded through the index; partial sums go to part[s] (fp32), summed afterwards (split-K keeps
     the small (m, k) output spread over many programs, deterministically: no atomics)."""
@@ -263,17 +402,20 @@ def _lost_dws_kernel(
         tt_ok = tt < t_hi
         dt = tl.load(  # dYᵀ tile: dY[tt, outs]
             dy_ptr + tt[None, :] * s_dn + outs[:, None] * s_dm,
-            mask=out_ok[:, None] & tt_ok[None, :], other=0.0,
-        )  # fmt: skip
+            mask=out_ok[:, None] & tt_ok[None, :],
+            other=0.0,
+        )
         xs = tl.load(
             x_ptr + tt[:, None] * s_xn + ch[None, :] * s_xc,
-            mask=tt_ok[:, None] & col_ok[None, :], other=0.0,
-        )  # fmt: skip
+            mask=tt_ok[:, None] & col_ok[None, :],
+            other=0.0,
+        )
         acc += _dot(dt, xs, PREC, UPCAST)
     tl.store(
         part_ptr + pid_s * M * K + outs[:, None] * K + cols[None, :],
-        acc, mask=out_ok[:, None] & col_ok[None, :],
-    )  # fmt: skip
+        acc,
+        mask=out_ok[:, None] & col_ok[None, :],
+    )
 
 
 # ------------------------------------------------------------------------------------ launchers
@@ -290,20 +432,45 @@ def _grid(rows: int, cols: int):
 
 
 def forward(
-    x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, ws: torch.Tensor, index: torch.Tensor,
-    gamma: torch.Tensor, phi: str,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    ws: torch.Tensor,
+    index: torch.Tensor,
+    gamma: torch.Tensor,
+    phi: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """x (N, n) -> (Y (N, m), H_pre (N, r)); H_pre is kept for the backward. ``gamma``: a 0-d
     float32 tensor on x's device (LOST keeps γ as a buffer; read on the device, never synced)."""
     n_tok, m, r, k = x.shape[0], b.shape[1], a.shape[1], ws.shape[1]
     hpre = torch.mm(x, a)  # (N, r)
     y = torch.empty((n_tok, m), dtype=x.dtype, device=x.device)
     _lost_out_kernel[_grid(n_tok, m)](
-        hpre, x, b, ws, index, y, gamma, n_tok, m, r, k,
-        hpre.stride(0), hpre.stride(1), x.stride(0), x.stride(1), b.stride(0), b.stride(1),
-        ws.stride(0), ws.stride(1), y.stride(0), y.stride(1),
-        PHI=PHI_CODE[phi], PREC=_precision(x.dtype), UPCAST=INTERPRET,
-    )  # fmt: skip
+        h_ptr=hpre,
+        x_ptr=x,
+        b_ptr=b,
+        ws_ptr=ws,
+        idx_ptr=index,
+        y_ptr=y,
+        gamma_ptr=gamma,
+        N=n_tok,
+        M=m,
+        R=r,
+        K=k,
+        s_hn=hpre.stride(0),
+        s_hr=hpre.stride(1),
+        s_xn=x.stride(0),
+        s_xc=x.stride(1),
+        s_br=b.stride(0),
+        s_bm=b.stride(1),
+        s_wm=ws.stride(0),
+        s_wk=ws.stride(1),
+        s_yn=y.stride(0),
+        s_ym=y.stride(1),
+        PHI=PHI_CODE[phi],
+        PREC=_precision(x.dtype),
+        UPCAST=INTERPRET,
+    )
     return y, hpre
 
 
@@ -318,9 +485,16 @@ def _splits(tokens: int, m: int, k: int, device: torch.device) -> int:
 
 
 def backward(
-    dy: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, ws: torch.Tensor,
-    index: torch.Tensor, hpre: torch.Tensor, gamma: torch.Tensor, phi: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    ws: torch.Tensor,
+    index: torch.Tensor,
+    hpre: torch.Tensor,
+    gamma: torch.Tensor,
+    phi: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dx, dA, dB, dW_s) of Y = forward(...) given dY (N, m)."""
     n_tok, n, m, r, k = x.shape[0], x.shape[1], b.shape[1], a.shape[1], ws.shape[1]
     code, prec = PHI_CODE[phi], _precision(x.dtype)
@@ -335,34 +509,90 @@ def backward(
         )
 
     _lost_t_kernel[t_grid](
-        dy, b, ws, hpre, dh, tk, gamma, n_tok, m, r, k,
-        dy.stride(0), dy.stride(1), b.stride(0), b.stride(1), ws.stride(0), ws.stride(1),
-        hpre.stride(0), hpre.stride(1), tk.stride(0), tk.stride(1), PHI=code, PREC=prec, UPCAST=INTERPRET,
-    )  # fmt: skip
+        dy_ptr=dy,
+        b_ptr=b,
+        ws_ptr=ws,
+        hpre_ptr=hpre,
+        dh_ptr=dh,
+        tk_ptr=tk,
+        gamma_ptr=gamma,
+        N=n_tok,
+        M=m,
+        R=r,
+        K=k,
+        s_dn=dy.stride(0),
+        s_dm=dy.stride(1),
+        s_br=b.stride(0),
+        s_bm=b.stride(1),
+        s_wm=ws.stride(0),
+        s_wk=ws.stride(1),
+        s_hn=hpre.stride(0),
+        s_hr=hpre.stride(1),
+        s_tn=tk.stride(0),
+        s_tk=tk.stride(1),
+        PHI=code,
+        PREC=prec,
+        UPCAST=INTERPRET,
+    )
     dx = torch.empty((n_tok, n), dtype=x.dtype, device=x.device)
     _lost_dx_kernel[_grid(n_tok, n)](
-        dh, a, tk, inverse_index(index, n), dx, n_tok, n, r,
-        dh.stride(0), dh.stride(1), a.stride(0), a.stride(1), tk.stride(0), tk.stride(1),
-        dx.stride(0), dx.stride(1), PREC=prec, UPCAST=INTERPRET,
-    )  # fmt: skip
-    dws = torch.zeros_like(ws)
-    if k:
-        splits = _splits(n_tok, m, k, x.device)
-        per = triton.cdiv(n_tok, splits)
-        part = torch.empty((splits, m, k), dtype=torch.float32, device=x.device)
-
-        def dws_grid(meta):
-            return (triton.cdiv(m, meta["BM"]), triton.cdiv(k, meta["BN"]), splits)
-
-        _lost_dws_kernel[dws_grid](
-            dy, x, index, part, n_tok, m, k, per,
-            dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), PREC=prec, UPCAST=INTERPRET,
-        )  # fmt: skip
-        dws = part.sum(0).mul_(1.0 - gamma).to(ws.dtype)
+        dh_ptr=dh,
+        a_ptr=a,
+        tk_ptr=tk,
+        inv_ptr=inverse_index(index, n),
+        dx_ptr=dx,
+        N=n_tok,
+        C=n,
+        R=r,
+        s_hn=dh.stride(0),
+        s_hr=dh.stride(1),
+        s_ac=a.stride(0),
+        s_ar=a.stride(1),
+        s_tn=tk.stride(0),
+        s_tk=tk.stride(1),
+        s_xn=dx.stride(0),
+        s_xc=dx.stride(1),
+        PREC=prec,
+        UPCAST=INTERPRET,
+    )
+    dws = _grad_sparse(dy, x, index, ws, gamma, prec)  # (m, k)
     h = hpre if code == 0 else _phi_torch(hpre, phi)
     db = torch.mm(h.t(), dy).mul_(gamma.to(dy.dtype))  # (r, m)
     da = torch.mm(x.t(), dh)  # (n, r)
     return dx, da, db, dws
+
+
+def _grad_sparse(
+    dy: torch.Tensor, x: torch.Tensor, index: torch.Tensor, ws: torch.Tensor, gamma: torch.Tensor, prec: str
+) -> torch.Tensor:
+    """dW_s (m, k) = (1 − γ) · dYᵀ x[:, I], split over tokens into float32 partial sums."""
+    n_tok, m, k = x.shape[0], ws.shape[0], ws.shape[1]
+    if not k:
+        return torch.zeros_like(ws)
+    splits = _splits(n_tok, m, k, x.device)
+    per = triton.cdiv(n_tok, splits)
+    part = torch.empty((splits, m, k), dtype=torch.float32, device=x.device)
+
+    def dws_grid(meta):
+        return (triton.cdiv(m, meta["BM"]), triton.cdiv(k, meta["BN"]), splits)
+
+    _lost_dws_kernel[dws_grid](
+        dy_ptr=dy,
+        x_ptr=x,
+        idx_ptr=index,
+        part_ptr=part,
+        N=n_tok,
+        M=m,
+        K=k,
+        tokens_per_split=per,
+        s_dn=dy.stride(0),
+        s_dm=dy.stride(1),
+        s_xn=x.stride(0),
+        s_xc=x.stride(1),
+        PREC=prec,
+        UPCAST=INTERPRET,
+    )
+    return part.sum(0).mul_(1.0 - gamma).to(ws.dtype)
 
 
 def _phi_torch(h: torch.Tensor, phi: str) -> torch.Tensor:

@@ -125,11 +125,21 @@ class FRUGAL(torch.optim.Optimizer):
         seed: int = 0,
     ) -> None:
         defaults = dict(
-            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, density=density,
-            projection=projection, update_gap=update_gap, state_free=state_free,
-            state_free_lr_scale=state_free_lr_scale, proj_lr_scale=proj_lr_scale,
-            reset_on_refresh=reset_on_refresh, block_order=block_order, seed=seed, projectable=True,
-        )  # fmt: skip
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            density=density,
+            projection=projection,
+            update_gap=update_gap,
+            state_free=state_free,
+            state_free_lr_scale=state_free_lr_scale,
+            proj_lr_scale=proj_lr_scale,
+            reset_on_refresh=reset_on_refresh,
+            block_order=block_order,
+            seed=seed,
+            projectable=True,
+        )
         super().__init__(_as_groups(params), defaults)
         for group in self.param_groups:
             _check_group(group)
@@ -353,9 +363,14 @@ class FRUGAL(torch.optim.Optimizer):
         p.add_(u)
 
     def _update_projectable(
-        self, group: dict[str, Any], st: dict[str, Any], p: torch.Tensor, g: torch.Tensor,
-        decay: float = 1.0, key: torch.Tensor | None = None,
-    ) -> None:  # fmt: skip
+        self,
+        group: dict[str, Any],
+        st: dict[str, Any],
+        p: torch.Tensor,
+        g: torch.Tensor,
+        decay: float = 1.0,
+        key: torch.Tensor | None = None,
+    ) -> None:
         """The split update of one matrix ``p`` (m, n) from its gradient ``g``, adding into ``p``.
         ``st`` is the parameter's state (local views under FSDP2); ``key`` the parameter itself
         when ``p`` is a per-step stand-in (a shard's local tensor, a gathered buffer)."""
@@ -367,10 +382,19 @@ class FRUGAL(torch.optim.Optimizer):
         if kind in ("columns", "rows"):  # leanlm.kernels: fused on CUDA, the reference elsewhere
             dim = 1 if kind == "columns" else 0
             frugal_update(
-                p, g, st, dim, lr_full, lr_free, group["betas"], group["eps"], free, decay,
+                p,
+                g,
+                st,
+                dim,
+                lr_full,
+                lr_free,
+                group["betas"],
+                group["eps"],
+                free,
+                decay,
                 scratch=None if use_triton(p) else self._scratch_like(g),
                 inv=self._inverse(p if key is None else key, p, st, dim),
-            )  # fmt: skip
+            )
             return
         if kind == "blocks" and not bool(st["active"]):
             if free != "none":

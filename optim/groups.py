@@ -16,10 +16,28 @@ from torch import nn
 
 # A 2-D weight is projectable when its module path contains one of these...
 BLOCK_LINEAR_KEYS = (
-    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-    "attn", "attention", "mlp", "query", "key", "value", "dense", "fc1", "fc2", "c_fc", "c_proj",
-    "lowrank_in", "lowrank_out", "sparse",
-)  # fmt: skip
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "attn",
+    "attention",
+    "mlp",
+    "query",
+    "key",
+    "value",
+    "dense",
+    "fc1",
+    "fc2",
+    "c_fc",
+    "c_proj",
+    "lowrank_in",
+    "lowrank_out",
+    "sparse",
+)
 # ...and none of these (they are always state-full, as in the FRUGAL paper).
 STATE_FULL_KEYS = (
     "embed",

@@ -47,10 +47,19 @@ class LOSTLinear(nn.Module):
     """Low-rank + channel-sparse replacement for ``nn.Linear`` (no bias unless asked)."""
 
     def __init__(
-        self, in_features: int, out_features: int, rank: int, channel_density: float = 0.05,
-        gamma: float = 0.5, phi: str = "silu", bias: bool = False, support: str = "channels",
-        init_std: float = 0.02, device=None, dtype=None,
-    ) -> None:  # fmt: skip
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        channel_density: float = 0.05,
+        gamma: float = 0.5,
+        phi: str = "silu",
+        bias: bool = False,
+        support: str = "channels",
+        init_std: float = 0.02,
+        device=None,
+        dtype=None,
+    ) -> None:
         super().__init__()
         if phi not in PHIS:
             raise ValueError(f"phi={phi!r}: choose one of {', '.join(PHIS)}")
@@ -108,15 +117,27 @@ class LOSTLinear(nn.Module):
         return y + self.bias if self.bias is not None else y
 
     def extra_repr(self) -> str:
-        return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, k={self.sparse.shape[-1] if self.support == 'channels' else self.sparse.numel()}, "
-                f"gamma={float(self.gamma):g}, phi={self.phi}, support={self.support}")  # fmt: skip
+        return (
+            f"in={self.in_features}, out={self.out_features}, rank={self.rank}, "
+            f"k={self.sparse.shape[-1] if self.support == 'channels' else self.sparse.numel()}, "
+            f"gamma={float(self.gamma):g}, phi={self.phi}, support={self.support}"
+        )
 
     @classmethod
     def from_dense(
-        cls, linear: nn.Linear, rank: int, channel_density: float = 0.05, gamma: float = 0.5,
-        phi: str = "silu", select: str = "svd_rem_l2", values_init: str = "w0_cols", init: str = "svd",
-        support: str = "channels", svd_components: int = 0, seed: int = 0,
-    ) -> LOSTLinear:  # fmt: skip
+        cls,
+        linear: nn.Linear,
+        rank: int,
+        channel_density: float = 0.05,
+        gamma: float = 0.5,
+        phi: str = "silu",
+        select: str = "svd_rem_l2",
+        values_init: str = "w0_cols",
+        init: str = "svd",
+        support: str = "channels",
+        svd_components: int = 0,
+        seed: int = 0,
+    ) -> LOSTLinear:
         """A LOST layer initialised from ``linear`` (SVD in float32; see the module docstring).
 
         ``svd_components`` caps W_comp at that many components after the top r (0 = all of them).
@@ -129,8 +150,18 @@ class LOSTLinear(nn.Module):
         W0 = linear.weight.detach()
         m, n = W0.shape
         rank = min(rank, m, n)
-        layer = cls(n, m, rank, channel_density, gamma, phi, bias=linear.bias is not None, support=support,
-                    device=W0.device, dtype=W0.dtype)  # fmt: skip
+        layer = cls(
+            n,
+            m,
+            rank,
+            channel_density,
+            gamma,
+            phi,
+            bias=linear.bias is not None,
+            support=support,
+            device=W0.device,
+            dtype=W0.dtype,
+        )
         gen = torch.Generator().manual_seed(seed)
         layer.reset_parameters(gen)
         W = W0.float()
@@ -182,15 +213,19 @@ class ConversionReport:
         for name, (count, before, after) in self.per_target.items():
             lines.append(f"| {name} | {count} | {before:,} | {after:,} | {after / before:.3f} |")
         lines.append(
-            f"| model total | | {self.total_before:,} | {self.total_after:,} | {self.total_after / self.total_before:.3f} |"
+            f"| model total | | {self.total_before:,} | {self.total_after:,} | "
+            f"{self.total_after / self.total_before:.3f} |"
         )
         return "\n".join(lines)
 
 
 def convert(
-    model: nn.Module, rank: int, channel_density: float = 0.05, targets: tuple[str, ...] = LLAMA_TARGETS,
+    model: nn.Module,
+    rank: int,
+    channel_density: float = 0.05,
+    targets: tuple[str, ...] = LLAMA_TARGETS,
     **options,
-) -> ConversionReport:  # fmt: skip
+) -> ConversionReport:
     """Replace every ``nn.Linear`` whose name ends in one of ``targets`` by ``LOSTLinear.from_dense``.
 
     Works on any module tree (ours, a Hugging Face model, an ``nn.Sequential`` with ``targets``

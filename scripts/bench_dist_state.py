@@ -49,9 +49,11 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument(
-        "--set", nargs="*", default=["optim.projection=columns"],
+        "--set",
+        nargs="*",
+        default=["optim.projection=columns"],
         help="config overrides (ZeRO-2 maps columns and randk; the 60m preset uses blocks)",
-    )  # fmt: skip
+    )
     args = ap.parse_args()
     dist.init(torch.device("cpu"), backend="fsdp2")
     torch.set_num_threads(1)

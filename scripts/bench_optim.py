@@ -112,7 +112,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, density {args.density}, median of {args.steps} steps"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, density {args.density}, "
+        f"median of {args.steps} steps"
     )
     for size in args.sizes:
         rows = bench(size, args.steps, args.density)
@@ -122,7 +123,8 @@ def main() -> None:
         print("|---|---|---|---|---|---|")
         for name, nbytes, t, refresh in rows:
             print(
-                f"| {name} | {nbytes / 2**20:,.1f} | {nbytes / base_bytes:.3f} | {t * 1e3:,.1f} | {t / base_time:.2f} | {refresh * 1e3:,.0f} |"
+                f"| {name} | {nbytes / 2**20:,.1f} | {nbytes / base_bytes:.3f} | {t * 1e3:,.1f} | "
+                f"{t / base_time:.2f} | {refresh * 1e3:,.0f} |"
             )
 
 

@@ -82,14 +82,16 @@ def main() -> None:
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             rows.append(json.loads(out.strip().splitlines()[-1]))
     print(
-        f"LLaMA-60m, vocab 32000, batch {args.batch} x {args.seq} tokens, one forward + backward ({rows[0]['device']})\n"
+        f"LLaMA-60m, vocab 32000, batch {args.batch} x {args.seq} tokens, one forward + backward "
+        f"({rows[0]['device']})\n"
     )
     print("| loss computation | reweighting | step peak (MiB) | vs off | wall (s) |\n|---|---|---|---|---|")
     for i, r in enumerate(rows):
         base = rows[i - i % 2]["step_peak_mib"]
         label = f"chunked, {r['chunk']} tokens/chunk" if r["chunk"] else "one piece (chunk_tokens=0)"
         print(
-            f"| {label} | {r['reweight']} | {r['step_peak_mib']:,.0f} | {r['step_peak_mib'] / base:.3f} | {r['wall_s']:.1f} |"
+            f"| {label} | {r['reweight']} | {r['step_peak_mib']:,.0f} | {r['step_peak_mib'] / base:.3f} | "
+            f"{r['wall_s']:.1f} |"
         )
 
 

@@ -48,9 +48,15 @@ def run_one(name: str, over: list[str]) -> dict:
     else:
         opt.step()
         optim_bytes = state_bytes(opt)
-    return {"variant": name, "val_loss": res.final.loss, "val_ppl": res.final.ppl, "params": count_parameters(model),
-            "optim_bytes": optim_bytes, "peak_rss_gib": peak_memory_gib(torch.device("cpu")),
-            "tokens_per_s": res.tokens_per_s}  # fmt: skip
+    return {
+        "variant": name,
+        "val_loss": res.final.loss,
+        "val_ppl": res.final.ppl,
+        "params": count_parameters(model),
+        "optim_bytes": optim_bytes,
+        "peak_rss_gib": peak_memory_gib(torch.device("cpu")),
+        "tokens_per_s": res.tokens_per_s,
+    }
 
 
 def main() -> None:
@@ -60,8 +66,15 @@ def main() -> None:
     ap.add_argument("--out", default="runs/compare_lost")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    base = [f"train.steps={args.steps}", f"optim.lr={args.lr}", "train.threads=2", "eval.every=0",
-            "checkpoint.every=0", "checkpoint.keep=1", "log.progress=false"]  # fmt: skip
+    base = [
+        f"train.steps={args.steps}",
+        f"optim.lr={args.lr}",
+        "train.threads=2",
+        "eval.every=0",
+        "checkpoint.every=0",
+        "checkpoint.keep=1",
+        "log.progress=false",
+    ]
     if args.one:
         over = [
             *base,
@@ -91,8 +104,10 @@ def main() -> None:
     print("| variant | parameters | optimizer state (MiB) | peak RSS (GiB) | tokens/s | held-out loss | ppl |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['variant']} | {r['params'] / 1e6:.2f}M | {r['optim_bytes'] / 2**20:.1f} | {r['peak_rss_gib']:.2f} | "
-              f"{r['tokens_per_s']:,.0f} | {r['val_loss']:.4f} | {r['val_ppl']:.2f} |")  # fmt: skip
+        print(
+            f"| {r['variant']} | {r['params'] / 1e6:.2f}M | {r['optim_bytes'] / 2**20:.1f} | {r['peak_rss_gib']:.2f} | "
+            f"{r['tokens_per_s']:,.0f} | {r['val_loss']:.4f} | {r['val_ppl']:.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -78,11 +78,21 @@ def main() -> None:
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     base = [
-        f"train.steps={args.steps}", "train.batch_size=16", "train.seq_len=256", "train.threads=2",
-        f"optim.warmup_steps={max(1, args.steps // 10)}", "optim.weight_decay=0.0", "optim.betas=[0.9,0.999]",
-        f"optim.update_gap={args.update_gap}", "eval.every=0", "eval.tokens=65536", "checkpoint.every=0",
-        "checkpoint.keep=1", "log.progress=false", "log.every=10",
-    ]  # fmt: skip
+        f"train.steps={args.steps}",
+        "train.batch_size=16",
+        "train.seq_len=256",
+        "train.threads=2",
+        f"optim.warmup_steps={max(1, args.steps // 10)}",
+        "optim.weight_decay=0.0",
+        "optim.betas=[0.9,0.999]",
+        f"optim.update_gap={args.update_gap}",
+        "eval.every=0",
+        "eval.tokens=65536",
+        "checkpoint.every=0",
+        "checkpoint.keep=1",
+        "log.progress=false",
+        "log.every=10",
+    ]
     todo = {} if args.table else {**OPTIMIZERS, **(DIAGNOSTICS if args.diagnostics else {})}
     for name, (over, grid) in todo.items():
         if args.only and name not in args.only:
@@ -98,8 +108,14 @@ def main() -> None:
             )
             t0 = time.perf_counter()
             res = train(cfg)
-            results[key] = {"optimizer": name, "lr": lr, "val_loss": res.final.loss, "val_ppl": res.final.ppl,
-                            "tokens": res.tokens_seen, "wall_s": time.perf_counter() - t0}  # fmt: skip
+            results[key] = {
+                "optimizer": name,
+                "lr": lr,
+                "val_loss": res.final.loss,
+                "val_ppl": res.final.ppl,
+                "tokens": res.tokens_seen,
+                "wall_s": time.perf_counter() - t0,
+            }
             print(
                 f"{key}: val loss {res.final.loss:.4f} ({time.perf_counter() - t0:.0f}s)",
                 flush=True,

@@ -37,11 +37,18 @@ def main() -> None:
             "val/loss" in line for line in (run / "metrics.jsonl").read_text().splitlines()[-3:]
         ):
             over = [
-                f"train.steps={args.steps}", f"eval.every={args.eval_every}", f"optim.lr={args.lr}",
-                f"train.reweight.strategy={strategy}", f"train.reweight.r={args.r}",
-                f"train.reweight.warmup_steps={args.warmup}", f"train.out_dir={run}", "train.threads=2",
-                "checkpoint.every=0", "checkpoint.keep=1", "log.progress=false",
-            ]  # fmt: skip
+                f"train.steps={args.steps}",
+                f"eval.every={args.eval_every}",
+                f"optim.lr={args.lr}",
+                f"train.reweight.strategy={strategy}",
+                f"train.reweight.r={args.r}",
+                f"train.reweight.warmup_steps={args.warmup}",
+                f"train.out_dir={run}",
+                "train.threads=2",
+                "checkpoint.every=0",
+                "checkpoint.keep=1",
+                "log.progress=false",
+            ]
             if run.exists():
                 import shutil
 

@@ -60,18 +60,42 @@ def main() -> int:
 
     lost = {
         "_lost_out_kernel": (
-            {"h_ptr": "T", "x_ptr": "T", "b_ptr": "T", "ws_ptr": "T", "idx_ptr": "*i64",
-             "y_ptr": "T", "gamma_ptr": "*fp32"}, {"PHI": 1}, ["N", "M", "R", "K"]),
+            {
+                "h_ptr": "T",
+                "x_ptr": "T",
+                "b_ptr": "T",
+                "ws_ptr": "T",
+                "idx_ptr": "*i64",
+                "y_ptr": "T",
+                "gamma_ptr": "*fp32",
+            },
+            {"PHI": 1},
+            ["N", "M", "R", "K"],
+        ),
         "_lost_t_kernel": (
-            {"dy_ptr": "T", "b_ptr": "T", "ws_ptr": "T", "hpre_ptr": "T", "dh_ptr": "T",
-             "tk_ptr": "T", "gamma_ptr": "*fp32"}, {"PHI": 2}, ["N", "M", "R", "K"]),
+            {
+                "dy_ptr": "T",
+                "b_ptr": "T",
+                "ws_ptr": "T",
+                "hpre_ptr": "T",
+                "dh_ptr": "T",
+                "tk_ptr": "T",
+                "gamma_ptr": "*fp32",
+            },
+            {"PHI": 2},
+            ["N", "M", "R", "K"],
+        ),
         "_lost_dx_kernel": (
             {"dh_ptr": "T", "a_ptr": "T", "tk_ptr": "T", "inv_ptr": "*i32", "dx_ptr": "T"},
-            {}, ["N", "C", "R"]),
+            {},
+            ["N", "C", "R"],
+        ),
         "_lost_dws_kernel": (
             {"dy_ptr": "T", "x_ptr": "T", "idx_ptr": "*i64", "part_ptr": "*fp32"},
-            {}, ["N", "M", "K", "tokens_per_split"]),
-    }  # fmt: skip
+            {},
+            ["N", "M", "K", "tokens_per_split"],
+        ),
+    }
     failures = 0
     for arch in args.arch:
         for name, (pointers, const, ints) in lost.items():
@@ -87,9 +111,14 @@ def main() -> int:
                     t0 = time.perf_counter()
                     try:
                         shared = _compile(
-                            fn, arch, ptrs, consts, ints=[*ints, *strides(fn)],
-                            warps=cfg.num_warps, stages=cfg.num_stages,
-                        )  # fmt: skip
+                            fn,
+                            arch,
+                            ptrs,
+                            consts,
+                            ints=[*ints, *strides(fn)],
+                            warps=cfg.num_warps,
+                            stages=cfg.num_stages,
+                        )
                         status = f"ok ({shared // 1024} KiB shared, {time.perf_counter() - t0:.1f} s)"
                     except Exception as e:  # report every failure, not just the first
                         failures += 1
@@ -101,10 +130,13 @@ def main() -> int:
                 ptrs = {k: f"*{dtype}" for k in ("p_ptr", "g_ptr", "m_ptr", "v_ptr")}
                 try:
                     _compile(
-                        _frugal_kernel, arch, {**ptrs, "inv_ptr": "*i32"},
-                        {"DIM": dim, "FREE": 0, "BLOCK": 1024}, ints=["n_cols", "k_sel"],
+                        _frugal_kernel,
+                        arch,
+                        {**ptrs, "inv_ptr": "*i32"},
+                        {"DIM": dim, "FREE": 0, "BLOCK": 1024},
+                        ints=["n_cols", "k_sel"],
                         floats=["decay", "step_size", "bc2_sqrt", "b1", "b2", "eps", "lr_free"],
-                    )  # fmt: skip
+                    )
                     status = "ok"
                 except Exception as e:
                     failures += 1

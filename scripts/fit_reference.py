@@ -46,10 +46,14 @@ def main() -> None:
 
     with open(data / "opt_checkpoint_trajectories.csv") as fh:
         opt = [
-            {"model_name": "OPT-" + r["model_size"], "num_params": size(r["model_size"]),
-             "tokens_seen": 10 ** float(r["num_token"]), "val_loss": math.log(float(r["ppl"]))}
+            {
+                "model_name": "OPT-" + r["model_size"],
+                "num_params": size(r["model_size"]),
+                "tokens_seen": 10 ** float(r["num_token"]),
+                "val_loss": math.log(float(r["ppl"])),
+            }
             for r in csv.DictReader(fh)
-        ]  # fmt: skip
+        ]
     print("## OPT: fit on 125m-30b, predict the 175b model's last 30% of checkpoints (loss = ln ppl)\n")
     print("| method | early checkpoints | points | ARE | E | A | B | alpha | beta | bounds hit |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -57,8 +61,10 @@ def main() -> None:
         for drop in (0.1, 0.0):
             res, are, _ = holdout_are(opt, method=method, grid=args.grid, drop_fraction=drop)
             label = f"first {drop:.0%} of each run dropped" if drop else "all kept"
-            print(f"| {method} | {label} | {res.n_points} | {are * 100:.2f}% | {res.E:.4g} | {res.A:.4g} | {res.B:.4g} | "
-                  f"{res.alpha:.4f} | {res.beta:.4f} | {', '.join(res.bounds_hit) or 'none'} |")  # fmt: skip
+            print(
+                f"| {method} | {label} | {res.n_points} | {are * 100:.2f}% | {res.E:.4g} | {res.A:.4g} | {res.B:.4g} | "
+                f"{res.alpha:.4f} | {res.beta:.4f} | {', '.join(res.bounds_hit) or 'none'} |"
+            )
 
 
 if __name__ == "__main__":

@@ -138,11 +138,16 @@ def test_memory_refuses_a_world_below_one(capsys, extra, world):
 @pytest.fixture
 def synthetic_runs(tmp_path) -> Path:
     rows = [
-        dict(model_name=f"m{int(n)}", num_params=n, tokens_seen=d, step=i + 1,
-             val_loss=1.7 + 400 / n**0.34 + 410 / d**0.28)
+        dict(
+            model_name=f"m{int(n)}",
+            num_params=n,
+            tokens_seen=d,
+            step=i + 1,
+            val_loss=1.7 + 400 / n**0.34 + 410 / d**0.28,
+        )
         for n in (1e6, 3e6, 1e7, 3e7)
         for i, d in enumerate((1e7, 3e7, 1e8, 3e8, 1e9))
-    ]  # fmt: skip
+    ]
     (tmp_path / "syn").mkdir()
     (tmp_path / "syn" / "scaling.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return tmp_path / "syn"
@@ -171,7 +176,8 @@ def test_bad_output_paths_are_refused_before_any_work(capsys, synthetic_runs, tm
     monkeypatch.setattr(scaling, "fit", lambda *a, **k: pytest.fail("fitted before checking --json"))
     one_line_error(capsys, ["fit", str(synthetic_runs), "--json", f"{tmp_path}/nodir/x.json"], "does not exist")
     one_line_error(capsys, ["scaling", "export", str(synthetic_runs), "--csv", str(tmp_path)], "is a folder")
-    one_line_error(capsys, ["scaling", "export", str(synthetic_runs), "--csv", f"{tmp_path}/no/o.csv"], "does not exist")  # fmt: skip
+    no_dir = f"{tmp_path}/no/o.csv"
+    one_line_error(capsys, ["scaling", "export", str(synthetic_runs), "--csv", no_dir], "does not exist")
 
 
 def test_torn_and_garbage_scaling_lines_are_skipped_with_a_warning(capsys, synthetic_runs, tmp_path):
@@ -217,16 +223,28 @@ def test_hf_source_on_a_black_holed_network_fails_fast(tmp_path):
     thread = threading.Thread(target=accept_forever, daemon=True)
     thread.start()
     proxy = f"http://127.0.0.1:{server.getsockname()[1]}"
-    env = {k: v for k, v in os.environ.items() if not k.upper().startswith(("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "NO_PROXY"))}  # fmt: skip
+    dropped = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "NO_PROXY")
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith(dropped)}
     env.update(HTTPS_PROXY=proxy, HTTP_PROXY=proxy, https_proxy=proxy, http_proxy=proxy)
     env["HF_HOME"] = str(tmp_path / "hf")
     start = time.monotonic()
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "leanlm.engine.cli", "train", TINY, "data.source=hf:some/name",
-             "data.hf_timeout_s=2", f"train.out_dir={tmp_path / 'run'}"],
-            capture_output=True, text=True, env=env, timeout=120,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "leanlm.engine.cli",
+                "train",
+                TINY,
+                "data.source=hf:some/name",
+                "data.hf_timeout_s=2",
+                f"train.out_dir={tmp_path / 'run'}",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
     finally:
         stop.set()
         thread.join()

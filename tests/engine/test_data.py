@@ -229,9 +229,14 @@ def test_a_single_document_corpus_trains_with_a_byte_range_split(tmp_path, cache
         src = tmp_path / "big" / "all.txt"
         text = text.replace("\n", " ")  # one line, no newline to cut at
     src.write_text(text)
-    over = [f"data.source={src if layout == 'single_file' else src.parent}",
-            f"data.cache_dir={cache_dir}", "data.vocab_size=512", "data.tokenizer_sample_mb=0.05",
-            "train.seq_len=32", "eval.tokens=256"]  # fmt: skip
+    over = [
+        f"data.source={src if layout == 'single_file' else src.parent}",
+        f"data.cache_dir={cache_dir}",
+        "data.vocab_size=512",
+        "data.tokenizer_sample_mb=0.05",
+        "train.seq_len=32",
+        "eval.tokens=256",
+    ]
     cfg = load_config(None, over)
     corpus = build_corpus(cfg)
     pieces = list(path_source(str(src), "text").pieces(cfg.data.val_fraction))

@@ -101,14 +101,21 @@ def runs(tiny_base, tmp_path_factory) -> Runs:
 
 
 CASES = [
-    ("ddp-accum", "frugal"), ("fsdp2-accum", "frugal"),
+    ("ddp-accum", "frugal"),
+    ("fsdp2-accum", "frugal"),
     pytest.param("ds2-accum", "frugal", marks=needs_ds),
-    ("ddp", "adamw"), ("ddp", "frugal"), ("fsdp2", "adamw"), ("fsdp2", "frugal"),
-    pytest.param("ds0", "frugal", marks=needs_ds), pytest.param("ds1", "adamw", marks=needs_ds),
-    pytest.param("ds1", "frugal", marks=needs_ds), pytest.param("ds2", "adamw", marks=needs_ds),
-    pytest.param("ds2", "frugal", marks=needs_ds), pytest.param("ds3", "adamw", marks=needs_ds),
+    ("ddp", "adamw"),
+    ("ddp", "frugal"),
+    ("fsdp2", "adamw"),
+    ("fsdp2", "frugal"),
+    pytest.param("ds0", "frugal", marks=needs_ds),
+    pytest.param("ds1", "adamw", marks=needs_ds),
+    pytest.param("ds1", "frugal", marks=needs_ds),
+    pytest.param("ds2", "adamw", marks=needs_ds),
+    pytest.param("ds2", "frugal", marks=needs_ds),
+    pytest.param("ds3", "adamw", marks=needs_ds),
     pytest.param("ds3", "frugal", marks=needs_ds),
-]  # fmt: skip
+]
 
 
 @pytest.mark.slow
@@ -157,9 +164,13 @@ def test_killed_worker_restarts_and_finishes_like_an_uninterrupted_run(runs, tmp
     full = losses(runs.get("fsdp2", "frugal"))
     out = tmp_path / "elastic"
     runs.launch(
-        "frugal", out, BACKENDS["fsdp2"], launcher=["--standalone", "--max-restarts=1"],
-        extra_env={"LEANLM_FAULT_AT": "4:1"}, resume=True,
-    )  # fmt: skip
+        "frugal",
+        out,
+        BACKENDS["fsdp2"],
+        launcher=["--standalone", "--max-restarts=1"],
+        extra_env={"LEANLM_FAULT_AT": "4:1"},
+        resume=True,
+    )
     assert steps_logged(out) == [1, 2, 3, 4, 5, 6]  # step 4 of the killed attempt was dropped
     assert losses(out) == pytest.approx(full, rel=1e-5, abs=1e-6)
 
@@ -176,14 +187,17 @@ def test_two_node_launch_on_loopback_agrees_with_one_node(runs, tmp_path):
     out = tmp_path / "two-node"
     port = _free_port()
     launcher = [
-        "--nnodes=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+        "--nnodes=2",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{port}",
         "--rdzv-id=leanlm-test",
-    ]  # fmt: skip
+    ]
     over = runs.overrides("frugal", out, BACKENDS["fsdp2"])
     cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, "--nproc-per-node=1"]
     cmd += ["-m", "leanlm.engine.cli", "train", TINY, *over]
-    nodes = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env=env()) for _ in range(2)]  # fmt: skip
+    nodes = [
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env()) for _ in range(2)
+    ]
     for node in nodes:
         text, _ = node.communicate(timeout=400)
         assert node.returncode == 0, text[-3000:]
@@ -205,15 +219,15 @@ def test_sharded_backends_need_torchrun(monkeypatch):
     "overrides,message",
     [
         (["distributed.zero_stage=2"], "needs distributed.backend=deepspeed"),
-        (["distributed.backend=deepspeed", "distributed.zero_stage=3", "optim.name=badam"],
-         "no flat form"),
-        (["distributed.backend=deepspeed", "distributed.zero_stage=1", "optim.name=galore"],
-         "no flat form"),
-        (["distributed.backend=deepspeed", "distributed.zero_stage=2", "optim.name=frugal",
-          "optim.projection=rows"], "no flat form"),
+        (["distributed.backend=deepspeed", "distributed.zero_stage=3", "optim.name=badam"], "no flat form"),
+        (["distributed.backend=deepspeed", "distributed.zero_stage=1", "optim.name=galore"], "no flat form"),
+        (
+            ["distributed.backend=deepspeed", "distributed.zero_stage=2", "optim.name=frugal", "optim.projection=rows"],
+            "no flat form",
+        ),
         (["distributed.backend=fsdpp"], "did you mean 'fsdp2'"),
     ],
-)  # fmt: skip
+)
 def test_impossible_backend_combinations_are_rejected_up_front(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(TINY, overrides)

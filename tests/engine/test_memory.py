@@ -54,6 +54,5 @@ def test_per_rank_memory_under_sharded_backends(capsys):
     assert z1.optim_bytes == one.optim_bytes // 8 and z1.grad_bytes == one.grad_bytes
     assert z2.grad_bytes == one.grad_bytes // 8 and z2.param_bytes == one.param_bytes
     assert one.per_rank("ddp", 0, 8).total_bytes == one.total_bytes
-    assert main(["memory", str(CONFIGS / "frugal_1b.yaml"), "distributed.backend=fsdp2",
-                 "--world", "8"]) == 0  # fmt: skip
+    assert main(["memory", str(CONFIGS / "frugal_1b.yaml"), "distributed.backend=fsdp2", "--world", "8"]) == 0
     assert "FSDP2, per rank of 8" in capsys.readouterr().out

@@ -89,11 +89,16 @@ def test_stale_temp_folders_are_removed_at_start(finished, tiny_overrides, capsy
 def test_a_second_process_on_the_same_run_folder_is_refused(tiny_overrides, tmp_path):
     run = Path(load_config(None, tiny_overrides).train.out_dir)
     holder = subprocess.Popen(
-        ["python3", "-c", f"import fcntl,os,time; fd=os.open('{run}/.lock', os.O_RDWR|os.O_CREAT); "
-         "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'pid 1 on elsewhere'); print('ok', flush=True); "
-         "time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            "python3",
+            "-c",
+            f"import fcntl,os,time; fd=os.open('{run}/.lock', os.O_RDWR|os.O_CREAT); "
+            "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'pid 1 on elsewhere'); print('ok', flush=True); "
+            "time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     run.mkdir(parents=True, exist_ok=True)
     try:
         assert holder.stdout.readline().strip() == "ok"
@@ -142,7 +147,16 @@ def test_real_full_disk(tiny_base, tmp_path):
             subprocess.run(["umount", "-l", str(full)], check=False)  # never leave a mount behind
 
 
-@pytest.mark.parametrize("manifest", [b'{"format": 1}', b"[]", b"\xff\xfe", b'{"format": 1, "files": {"../x": {"sha256": "0", "bytes": 1}}}', b'{"format": 1, "files": {"model.pt": 5}}'])  # fmt: skip
+BAD_MANIFESTS = [
+    b'{"format": 1}',
+    b"[]",
+    b"\xff\xfe",
+    b'{"format": 1, "files": {"../x": {"sha256": "0", "bytes": 1}}}',
+    b'{"format": 1, "files": {"model.pt": 5}}',
+]
+
+
+@pytest.mark.parametrize("manifest", BAD_MANIFESTS)
 def test_corrupt_manifests_are_skipped_not_crashed_on(tmp_path, manifest):
     """F7: a manifest of the wrong shape or encoding is a skipped checkpoint, like a truncated one."""
     ckpt.save_checkpoint(tmp_path, 1, {"train": {"step": 1}}, {})
@@ -160,7 +174,7 @@ def test_resume_with_another_optimizer_is_refused_in_one_line(finished, tiny_ove
         train(load_config(None, [*tiny_overrides, "train.resume=auto", "optim.name=frugal", "train.steps=8"]))
 
 
-@pytest.mark.parametrize("key", ["optim.density=0.5", "data.vocab_size=600", "train.seq_len=16", "train.seed=3"])  # fmt: skip
+@pytest.mark.parametrize("key", ["optim.density=0.5", "data.vocab_size=600", "train.seq_len=16", "train.seed=3"])
 def test_keys_that_define_the_run_cannot_change_on_resume(finished, tiny_overrides, key):
     with pytest.raises(CheckpointError, match=key.split("=")[0]):
         train(load_config(None, [*tiny_overrides, "train.resume=auto", "train.steps=8", key]))
@@ -170,7 +184,8 @@ def test_lr_override_on_resume_rescales_the_schedule_and_is_recorded(finished, t
     """F4: the new peak lr takes effect from the resume step; config.yaml records it."""
     from leanlm.engine.schedule import lr_factor
 
-    cfg = load_config(None, [*tiny_overrides, "train.resume=auto", "train.steps=9", "optim.lr=5e-4", "optim.weight_decay=0.3"])  # fmt: skip
+    changed = ["train.resume=auto", "train.steps=9", "optim.lr=5e-4", "optim.weight_decay=0.3"]
+    cfg = load_config(None, [*tiny_overrides, *changed])
     train(cfg)
     o = cfg.optim
     lrs = {r["step"]: r["optim/lr"] for r in records(finished)}

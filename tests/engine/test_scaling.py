@@ -64,10 +64,14 @@ def opt_rows():
         return float(s[:-1]) * (1e9 if s[-1] in "bB" else 1e6)
 
     return [
-        {"model_name": "OPT-" + r["model_size"], "num_params": size(r["model_size"]),
-         "tokens_seen": 10 ** float(r["num_token"]), "val_loss": math.log(float(r["ppl"]))}
+        {
+            "model_name": "OPT-" + r["model_size"],
+            "num_params": size(r["model_size"]),
+            "tokens_seen": 10 ** float(r["num_token"]),
+            "val_loss": math.log(float(r["ppl"])),
+        }
         for r in csv.DictReader((DATA / "opt_checkpoint_trajectories.csv").read_text().splitlines())
-    ]  # fmt: skip
+    ]
 
 
 @needs_data
@@ -157,8 +161,23 @@ def test_fit_cli_on_records(tmp_path, capsys):
             )
     path = tmp_path / "scaling.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows))
-    code = main(["fit", str(path), "--grid", "small", "--budget", "1e21", "--predict", "1e9", "2e10",
-                 "--json", str(tmp_path / "fit.json"), "--plot", str(tmp_path / "fit.png")])  # fmt: skip
+    code = main(
+        [
+            "fit",
+            str(path),
+            "--grid",
+            "small",
+            "--budget",
+            "1e21",
+            "--predict",
+            "1e9",
+            "2e10",
+            "--json",
+            str(tmp_path / "fit.json"),
+            "--plot",
+            str(tmp_path / "fit.png"),
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "compute-optimal at C=1e+21" in out and "predicted loss" in out

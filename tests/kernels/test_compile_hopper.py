@@ -21,7 +21,10 @@ def test_every_kernel_compiles_for_hopper_at_every_autotune_tile():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run(
         [sys.executable, str(SCRIPT), "--arch", "90"],
-        capture_output=True, text=True, timeout=600, env=env,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-3000:]
     assert "0 failures" in out.stdout

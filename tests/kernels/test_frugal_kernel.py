@@ -65,8 +65,7 @@ def test_optimizer_on_the_fused_path_tracks_the_reference(projection, device, mo
         monkeypatch.setenv("LEANLM_KERNELS", path)
         torch.manual_seed(1)
         params = [torch.randn(s, device=device, requires_grad=True) for s in shapes]
-        opt = FRUGAL(params, lr=1e-2, density=0.25, projection=projection, update_gap=3,
-                     weight_decay=0.1)  # fmt: skip
+        opt = FRUGAL(params, lr=1e-2, density=0.25, projection=projection, update_gap=3, weight_decay=0.1)
         for step in grads:
             for p, gr in zip(params, step, strict=True):
                 p.grad = gr.to(device)

@@ -108,10 +108,17 @@ def test_custom_op_has_a_fake_implementation_for_compile(device):
         assert [tuple(g.shape) for g in grads] == [(10, 32), (32, 16), (16, 24), (24, 5)]
     torch.library.opcheck(
         lost_linear_fwd,
-        (torch.randn(10, 32), torch.randn(32, 16), torch.randn(16, 24), torch.randn(24, 5),
-         torch.tensor([1, 4, 9, 20, 31]), torch.tensor(0.5), "silu"),
+        (
+            torch.randn(10, 32),
+            torch.randn(32, 16),
+            torch.randn(16, 24),
+            torch.randn(24, 5),
+            torch.tensor([1, 4, 9, 20, 31]),
+            torch.tensor(0.5),
+            "silu",
+        ),
         test_utils=("test_schema", "test_faketensor"),
-    )  # fmt: skip
+    )
 
 
 def test_lost_layer_compiles_with_the_custom_op(device, monkeypatch):
@@ -138,5 +145,4 @@ def test_lost_layer_compiles_with_the_custom_op(device, monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")  # also without the root conftest
 def test_bf16_tensor_cores_at_a_1b_projection_shape(monkeypatch):
     """Real bf16 tensor-core dots (the interpreter widens them): 2048 -> 5461, r 512, ρ 0.05."""
-    _check((1024, 2048, 5461, 512, 102), "silu", torch.bfloat16, torch.device("cuda"), 1e-2,
-           monkeypatch)  # fmt: skip
+    _check((1024, 2048, 5461, 512, 102), "silu", torch.bfloat16, torch.device("cuda"), 1e-2, monkeypatch)

@@ -29,9 +29,12 @@ def build() -> nn.Module:
     torch.manual_seed(0)
     # (24, 16), (13, 24): 13 rows split 7 / 6 over two ranks, (8, 13) with a bias.
     return nn.Sequential(
-        nn.Linear(16, 24, bias=False), nn.Tanh(), nn.Linear(24, 13, bias=False), nn.Tanh(),
+        nn.Linear(16, 24, bias=False),
+        nn.Tanh(),
+        nn.Linear(24, 13, bias=False),
+        nn.Tanh(),
         nn.Linear(13, 8),
-    )  # fmt: skip
+    )
 
 
 def run(projection: str) -> None:

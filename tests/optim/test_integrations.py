@@ -9,9 +9,14 @@ from leanlm.optim import FRUGAL, frugal_param_groups
 def tiny_hf_llama():
     transformers = pytest.importorskip("transformers")
     cfg = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=32,
-    )  # fmt: skip
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=32,
+    )
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(cfg)
 
@@ -44,9 +49,16 @@ def test_hf_trainer_with_frugal_and_a_scheduler(tmp_path):
     g = torch.Generator().manual_seed(0)
     data = [{"input_ids": (ids := torch.randint(0, 64, (16,), generator=g)), "labels": ids.clone()} for _ in range(16)]
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=2, gradient_accumulation_steps=2,
-        report_to=[], use_cpu=True, logging_steps=1, save_strategy="no", disable_tqdm=True,
-    )  # fmt: skip
+        output_dir=str(tmp_path),
+        max_steps=4,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        report_to=[],
+        use_cpu=True,
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
     w0 = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
     trainer = transformers.Trainer(model=model, args=args, train_dataset=data, optimizers=(opt, sched))
     out = trainer.train()

@@ -112,8 +112,14 @@ def test_convert_plain_sequential_and_hf_llama():
     assert isinstance(seq[0], LOSTLinear) and isinstance(seq[2], LOSTLinear)
     assert seq[0].bias is not None and seq(torch.randn(3, 16)).shape == (3, 8)
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                   num_attention_heads=4, num_key_value_heads=4)  # fmt: skip
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+    )
     hf = transformers.LlamaForCausalLM(cfg)
     report = convert(hf, rank=8)
     assert sum(c for c, _, _ in report.per_target.values()) == 7

@@ -90,8 +90,9 @@ def test_flat_positions_are_the_whole_matrix_subspace(projection):
     offsets, part = _layout(SHAPES, world)
     chosen = {i: set() for i in range(len(SHAPES))}
     for rank in range(world):
-        segs = zero_segments(params, offsets, rank * part, part, lambda p: next(
-            i for i, q in enumerate(params) if q is p))  # fmt: skip
+        segs = zero_segments(
+            params, offsets, rank * part, part, lambda p: next(i for i, q in enumerate(params) if q is p)
+        )
         pos = flat_positions(segs, projection, 0.25, seed=5, refresh=2)
         for s in segs:
             inside = pos[(pos >= s.offset) & (pos < s.offset + s.length)]
