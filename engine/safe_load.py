@@ -15,6 +15,7 @@ files wrote the checksums too). So nothing in it is ever unpickled without an al
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import pickle
 import warnings
@@ -39,8 +40,6 @@ _PICKLE_MAGIC = (b"\x80",)  # legacy torch.save / raw pickle protocols 2+
 
 
 def _deepspeed_globals() -> list[Any]:
-    import importlib
-
     found = []
     for module, name in DEEPSPEED_GLOBALS:
         try:

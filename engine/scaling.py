@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from leanlm.engine import __version__
 from leanlm.engine.config import RunConfig
 from leanlm.engine.errors import DataError
 from leanlm.engine.scaling_fit import FitResult, absolute_relative_error, fit
@@ -105,8 +106,6 @@ def recorder_for(
     train_sequences: int | None,
 ) -> ScalingRecorder:
     """The run's ``scaling.jsonl`` writer with its constant columns filled in."""
-    from leanlm.engine import __version__
-
     o = cfg.optim
     static = {
         "model_name": cfg.log.model_name or run_dir.resolve().name,

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from leanlm.engine import checkpoint as ckpt
+from leanlm.engine import distributed as dist
 from leanlm.engine.errors import CheckpointError
 from leanlm.engine.safe_load import dcp_reader_and_planner, read_dcp_metadata, scan_torch_files
 from leanlm.optim.sharding import is_dtensor, local, sharded_zeros
@@ -69,8 +71,6 @@ def save_dcp(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -
 
     optim_state, layout = optim_state_by_name(model, optimizer)
     dcp.save({"model": model.state_dict(), "optim": optim_state}, checkpoint_id=str(folder))
-    from leanlm.engine import distributed as dist
-
     if dist.is_main():
         (folder / LAYOUT_FILE).write_text(json.dumps(layout, indent=0, sort_keys=True))
 
@@ -157,8 +157,6 @@ def load_deepspeed(folder: Path, engine: Any) -> None:
 def load_weights(path: Path, model: nn.Module, device: torch.device) -> None:
     """Load only the model weights of a checkpoint of any format into an unsharded ``model``
     (for eval and generate)."""
-    from leanlm.engine import checkpoint as ckpt
-
     fmt = checkpoint_format(path)
     if fmt == "torch":
         ckpt.load_model_state(model, ckpt.load_file(path, "model", device), str(path))

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from leanlm.optim.frugal import FRUGAL
 from leanlm.optim.sharding import FlatSegment
 
 
@@ -41,8 +42,6 @@ def zero_segments(
 def attach_deepspeed(zero_optimizer: Any) -> None:
     """Attach this rank's ZeRO-1/2/3 partition layout to the FRUGAL client optimizer inside
     ``zero_optimizer`` (the optimizer ``deepspeed.initialize`` returns). No-op at ZeRO-0."""
-    from leanlm.optim.frugal import FRUGAL
-
     inner = getattr(zero_optimizer, "optimizer", None)
     if isinstance(zero_optimizer, FRUGAL) or not isinstance(inner, FRUGAL):
         return  # stage 0 (the client optimizer itself sees the matrices) or not FRUGAL

@@ -10,7 +10,7 @@ import torch
 from leanlm.engine import checkpoint as ckpt
 from leanlm.engine import step as step_mod
 from leanlm.engine.config import load_config
-from leanlm.engine.errors import ConfigError, TrainingError
+from leanlm.engine.errors import CheckpointError, ConfigError, TrainingError
 from leanlm.engine.trainer import train
 
 
@@ -83,7 +83,7 @@ def test_existing_checkpoints_need_resume_auto(tiny_overrides):
 
 def test_resume_with_a_different_model_is_refused(tiny_overrides):
     train(load_config(None, tiny_overrides), stop_at=1)
-    with pytest.raises(Exception, match="model.d_model"):
+    with pytest.raises(CheckpointError, match="model.d_model"):
         train(load_config(None, [*tiny_overrides, "model.d_model=32", "train.resume=auto"]))
 
 
