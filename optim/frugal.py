@@ -52,16 +52,9 @@ from leanlm.optim.groups import frugal_param_groups, is_named_params
 from leanlm.optim.projections import (
     BLOCK_ORDERS,
     PROJECTIONS,
-    num_selected,
-    project_down,
-    project_up,
-    random_basis,
+    PROJECTORS,
     select_blocks,
-    select_entries,
-    select_indices,
     subspace_generator,
-    svd_basis,
-    svd_rank,
 )
 from leanlm.optim.sharding import (
     FlatSegment,
@@ -214,7 +207,7 @@ class FRUGAL(torch.optim.Optimizer):
     def _fused(self, group: dict[str, Any], p: torch.Tensor) -> bool:
         """columns / rows on a whole (unsharded, contiguous) matrix on the Triton path."""
         return (
-            group["projection"] in ("columns", "rows")
+            PROJECTORS[group["projection"]].fused
             and id(p) not in self._flat
             and not is_dtensor(p)
             and p.is_contiguous()
@@ -278,25 +271,18 @@ class FRUGAL(torch.optim.Optimizer):
         return cached[1]
 
     def _refresh(self, group: dict[str, Any], p: torch.Tensor) -> None:
+        """Draw this matrix's next subspace (``PROJECTORS[kind].draw``) and reset its moments."""
         st = self.state[p]
         refresh = int(st["refresh"]) + 1 if st else 0
         gen = subspace_generator(group["seed"], self._index[id(p)], refresh)
-        m, n, rho, kind = p.shape[0], p.shape[1], group["density"], group["projection"]
-        if kind == "columns":
-            st["index"] = select_indices(n, num_selected(rho, n), gen).to(p.device)
-            shape, dtype = (m, st["index"].numel()), p.dtype
-        elif kind == "rows":
-            st["index"] = select_indices(m, num_selected(rho, m), gen).to(p.device)
-            shape, dtype = (st["index"].numel(), n), p.dtype
-        elif kind == "randk":
-            st["index"] = select_entries(m * n, num_selected(rho, m * n), gen).to(p.device)
-            shape, dtype = (st["index"].numel(),), p.dtype
-        else:  # svd / random: a float32 basis on the shorter side
-            r = svd_rank(rho, (m, n))
-            grad = p.grad.full_tensor() if is_dtensor(p.grad) else p.grad  # svd needs all of G
-            basis = svd_basis(grad, r) if kind == "svd" else random_basis((m, n), r, gen)
-            st["basis"] = basis.to(p.device)
-            shape, dtype = ((m, r) if m >= n else (r, n)), torch.float32
+        kind = group["projection"]
+
+        def whole_grad() -> torch.Tensor:  # svd needs all of G
+            return p.grad.full_tensor() if is_dtensor(p.grad) else p.grad
+
+        drawn, shape, dtype = PROJECTORS[kind].draw(tuple(p.shape), group["density"], gen, whole_grad)
+        st.update({name: t.to(p.device) for name, t in drawn.items()})
+        dtype = dtype or p.dtype
         keep = "exp_avg" in st and not group["reset_on_refresh"] and st["exp_avg"].shape == shape
         if not keep:
             if kind == "columns" and is_dtensor(p):  # rows stay local: shard the moments like p
@@ -355,12 +341,11 @@ class FRUGAL(torch.optim.Optimizer):
         st["age"] += 1
         low = g.index_select(0, pos)
         upd = adam_direction_(low, st, group["betas"], group["eps"], lr_full) if low.numel() else low
-        if group["state_free"] == "none":
-            p.index_add_(0, pos, upd.to(p.dtype))
-            return
-        u = state_free_update(g, group["state_free"], self._scratch_like(g)).mul_(-lr_free)
-        u.index_copy_(0, pos, upd.to(u.dtype))
-        p.add_(u)
+
+        def put(values: torch.Tensor, target: torch.Tensor, add: bool) -> None:
+            (target.index_add_ if add else target.index_copy_)(0, pos, values.to(target.dtype))
+
+        self._combine(p, g, upd, group["state_free"], lr_free, put)
 
     def _update_projectable(
         self,
@@ -374,58 +359,55 @@ class FRUGAL(torch.optim.Optimizer):
         """The split update of one matrix ``p`` (m, n) from its gradient ``g``, adding into ``p``.
         ``st`` is the parameter's state (local views under FSDP2); ``key`` the parameter itself
         when ``p`` is a per-step stand-in (a shard's local tensor, a gathered buffer)."""
-        kind = group["projection"]
+        kind, free = group["projection"], group["state_free"]
+        proj = PROJECTORS[kind]
         lr_full = group["lr"] * group["proj_lr_scale"]
         lr_free = lr_full * group["state_free_lr_scale"]
         st["age"] += 1
-        free = group["state_free"]
-        if kind in ("columns", "rows"):  # leanlm.kernels: fused on CUDA, the reference elsewhere
+        if proj.fused:  # columns / rows: leanlm.kernels does the whole step (fused on CUDA)
             dim = 1 if kind == "columns" else 0
             frugal_update(
                 p,
                 g,
                 st,
-                dim,
-                lr_full,
-                lr_free,
-                group["betas"],
-                group["eps"],
-                free,
-                decay,
+                dim=dim,
+                lr=lr_full,
+                lr_free=lr_free,
+                betas=group["betas"],
+                eps=group["eps"],
+                free=free,
+                decay=decay,
                 scratch=None if use_triton(p) else self._scratch_like(g),
                 inv=self._inverse(p if key is None else key, p, st, dim),
             )
             return
-        if kind == "blocks" and not bool(st["active"]):
+        if proj.whole and not bool(st["active"]):  # a block outside the state-full set
             if free != "none":
                 p.add_(state_free_update(g, free, self._scratch_like(g)), alpha=-lr_free)
             return
-        # Gather the state-full coordinates: low has the moments' shape.
-        if kind == "randk":
-            low = g.reshape(-1).index_select(0, st["index"].long())
-        elif kind == "blocks":
-            low = g
-        else:
-            low = project_down(g, st["basis"])
+        low = proj.down(g, st)  # P↓G, shaped like the moments
         upd = adam_direction_(low, st, group["betas"], group["eps"], lr_full) if low.numel() else low
-        if kind in ("svd", "random"):
+        if not proj.coordinates:  # svd / random: the state-free step takes the residual G − P↑P↓G
             shape = tuple(p.shape)
-            if free != "none":  # residual G − P↑P↓G (float32), its state-free step applied first
+            if free != "none":
                 resid = self._scratch_like(g, torch.float32, slot=1)
-                torch.sub(g, project_up(low, st["basis"], shape, out=resid), out=resid)
+                torch.sub(g, proj.lift(low, st, shape, out=resid), out=resid)
                 p.add_(state_free_update(resid, free, resid), alpha=-lr_free)
-            p.add_(project_up(upd, st["basis"], shape, out=self._scratch_like(g, torch.float32, slot=2)))
+            p.add_(proj.lift(upd, st, shape, out=self._scratch_like(g, torch.float32, slot=2)))
             return
-        if kind == "blocks":
-            p.add_(upd)
-            return
+        # an active block has no complement: every coordinate is state-full
+        self._combine(p, g, upd, "none" if proj.whole else free, lr_free, lambda v, t, add: proj.put(v, st, t, add))
+
+    def _combine(self, p: torch.Tensor, g: torch.Tensor, upd: torch.Tensor, free: str, lr_free: float, put) -> None:
+        """p += the Adam step ``upd`` on the state-full coordinates (``put`` scatters them) and the
+        state-free step on their complement: the state-free step is taken everywhere, then the
+        selected coordinates are overwritten with the Adam step, so each gets exactly one of the two.
+        (``leanlm.kernels.frugal_update`` does the same for columns / rows, fused.)"""
         if free == "none":
-            _scatter(p, kind, st["index"], upd, add=True)
+            put(upd, p, True)
             return
-        # The complement: the state-free step everywhere, then the selected coordinates overwritten
-        # with the Adam step, so each coordinate gets exactly one of the two.
         u = state_free_update(g, free, self._scratch_like(g)).mul_(-lr_free)
-        _scatter(u, kind, st["index"], upd, add=False)
+        put(upd, u, False)
         p.add_(u)
 
     def _inverse(self, key: torch.Tensor, p: torch.Tensor, st: dict[str, Any], dim: int) -> torch.Tensor | None:
@@ -487,12 +469,6 @@ def adam_foreach_(params, grads, states, lr: float, betas, eps: float) -> None:
     torch._foreach_div_(denom, bc2_sqrt)
     torch._foreach_add_(denom, eps)
     torch._foreach_addcdiv_(params, exp_avgs, denom, step_sizes)
-
-
-def _scatter(t: torch.Tensor, kind: str, index: torch.Tensor, values: torch.Tensor, add: bool) -> None:
-    """Write (``add=False``) or add ``values`` into the selected columns / rows / entries of ``t``."""
-    dim, target, index = {"columns": (1, t, index), "rows": (0, t, index)}.get(kind, (0, t.view(-1), index.long()))
-    (target.index_add_ if add else target.index_copy_)(dim, index, values.to(t.dtype))
 
 
 def _as_groups(params: Iterable[Any]) -> list[dict[str, Any]]:

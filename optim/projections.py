@@ -11,6 +11,8 @@ features (dim 1), "rows" output features (dim 0).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -101,3 +103,98 @@ def project_up(
     """The inverse map of ``project_down``: back to (m, n), in float32 (into ``out`` if given)."""
     m, n = shape
     return torch.matmul(low, basis, out=out) if m >= n else torch.matmul(basis, low, out=out)
+
+
+# ----------------------------------------------------------------------------- the table
+
+Grad = Callable[[], torch.Tensor]  # the whole gradient, fetched only by the kinds that need it
+
+
+@dataclass(frozen=True)
+class Projection:
+    """One subspace kind, as FRUGAL's update uses it (all state is plain tensors in ``st``).
+
+    ``draw(shape, density, gen, grad)`` -> (state tensors, the moments' shape, their dtype or None
+    for the parameter's). ``down(g, st)`` -> the state-full part of ``g``, moment-shaped (P↓G).
+    Coordinate kinds (a set of columns, rows, entries or a whole tensor) put values back with
+    ``put(values, st, target, add)``, writing (``add=False``) or adding into ``target`` (m, n), and
+    their state-free part is the exact complement. Basis kinds (svd, random) ``lift(values, st,
+    shape, out)`` back to (m, n) instead, and their state-free part is the residual G − P↑P↓G.
+    ``whole``: every coordinate is state-full (an active block). ``fused``: the kernels' columns /
+    rows update (``leanlm.kernels.frugal_update``) does the whole step.
+    """
+
+    draw: Callable[[tuple[int, int], float, torch.Generator, Grad], tuple[dict, tuple[int, ...], torch.dtype | None]]
+    down: Callable[[torch.Tensor, dict], torch.Tensor]
+    put: Callable[[torch.Tensor, dict, torch.Tensor, bool], None] | None = None
+    lift: Callable[..., torch.Tensor] | None = None
+    whole: bool = False
+    fused: bool = False
+
+    @property
+    def coordinates(self) -> bool:
+        return self.put is not None
+
+
+def _put_index(dim: int) -> Callable[[torch.Tensor, dict, torch.Tensor, bool], None]:
+    def put(values: torch.Tensor, st: dict, target: torch.Tensor, add: bool) -> None:
+        (target.index_add_ if add else target.index_copy_)(dim, st["index"], values.to(target.dtype))
+
+    return put
+
+
+def _put_entries(values: torch.Tensor, st: dict, target: torch.Tensor, add: bool) -> None:
+    flat = target.view(-1)
+    (flat.index_add_ if add else flat.index_copy_)(0, st["index"].long(), values.to(target.dtype))
+
+
+def _put_whole(values: torch.Tensor, st: dict, target: torch.Tensor, add: bool) -> None:
+    target.add_(values) if add else target.copy_(values)
+
+
+def _lift(values: torch.Tensor, st: dict, shape: tuple[int, int], out: torch.Tensor | None = None) -> torch.Tensor:
+    return project_up(values, st["basis"], shape, out=out)
+
+
+def _down_basis(g: torch.Tensor, st: dict) -> torch.Tensor:
+    return project_down(g, st["basis"])
+
+
+def _draw_columns(shape, density, gen, grad):
+    index = select_indices(shape[1], num_selected(density, shape[1]), gen)
+    return {"index": index}, (shape[0], index.numel()), None
+
+
+def _draw_rows(shape, density, gen, grad):
+    index = select_indices(shape[0], num_selected(density, shape[0]), gen)
+    return {"index": index}, (index.numel(), shape[1]), None
+
+
+def _draw_entries(shape, density, gen, grad):
+    numel = shape[0] * shape[1]
+    index = select_entries(numel, num_selected(density, numel), gen)
+    return {"index": index}, (index.numel(),), None
+
+
+def _draw_basis(kind: str):
+    def draw(shape, density, gen, grad):
+        (m, n), r = shape, svd_rank(density, shape)
+        basis = svd_basis(grad(), r) if kind == "svd" else random_basis(shape, r, gen)
+        return {"basis": basis}, ((m, r) if m >= n else (r, n)), torch.float32  # moments on the basis side
+
+    return draw
+
+
+def _draw_group(shape, density, gen, grad):
+    raise RuntimeError("blocks are drawn for the whole group at once (select_blocks)")
+
+
+PROJECTORS: dict[str, Projection] = {
+    "columns": Projection(_draw_columns, lambda g, st: g.index_select(1, st["index"]), _put_index(1), fused=True),
+    "rows": Projection(_draw_rows, lambda g, st: g.index_select(0, st["index"]), _put_index(0), fused=True),
+    "randk": Projection(_draw_entries, lambda g, st: g.reshape(-1).index_select(0, st["index"].long()), _put_entries),
+    "blocks": Projection(_draw_group, lambda g, st: g, _put_whole, whole=True),
+    "svd": Projection(_draw_basis("svd"), _down_basis, lift=_lift),
+    "random": Projection(_draw_basis("random"), _down_basis, lift=_lift),
+}
+assert tuple(PROJECTORS) == PROJECTIONS
