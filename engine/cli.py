@@ -157,10 +157,10 @@ def _load(spec: str, overrides: list[str]):
     Data is always tokenized with the checkpoint's own tokenizer, the way the model was trained.
     """
     from leanlm.engine.build import build_model, pick_device
+    from leanlm.engine.checkpoint.sharded import load_weights
     from leanlm.engine.config import build_config, merge, parse_overrides, read_yaml
+    from leanlm.engine.data.tokenizer import Tokenizer
     from leanlm.engine.errors import ConfigError
-    from leanlm.engine.sharded_checkpoint import load_weights
-    from leanlm.engine.tokenizer import Tokenizer
 
     path = _checkpoint_path(spec)
     over = parse_overrides(overrides)
@@ -244,8 +244,8 @@ def cmd_generate(args) -> int:
 
 def cmd_memory(args) -> int:
     from leanlm.engine.config import load_config
+    from leanlm.engine.data.tokenizer import Tokenizer
     from leanlm.engine.memory import memory_report
-    from leanlm.engine.tokenizer import Tokenizer
 
     cfg = load_config(args.config, args.overrides)
     vocab = cfg.model.vocab_size or (

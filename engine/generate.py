@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from leanlm.engine.data.tokenizer import Tokenizer
 from leanlm.engine.model import LLaMA
-from leanlm.engine.tokenizer import Tokenizer
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from leanlm.engine import checkpoint as ckpt
 from leanlm.engine import distributed as dist
 from leanlm.engine.build import build_model, parallelize, pick_device
-from leanlm.engine.checkpointer import Checkpointer, TrainState, find_resume
+from leanlm.engine.checkpoint.checkpointer import Checkpointer, TrainState, find_resume
 from leanlm.engine.config import RunConfig, check_world, save_yaml
 from leanlm.engine.data import Corpus, build_corpus
 from leanlm.engine.errors import ConfigError, TrainingError

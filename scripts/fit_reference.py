@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from leanlm.engine.scaling import holdout_are
-from leanlm.engine.scaling_fit import fit
+from leanlm.engine.scaling.fitter import fit
 
 
 def main() -> None:

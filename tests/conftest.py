@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from leanlm.engine.config import load_config
-from leanlm.engine.sources import stdlib_root
+from leanlm.engine.data.sources import stdlib_root
 
 torch.set_num_threads(2)
 

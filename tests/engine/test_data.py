@@ -8,8 +8,8 @@ import torch
 
 from leanlm.engine.config import load_config
 from leanlm.engine.data import PackedTokens, build_corpus
+from leanlm.engine.data.sources import is_validation, path_source, stdlib_root, stdlib_source
 from leanlm.engine.errors import DataError
-from leanlm.engine.sources import is_validation, path_source, stdlib_root, stdlib_source
 
 
 def test_split_is_a_stable_hash_of_the_key():
@@ -200,7 +200,7 @@ def test_trained_tokenizer_is_cached_by_content(tiny_cfg, cache_dir):
 
 
 def test_forced_tokenizer_file_wins(tiny_cfg, tmp_path):
-    from leanlm.engine.tokenizer import train_tokenizer
+    from leanlm.engine.data.tokenizer import train_tokenizer
 
     other = train_tokenizer(["some other text entirely, with words " * 50] * 20, 320)
     other.save(tmp_path / "t.model")

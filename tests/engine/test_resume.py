@@ -13,6 +13,7 @@ import torch
 
 from leanlm.engine import checkpoint as ckpt
 from leanlm.engine import step as step_mod
+from leanlm.engine.checkpoint import store
 from leanlm.engine.config import load_config
 from leanlm.engine.errors import CheckpointError, ConfigError
 from leanlm.engine.run_lock import RunLock
@@ -122,9 +123,9 @@ def test_full_disk_during_a_save_is_one_line_and_leaves_no_partial_folder(tiny_o
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 383232 vs 383184")
         return real_save(obj, f, *a, **k)
 
-    monkeypatch.setattr(ckpt.torch, "save", failing_save)
-    real_usage = ckpt.shutil.disk_usage
-    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda p: real_usage(p)._replace(free=1000))
+    monkeypatch.setattr(store.torch, "save", failing_save)
+    real_usage = store.shutil.disk_usage
+    monkeypatch.setattr(store.shutil, "disk_usage", lambda p: real_usage(p)._replace(free=1000))
     with pytest.raises(CheckpointError, match="no space left on the device .* step 6"):
         train(load_config(None, tiny_overrides))
     run = Path(load_config(None, tiny_overrides).train.out_dir)

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from leanlm.engine.checkpoint.safe_load import read_dcp_metadata, scan_torch_files
 from leanlm.engine.cli import main
 from leanlm.engine.config import load_config
 from leanlm.engine.errors import CheckpointError
-from leanlm.engine.safe_load import read_dcp_metadata, scan_torch_files
 from leanlm.engine.trainer import train
 
 TINY = str(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml")

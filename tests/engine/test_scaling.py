@@ -10,7 +10,7 @@ from leanlm.engine.cli import main
 from leanlm.engine.config import load_config
 from leanlm.engine.errors import DataError
 from leanlm.engine.scaling import export_colpret_csv, holdout_are, load_records, trajectory_points
-from leanlm.engine.scaling_fit import FitResult, fit
+from leanlm.engine.scaling.fitter import FitResult, fit
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"  # shared/ lies beside the checkout
 needs_data = pytest.mark.skipif(not (DATA / "chinchilla_hoffmann_fig4.csv").is_file(), reason="shared/data not present")

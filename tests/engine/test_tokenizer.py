@@ -1,7 +1,7 @@
 import pytest
 
+from leanlm.engine.data.tokenizer import Tokenizer, train_tokenizer
 from leanlm.engine.errors import DataError
-from leanlm.engine.tokenizer import Tokenizer, train_tokenizer
 
 CODE = '''def add(a, b):
     """Add two numbers."""

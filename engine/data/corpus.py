@@ -28,8 +28,7 @@ import torch
 
 from leanlm.engine import distributed as dist
 from leanlm.engine.config import RunConfig
-from leanlm.engine.errors import DataError
-from leanlm.engine.sources import (
+from leanlm.engine.data.sources import (
     FileSource,
     Piece,
     check_hub,
@@ -38,7 +37,8 @@ from leanlm.engine.sources import (
     path_source,
     stdlib_source,
 )
-from leanlm.engine.tokenizer import Tokenizer, train_tokenizer
+from leanlm.engine.data.tokenizer import Tokenizer, train_tokenizer
+from leanlm.engine.errors import DataError
 
 ENCODE_BATCH_DOCS = 512
 

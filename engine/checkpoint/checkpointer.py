@@ -2,8 +2,8 @@
 checkpointer that owns the save cadence, the format per backend, resume lookup and pruning.
 
 The files themselves are written by ``leanlm.engine.checkpoint`` (atomic folders, manifests) and
-``leanlm.engine.sharded_checkpoint`` (DCP, DeepSpeed); what may change on resume is decided in
-``leanlm.engine.resume``.
+``leanlm.engine.checkpoint.sharded`` (DCP, DeepSpeed); what may change on resume is decided in
+``leanlm.engine.checkpoint.resume``.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from typing import Any
 
 import torch
 
-from leanlm.engine import checkpoint as ckpt
 from leanlm.engine import distributed as dist
-from leanlm.engine import sharded_checkpoint as sharded
+from leanlm.engine.checkpoint import sharded
+from leanlm.engine.checkpoint import store as ckpt
+from leanlm.engine.checkpoint.resume import check_resume_config, load_state, resume_schedule, zero_stage_of
 from leanlm.engine.config import RunConfig
 from leanlm.engine.errors import ConfigError
-from leanlm.engine.resume import check_resume_config, load_state, resume_schedule, zero_stage_of
 
 
 @dataclass
@@ -50,7 +50,7 @@ class TrainState:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a saved position. The schedule is the current config's, placed at the saved
-        step (``leanlm.engine.resume.resume_schedule``), so lr changes take effect."""
+        step (``leanlm.engine.checkpoint.resume.resume_schedule``), so lr changes take effect."""
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
         resume_schedule(self.scheduler, self.step)
         self.data.load_state_dict(state["data"])

@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from leanlm.engine import checkpoint as ckpt
 from leanlm.engine import distributed as dist
-from leanlm.engine import sharded_checkpoint as sharded
+from leanlm.engine.checkpoint import sharded
+from leanlm.engine.checkpoint import store as ckpt
 from leanlm.engine.config import RunConfig, leaves, load_config
 from leanlm.engine.errors import CheckpointError
 

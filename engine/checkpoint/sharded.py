@@ -1,7 +1,7 @@
 """Checkpoint contents that every rank writes: FSDP2 through ``torch.distributed.checkpoint`` (DCP),
 DeepSpeed through its engine's own ``save_checkpoint``.
 
-A checkpoint folder (see ``leanlm.engine.checkpoint``) then holds, next to ``train.pt``,
+A checkpoint folder (see ``leanlm.engine.checkpoint.store``) then holds, next to ``train.pt``,
 ``config.yaml`` and the tokenizer, either ``model.pt`` + ``optim.pt`` (backends none and ddp),
 ``dcp/`` (fsdp2) or ``deepspeed/`` (deepspeed); the manifest covers every file in all of them.
 
@@ -24,10 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from leanlm.engine import checkpoint as ckpt
 from leanlm.engine import distributed as dist
+from leanlm.engine.checkpoint import store as ckpt
+from leanlm.engine.checkpoint.safe_load import dcp_reader_and_planner, read_dcp_metadata, scan_torch_files
 from leanlm.engine.errors import CheckpointError
-from leanlm.engine.safe_load import dcp_reader_and_planner, read_dcp_metadata, scan_torch_files
 from leanlm.optim.sharding import is_dtensor, local, sharded_zeros
 
 DCP_DIR = "dcp"

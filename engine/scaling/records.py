@@ -9,7 +9,7 @@ names avoid the substrings ColPret uses to detect metric columns (loss, acc, ppl
 ``flops`` holds the exact training FLOPs (6 x matmul parameters + attention, per token, as in the
 Chinchilla paper's appendix F, times tokens seen); ``flops_6nd`` holds 6·N·D.
 
-The fitter lives in ``leanlm.engine.scaling_fit``; ``fit`` is re-exported here.
+The fitter lives in ``leanlm.engine.scaling.fitter``.
 """
 
 from __future__ import annotations
@@ -26,20 +26,7 @@ import numpy as np
 from leanlm.engine import __version__
 from leanlm.engine.config import RunConfig
 from leanlm.engine.errors import DataError
-from leanlm.engine.scaling_fit import FitResult, absolute_relative_error, fit
-
-__all__ = [
-    "FitResult",
-    "ScalingRecorder",
-    "absolute_relative_error",
-    "export_colpret_csv",
-    "fit",
-    "holdout_are",
-    "load_records",
-    "plot_fit",
-    "recorder_for",
-    "trajectory_points",
-]
+from leanlm.engine.scaling.fitter import FitResult, absolute_relative_error, fit
 
 COLPRET_COLUMNS = (
     "model_name",

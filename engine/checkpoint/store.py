@@ -30,8 +30,8 @@ from typing import Any
 import torch
 
 from leanlm.engine import distributed as dist
+from leanlm.engine.checkpoint.safe_load import scan_torch_files, torch_load
 from leanlm.engine.errors import CheckpointError
-from leanlm.engine.safe_load import scan_torch_files, torch_load
 
 FORMAT_VERSION = 1
 STEP_RE = re.compile(r"^step-(\d{8})$")
@@ -217,7 +217,7 @@ def _file_entries(path: Path, manifest: Any) -> dict[str, dict[str, Any]]:
 
 def verify(path: str | Path) -> dict[str, Any]:
     """Check the manifest and every file's size and checksum, and open every serialized file
-    through the allowlist (``leanlm.engine.safe_load``); return the manifest."""
+    through the allowlist (``leanlm.engine.checkpoint.safe_load``); return the manifest."""
     path = Path(path)
     mpath = path / "manifest.json"
     if not mpath.is_file():
