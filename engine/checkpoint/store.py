@@ -16,7 +16,6 @@ leaves a folder that looks complete. Files are loaded with ``torch.load(weights_
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import re
@@ -32,6 +31,7 @@ import torch
 from leanlm.engine import distributed as dist
 from leanlm.engine.checkpoint.safe_load import scan_torch_files, torch_load
 from leanlm.engine.errors import CheckpointError
+from leanlm.engine.integrity import fsync_file, sha256_file
 
 FORMAT_VERSION = 1
 STEP_RE = re.compile(r"^step-(\d{8})$")
@@ -43,22 +43,6 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
 
 def step_name(step: int) -> str:
     return f"step-{step:08d}"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _tensor_bytes(obj: Any) -> int:
@@ -94,14 +78,14 @@ def _write_files(tmp: Path, tensors: dict[str, Any], files: dict[str, bytes], st
     for name, data in files.items():
         (tmp / name).write_bytes(data)
     for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
-        _fsync(path)
+        fsync_file(path)
         entries[path.relative_to(tmp).as_posix()] = {
-            "sha256": _sha256(path),
+            "sha256": sha256_file(path),
             "bytes": path.stat().st_size,
         }
     manifest = {"format": FORMAT_VERSION, "step": step, "created": time.time(), "files": entries}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    _fsync(tmp / "manifest.json")
+    fsync_file(tmp / "manifest.json")
 
 
 def save_checkpoint(
@@ -235,7 +219,7 @@ def verify(path: str | Path) -> dict[str, Any]:
         f = path / name
         if not f.is_file():
             raise CheckpointError(f"{path}: {name} is missing")
-        if f.stat().st_size != info["bytes"] or _sha256(f) != info["sha256"]:
+        if f.stat().st_size != info["bytes"] or sha256_file(f) != info["sha256"]:
             raise CheckpointError(f"{path}: {name} is truncated or corrupt (checksum mismatch)")
     scan_torch_files(path, str(path))  # no file in it may run code when unpickled
     return manifest

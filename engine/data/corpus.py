@@ -39,6 +39,7 @@ from leanlm.engine.data.sources import (
 )
 from leanlm.engine.data.tokenizer import Tokenizer, train_tokenizer
 from leanlm.engine.errors import DataError
+from leanlm.engine.integrity import sha256_file
 
 ENCODE_BATCH_DOCS = 512
 
@@ -270,14 +271,6 @@ def _file_sample(source: FileSource, fraction: float, budget_bytes: float):
 CACHE_FORMAT = 2  # 2: pieces split by byte ranges when documents are few; checksums in meta.json
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _tokenize_files(source: FileSource, tok: Tokenizer, fraction: float, folder: Path) -> None:
     """Write train.bin / val.bin (concatenated framed pieces) and meta.json into ``folder``."""
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
@@ -322,7 +315,7 @@ def _tokenize_files(source: FileSource, tok: Tokenizer, fraction: float, folder:
         "documents": docs,
         "tokenizer": tok.sha(),
         "skipped": source.skipped,
-        "sha256": {name: _sha256_file(tmp / f"{name}.bin") for name in ("train", "val")},
+        "sha256": {name: sha256_file(tmp / f"{name}.bin") for name in ("train", "val")},
     }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     if folder.exists():  # another process won the race; keep theirs
@@ -344,7 +337,7 @@ def _cache_problem(folder: Path) -> str | None:
             want = int(meta["tokens"][name]) * dtype.itemsize
             if not path.is_file() or path.stat().st_size != want:
                 return f"{name}.bin is missing or has the wrong size"
-            if _sha256_file(path) != meta["sha256"][name]:
+            if sha256_file(path) != meta["sha256"][name]:
                 return f"{name}.bin does not match its checksum"
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"meta.json is unreadable ({type(e).__name__})"
