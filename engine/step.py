@@ -16,6 +16,7 @@ from torch import nn
 
 from leanlm.engine import distributed as dist
 from leanlm.engine.reweight import WeightStats, sample_weights
+from leanlm.optim import StepInBackward
 
 
 @dataclass
@@ -54,13 +55,18 @@ def train_step(
     grad_clip: float = 0.0,
     reweight: tuple[str, float] | None = None,
     chunk_tokens: int = 4096,
+    in_backward: StepInBackward | None = None,
 ) -> StepResult:
     """Forward/backward every micro-batch (each (micro, T + 1) tokens), clip, step, zero grads.
 
     ``reweight``: (strategy, r) to weight rows by their loss, or None for the plain mean.
+    ``in_backward``: the optimizer steps inside the last backward (``leanlm.optim.StepInBackward``,
+    per-tensor clipping), so this only runs the micro-batches.
     """
     if dist.is_deepspeed(model):
         return _deepspeed_step(model, micro_batches, device, autocast, reweight, chunk_tokens)
+    if in_backward is not None:
+        return _step_in_backward(model, in_backward, micro_batches, device, autocast, reweight, chunk_tokens)
     accum = len(micro_batches)
     total = torch.zeros((), device=device)
     tokens = 0
@@ -96,6 +102,50 @@ def train_step(
     return StepResult(
         loss=loss,
         grad_norm=grad_norm,
+        tokens=tokens,
+        reweight=WeightStats.mean(stats) if stats else None,
+        finite=finite,
+    )
+
+
+def _step_in_backward(
+    model: nn.Module,
+    in_backward: StepInBackward,
+    micro_batches: list[torch.Tensor],
+    device: torch.device,
+    autocast: contextlib.AbstractContextManager | None,
+    reweight: tuple[str, float] | None,
+    chunk_tokens: int,
+) -> StepResult:
+    """The step with the update inside backward: each parameter is stepped (and its gradient
+    freed) by its hook during the last micro-batch's backward. A non-finite loss skips backward,
+    so nothing is updated; a non-finite gradient stops the hooks from updating any later tensor."""
+    accum = len(micro_batches)
+    total = torch.zeros((), device=device)
+    tokens = 0
+    stats: list[WeightStats] = []
+    in_backward.begin()
+    finite = True
+    for j, batch in enumerate(micro_batches):
+        batch = batch.to(device, non_blocking=True)
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        with autocast or contextlib.nullcontext():
+            rows = model(inputs, targets=targets, chunk_tokens=chunk_tokens)  # (B_local,) float32
+        loss, st = batch_loss(rows, *(reweight or (None,)))
+        total += rows.detach().mean() / accum
+        tokens += targets.numel()
+        if st is not None:
+            stats.append(st)
+        finite = finite and bool(torch.isfinite(loss.detach()))
+        if finite:
+            in_backward.armed = j == accum - 1  # earlier micro-batches accumulate
+            (loss / accum).backward()
+    finite = finite and in_backward.finite
+    for p in (p for g in in_backward.optimizer.param_groups for p in g["params"]):
+        p.grad = None  # after a skipped step, accumulated gradients must not leak into the next
+    return StepResult(
+        loss=total.item(),
+        grad_norm=in_backward.grad_norm() if finite else math.nan,
         tokens=tokens,
         reweight=WeightStats.mean(stats) if stats else None,
         finite=finite,

@@ -34,6 +34,7 @@ from leanlm.engine.run_lock import RunLock
 from leanlm.engine.scaling import ScalingRecorder, recorder_for
 from leanlm.engine.schedule import build_scheduler
 from leanlm.engine.step import StepResult, train_step
+from leanlm.optim import StepInBackward
 
 
 @dataclass
@@ -58,6 +59,7 @@ class Run:
     device: torch.device
     net: torch.nn.Module  # what the loop calls (the model, DDP, FSDP2 or a DeepSpeed engine)
     optimizer: torch.optim.Optimizer
+    in_backward: StepInBackward | None  # optim.step_in_backward: the update runs inside backward
     autocast: contextlib.AbstractContextManager | None
     corpus: Corpus
     state: TrainState
@@ -186,7 +188,10 @@ def setup(cfg: RunConfig, device: torch.device, backend: str) -> Run:
             + (f", resuming from {resume_from} (step {state.step})" if resume_from else "")
         )
     unigram = math.exp(unigram_loss(corpus.train_counts, corpus.val_tokens, train_cfg.seq_len))
-    return Run(cfg, device, net, optimizer, autocast, corpus, state, checkpointer, logger, recorder, fpt, unigram)
+    in_backward = StepInBackward(optimizer, clip=train_cfg.grad_clip) if cfg.optim.step_in_backward else None
+    return Run(
+        cfg, device, net, optimizer, in_backward, autocast, corpus, state, checkpointer, logger, recorder, fpt, unigram
+    )
 
 
 def _loop(run: Run, stop_at: int | None) -> TrainResult:
@@ -209,6 +214,7 @@ def _loop(run: Run, stop_at: int | None) -> TrainResult:
                 train_cfg.grad_clip,
                 reweight=_reweighting(cfg, state.step),
                 chunk_tokens=train_cfg.loss_chunk_tokens,
+                in_backward=run.in_backward,
             )
             # a NaN/Inf step was not applied: stop, pointing at weights known to train
             if not res.finite:

@@ -15,6 +15,7 @@ from leanlm.optim.factory import (
 )
 from leanlm.optim.frugal import FRUGAL
 from leanlm.optim.groups import frugal_param_groups, is_projectable_name
+from leanlm.optim.in_backward import StepInBackward
 from leanlm.optim.memory import state_bytes
 from leanlm.optim.presets import badam, galore
 
@@ -22,6 +23,7 @@ __all__ = [
     "FRUGAL",
     "OPTIMIZERS",
     "OPTIMIZER_SETTINGS",
+    "StepInBackward",
     "badam",
     "build_optimizer",
     "frugal_param_groups",

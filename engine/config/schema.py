@@ -158,6 +158,11 @@ class OptimConfig:
     reset_on_refresh: bool = _f(True, "FRUGAL: zero the moments and restart bias correction at each refresh")
     block_order: str = _f("descending", "order of blocks mode", choices=("descending", "ascending", "random"))
     galore_scale: float = _f(0.25, "galore: scale α of the low-rank update")
+    step_in_backward: bool = _f(
+        False,
+        "update each parameter as soon as its gradient is complete, then free the gradient (single process; "
+        "train.grad_clip then caps each tensor's gradient norm)",
+    )
 
 
 @dataclass(kw_only=True)

@@ -70,6 +70,11 @@ def validate(cfg: RunConfig) -> list[str]:
 def _distributed_problems(cfg: RunConfig) -> list[str]:
     """Backend x optimizer combinations that cannot work, said before any process starts."""
     dc, o = cfg.distributed, cfg.optim
+    if o.step_in_backward and dc.backend in ("ddp", "fsdp2", "deepspeed"):
+        return [
+            f"optim.step_in_backward=true is single-process only (distributed.backend={dc.backend} reduces "
+            "gradients after the per-parameter hooks would have stepped); use distributed.backend=none"
+        ]
     if dc.backend != "deepspeed":
         return [f"distributed.zero_stage={dc.zero_stage} needs distributed.backend=deepspeed"] if dc.zero_stage else []
     projection = {"galore": "svd", "badam": "blocks"}.get(o.name, o.projection)

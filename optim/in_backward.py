@@ -1,0 +1,101 @@
+"""The optimizer step inside backward: each parameter is updated the moment its gradient is
+complete, and its gradient is freed at once, so at most a few gradients are alive at any time
+(instead of a full model's worth). The torchtitan / LOMO idea, for any ``torch.optim.Optimizer``
+that skips parameters whose ``grad`` is None (AdamW, FRUGAL and its GaLore / BAdam presets do).
+
+    opt = FRUGAL(model.named_parameters(), lr=1e-3)
+    in_backward = StepInBackward(opt)            # hooks every parameter of ``opt``
+    for batch in data:
+        loss = model(batch)
+        if in_backward.check_loss(loss):         # False for a NaN/Inf loss: nothing is updated
+            loss.backward()                      # the updates happen here
+        scheduler.step()
+
+Why this is the same step: ``optimizer.step()`` is called from each parameter's
+post-accumulate-grad hook while that parameter is the only one holding a gradient, so it updates
+exactly that parameter with the optimizer's own math and state (FRUGAL's per-tensor refresh
+cadence and subspace seeds are unchanged; a BAdam refresh still happens once per group). Without
+clipping the result is bitwise equal to ``backward(); step()`` (tested).
+
+What changes: global-norm clipping needs every gradient before any update, so ``clip`` is applied
+per tensor (each tensor's gradient norm is capped at ``clip``, as LOMO does); the global norm is
+still measured (``grad_norm()``, before clipping). With gradient accumulation, set ``armed=False``
+for every micro-batch but the last: gradients then accumulate as usual and are stepped on the last
+backward (gradients of earlier micro-batches are kept aside meanwhile, so the memory saving needs
+a single micro-batch per step). A non-finite gradient in some
+tensor skips that tensor's update and sets ``finite`` to False; tensors updated earlier in the
+same backward keep their update, so stop the run then (the engine does).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+
+
+class StepInBackward:
+    """Hooks ``optimizer``'s parameters so that each is stepped, then its gradient freed, as soon
+    as backward has accumulated it. ``clip`` > 0: per-tensor gradient-norm cap."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, clip: float = 0.0) -> None:
+        self.optimizer, self.clip = optimizer, clip
+        self.armed = True  # False: let gradients accumulate (micro-batches before the last)
+        self.finite = True
+        self._sq_norm = 0.0
+        self._pending: dict[int, torch.Tensor] = {}  # gradients of earlier micro-batches, by id(p)
+        self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self._params()]
+
+    def _params(self) -> Iterator[torch.Tensor]:
+        seen: set[int] = set()
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    yield p
+
+    def begin(self) -> None:
+        """Reset the step's gradient-norm accumulator and finiteness flag (call before backward)."""
+        self.finite, self._sq_norm = True, 0.0
+        self._pending.clear()
+
+    def check_loss(self, loss: torch.Tensor) -> bool:
+        """``begin()`` and whether the loss is finite (backward of a NaN loss would update with NaN)."""
+        self.begin()
+        self.finite = bool(torch.isfinite(loss.detach()).all())
+        return self.finite
+
+    def grad_norm(self) -> float:
+        """The global L2 norm of this step's gradients, before any clipping."""
+        return math.sqrt(self._sq_norm)
+
+    @torch.no_grad()
+    def _hook(self, p: torch.Tensor) -> None:
+        if not self.armed:  # accumulating: keep the gradient aside (``step`` must see only ``p``'s)
+            pending = self._pending.get(id(p))
+            if pending is None:
+                self._pending[id(p)] = p.grad
+            else:
+                pending.add_(p.grad)
+            p.grad = None
+            return
+        pending = self._pending.pop(id(p), None)
+        if pending is not None:  # the same sum, in the same order, as autograd's accumulation
+            p.grad = pending.add_(p.grad)
+        grad = p.grad
+        norm = float(torch.linalg.vector_norm(grad.float()))
+        self._sq_norm += norm * norm
+        if not math.isfinite(norm):
+            self.finite = False
+        elif self.clip > 0 and norm > self.clip:
+            grad.mul_(self.clip / (norm + 1e-6))  # torch's clip_grad_norm_ coefficient, per tensor
+        if self.finite:
+            self.optimizer.step()  # only ``p`` holds a gradient now: only ``p`` is updated
+        p.grad = None
+
+    def remove(self) -> None:
+        """Detach the hooks (the optimizer then steps normally again)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()

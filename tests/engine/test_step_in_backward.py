@@ -1,0 +1,57 @@
+"""``optim.step_in_backward`` in the engine: the same run as the plain step (no clipping), exact
+resume, and one-line refusals where it cannot work."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from leanlm.engine.cli import main
+from leanlm.engine.config import load_config
+from leanlm.engine.errors import ConfigError
+from leanlm.engine.trainer import train
+
+TINY = str(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml")
+
+
+def scalars(run: Path, key: str) -> list[float]:
+    return [r[key] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if key in r]
+
+
+@pytest.mark.parametrize("optim", ["adamw", "frugal"])
+def test_step_in_backward_trains_exactly_like_the_plain_step(tiny_base, tmp_path, optim):
+    base = [*tiny_base, f"optim.name={optim}", "optim.update_gap=2", "train.grad_clip=0"]
+    plain = train(load_config(None, [*base, f"train.out_dir={tmp_path / 'plain'}"])).run_dir
+    hooked = train(
+        load_config(None, [*base, "optim.step_in_backward=true", f"train.out_dir={tmp_path / 'hb'}"])
+    ).run_dir
+    for key in ("train/loss", "val/loss"):
+        assert scalars(hooked, key) == scalars(plain, key)
+    assert scalars(hooked, "train/grad_norm") == pytest.approx(scalars(plain, "train/grad_norm"), rel=1e-6)
+
+
+def test_step_in_backward_resumes_bitwise(tiny_base, tmp_path):
+    base = [*tiny_base, "optim.name=frugal", "optim.update_gap=2", "optim.step_in_backward=true"]
+    full = train(load_config(None, [*base, f"train.out_dir={tmp_path / 'full'}"])).run_dir
+    part = [*base, f"train.out_dir={tmp_path / 'part'}"]
+    train(load_config(None, part), stop_at=3)
+    train(load_config(None, [*part, "train.resume=auto"]))
+    assert scalars(tmp_path / "part", "train/loss") == scalars(full, "train/loss")
+
+
+@pytest.mark.parametrize("backend", ["ddp", "fsdp2", "deepspeed"])
+def test_distributed_backends_are_refused_in_one_line(capsys, tmp_path, backend):
+    code = main(
+        ["train", TINY, "optim.step_in_backward=true", f"distributed.backend={backend}", f"train.out_dir={tmp_path}"]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "optim.step_in_backward=true is single-process only" in err[0]
+
+
+def test_several_processes_are_refused():
+    from leanlm.engine.config import check_world
+
+    with pytest.raises(ConfigError, match="single-process only, but 2 processes"):
+        check_world(load_config(None, ["optim.step_in_backward=true", "train.batch_size=4"]), 2)
