@@ -29,6 +29,7 @@ class MemoryReport:
     activation_bytes: int
     tokens_per_micro_batch: int
     block_bytes: int = 0  # one transformer block's parameters (what FSDP2 / ZeRO-3 gather)
+    step_in_backward: bool = False  # gradients freed one tensor at a time
     layout: str = "data parallel, one replica"
 
     @property
@@ -57,7 +58,7 @@ class MemoryReport:
     def table(self, name: str, optimizer: str) -> str:
         rows = [
             ("parameters", self.param_bytes, f"{self.parameters / 1e6:,.2f}M"),
-            ("gradients", self.grad_bytes, ""),
+            ("gradients", self.grad_bytes, "largest two tensors (step in backward)" if self.step_in_backward else ""),
             (
                 f"optimizer state ({optimizer})",
                 self.optim_bytes,
@@ -115,4 +116,11 @@ def memory_report(cfg: RunConfig, vocab: int, on_gpu: bool = True) -> MemoryRepo
     uses_bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and on_gpu) or dtype == torch.bfloat16
     act = activation_bytes(cfg, vocab, 2 if uses_bf16 else 4, elt)
     block = sum(p.numel() for p in model.layers[0].parameters()) * elt
-    return MemoryReport(n, n * elt, n * elt, optim, act, cfg.train.micro_batch(1) * cfg.train.seq_len, block)
+    grads = n * elt
+    if cfg.optim.step_in_backward and cfg.train.grad_accum_steps(1) == 1:
+        # Each gradient is freed by its own update: the largest one (the embedding or head) bounds
+        # what is alive, plus the one autograd may be accumulating next to it.
+        largest = sorted((p.numel() for p in params), reverse=True)[:2]
+        grads = sum(largest) * elt
+    tokens = cfg.train.micro_batch(1) * cfg.train.seq_len
+    return MemoryReport(n, n * elt, grads, optim, act, tokens, block, step_in_backward=grads != n * elt)
