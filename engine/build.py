@@ -18,7 +18,7 @@ from leanlm.engine.config import RunConfig
 from leanlm.engine.errors import ConfigError
 from leanlm.engine.metrics import available_memory_bytes
 from leanlm.engine.model import LLaMA, count_parameters
-from leanlm.optim import build_optimizer, optimizer_kwargs
+from leanlm.optim import PrecisionHooks, build_optimizer, optimizer_kwargs
 from leanlm.optim.lost import convert
 
 
@@ -89,9 +89,16 @@ def apply_lost(model: LLaMA, cfg: RunConfig) -> LLaMA:
 
 
 def make_optimizer(cfg: RunConfig, named_params: Iterable[tuple[str, torch.nn.Parameter]]) -> torch.optim.Optimizer:
-    """The configured optimizer (``optim.*``) over ``named_params``, its subspaces seeded by ``train.seed``."""
+    """The configured optimizer (``optim.*``) over ``named_params``, its subspaces seeded by ``train.seed``;
+    with bf16 weights or a moment dtype other than the weights', its steps run in float32 and are
+    rounded back (``leanlm.optim.PrecisionHooks``)."""
     name = cfg.optim.name
-    return build_optimizer(name, named_params, **optimizer_kwargs(name, dataclasses.asdict(cfg.optim), cfg.train.seed))
+    opt = build_optimizer(name, named_params, **optimizer_kwargs(name, dataclasses.asdict(cfg.optim), cfg.train.seed))
+    bf16 = cfg.train.param_dtype == "bf16"
+    state = {"param": torch.bfloat16 if bf16 else None, "fp32": None, "bf16": torch.bfloat16}[cfg.optim.state_dtype]
+    if bf16 or state is not None:
+        PrecisionHooks(opt, rounding=cfg.train.bf16_rounding, state_dtype=state, seed=cfg.train.seed)
+    return opt
 
 
 def parallelize(

@@ -107,7 +107,8 @@ def memory_report(cfg: RunConfig, vocab: int, on_gpu: bool = True) -> MemoryRepo
         p.grad = torch.empty_like(p)
     opt = make_optimizer(cfg, model.named_parameters())
     if cfg.optim.name == "adamw":  # torch's AdamW allocates lazily and cannot step on meta tensors
-        optim = sum(2 * p.numel() * p.element_size() + 4 for p in params)
+        moment = {"param": None, "fp32": 4, "bf16": 2}[cfg.optim.state_dtype]
+        optim = sum(2 * p.numel() * (moment or p.element_size()) + 4 for p in params)
     else:
         opt.step()
         optim = state_bytes(opt)

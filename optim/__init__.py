@@ -17,12 +17,14 @@ from leanlm.optim.frugal import FRUGAL
 from leanlm.optim.groups import frugal_param_groups, is_projectable_name
 from leanlm.optim.in_backward import StepInBackward
 from leanlm.optim.memory import state_bytes
+from leanlm.optim.precision import PrecisionHooks, stochastic_round_
 from leanlm.optim.presets import badam, galore
 
 __all__ = [
     "FRUGAL",
     "OPTIMIZERS",
     "OPTIMIZER_SETTINGS",
+    "PrecisionHooks",
     "StepInBackward",
     "badam",
     "build_optimizer",
@@ -32,4 +34,5 @@ __all__ = [
     "optimizer_kwargs",
     "param_groups_by_decay",
     "state_bytes",
+    "stochastic_round_",
 ]

@@ -158,6 +158,11 @@ class OptimConfig:
     reset_on_refresh: bool = _f(True, "FRUGAL: zero the moments and restart bias correction at each refresh")
     block_order: str = _f("descending", "order of blocks mode", choices=("descending", "ascending", "random"))
     galore_scale: float = _f(0.25, "galore: scale α of the low-rank update")
+    state_dtype: str = _f(
+        "param",
+        "Adam moments between steps: param (the weights' dtype), fp32 or bf16 (computed in float32 either way)",
+        choices=("param", "fp32", "bf16"),
+    )
     step_in_backward: bool = _f(
         False,
         "update each parameter as soon as its gradient is complete, then free the gradient (single process; "
@@ -197,6 +202,11 @@ class TrainConfig:
         "fp32",
         "weights, gradients and optimizer state: fp32 (bf16 autocast on GPU) or bf16 (pure bf16, as FRUGAL's 7B run)",
         choices=("fp32", "bf16"),
+    )
+    bf16_rounding: str = _f(
+        "stochastic",
+        "with param_dtype=bf16: updates computed in float32, rounded back stochastically (unbiased) or to nearest",
+        choices=("stochastic", "nearest"),
     )
     threads: int = _f(0, "torch CPU threads; 0 = torch's default", ge=0)
     compile: bool = _f(False, "torch.compile the model")

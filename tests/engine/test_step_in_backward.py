@@ -55,3 +55,15 @@ def test_several_processes_are_refused():
 
     with pytest.raises(ConfigError, match="single-process only, but 2 processes"):
         check_world(load_config(None, ["optim.step_in_backward=true", "train.batch_size=4"]), 2)
+
+
+def test_bf16_weights_with_stochastic_rounding_resume_bitwise(tiny_base, tmp_path):
+    """The rounding noise is keyed by a per-parameter count kept in the optimizer state."""
+    base = [*tiny_base, "optim.name=frugal", "train.param_dtype=bf16", "optim.step_in_backward=true"]
+    full = train(load_config(None, [*base, f"train.out_dir={tmp_path / 'full'}"])).run_dir
+    part = [*base, f"train.out_dir={tmp_path / 'part'}"]
+    train(load_config(None, part), stop_at=3)
+    train(load_config(None, [*part, "train.resume=auto"]))
+    assert scalars(tmp_path / "part", "train/loss") == scalars(full, "train/loss")
+    nearest = train(load_config(None, [*base, "train.bf16_rounding=nearest", f"train.out_dir={tmp_path / 'rn'}"]))
+    assert scalars(nearest.run_dir, "train/loss") != scalars(full, "train/loss")

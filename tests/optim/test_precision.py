@@ -1,0 +1,85 @@
+"""bf16 weights that still learn (``leanlm.optim.PrecisionHooks``): unbiased stochastic rounding,
+float32 step math, bf16 moments, reproducible noise."""
+
+from __future__ import annotations
+
+import torch
+
+from leanlm.optim import FRUGAL, PrecisionHooks, StepInBackward, stochastic_round_
+
+
+def test_stochastic_rounding_is_unbiased():
+    """1 + 2^-10 lies a quarter of the way between bf16 neighbours 1 and 1 + 2^-7."""
+    x = torch.full((400_000,), 1.0 + 2**-10)
+    out = torch.empty_like(x, dtype=torch.bfloat16)
+    stochastic_round_(out, x, torch.Generator().manual_seed(0))
+    assert set(out.float().unique().tolist()) == {1.0, 1.0 + 2**-7}
+    assert abs(out.float().mean().item() - x[0].item()) < 2e-5  # ~0.25 % of an ulp: unbiased
+    x = torch.randn(100_000) * 1e-3
+    out = torch.empty_like(x, dtype=torch.bfloat16)
+    stochastic_round_(out, x, torch.Generator().manual_seed(1))
+    assert ((out.float() - x).mean() / x.abs().mean()).abs() < 1e-3
+
+
+def test_representable_and_non_finite_values_pass_through():
+    x = torch.tensor([1.0, -2.5, 0.0, float("inf"), -float("inf"), 3.0e38, float("nan")])
+    out = torch.empty_like(x, dtype=torch.bfloat16)
+    stochastic_round_(out, x, torch.Generator().manual_seed(0))
+    assert out[:5].float().tolist() == [1.0, -2.5, 0.0, float("inf"), -float("inf")]
+    assert torch.isfinite(out[5]) and torch.isnan(out[6])
+
+
+def sgd_small_steps(rounding: str) -> float:
+    w = torch.nn.Parameter(torch.ones(4096, dtype=torch.bfloat16))
+    opt = torch.optim.SGD([w], lr=1e-4)
+    PrecisionHooks(opt, rounding=rounding, seed=3)
+    for _ in range(200):
+        w.grad = torch.full_like(w, -1.0)
+        opt.step()
+    return w.float().mean().item()
+
+
+def test_small_updates_are_lost_to_nearest_and_kept_by_stochastic_rounding():
+    """200 updates of 1e-4 each on 1.0 (under half a bf16 ulp, 2^-8): round-to-nearest never
+    moves; stochastic rounding lands on 1.02 on average."""
+    assert sgd_small_steps("nearest") == 1.0
+    assert abs(sgd_small_steps("stochastic") - 1.02) < 1e-3
+
+
+def bf16_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 8)).to(torch.bfloat16)
+
+
+def run(state_dtype, in_backward: bool, seed: int = 0) -> tuple[list[torch.Tensor], FRUGAL]:
+    net = bf16_model()
+    opt = FRUGAL(list(net.named_parameters()), lr=1e-2, density=0.5, update_gap=2)
+    PrecisionHooks(opt, rounding="stochastic", state_dtype=state_dtype, seed=seed)
+    hooks = StepInBackward(opt) if in_backward else None
+    torch.manual_seed(1)
+    for _ in range(5):
+        loss = net(torch.randn(4, 16, dtype=torch.bfloat16)).float().pow(2).mean()
+        loss.backward()
+        if hooks is None:
+            opt.step()
+            opt.zero_grad()
+    return [p.detach().clone() for p in net.parameters()], opt
+
+
+def test_rounding_noise_is_reproducible_and_works_inside_backward():
+    a, _ = run(None, False)
+    b, _ = run(None, False)
+    c, _ = run(None, True)
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert all(torch.equal(x, y) for x, y in zip(a, c, strict=True))  # in backward: the same step
+    d, _ = run(None, False, seed=1)
+    assert not all(torch.equal(x, y) for x, y in zip(a, d, strict=True))
+    assert all(p.dtype == torch.bfloat16 for p in a)
+
+
+def test_moments_are_stored_in_the_state_dtype():
+    _, opt32 = run(None, False)
+    _, opt16 = run(torch.bfloat16, False)
+    for opt, dtype in ((opt32, torch.float32), (opt16, torch.bfloat16)):
+        moments = [st[k] for st in opt.state.values() for k in ("exp_avg", "exp_avg_sq") if k in st]
+        assert moments and all(m.dtype == dtype for m in moments)
