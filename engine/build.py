@@ -40,34 +40,61 @@ def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractCon
 
 def build_model(cfg: RunConfig, tokenizer_vocab: int, device: torch.device | str = "cpu") -> LLaMA:
     """The config's LLaMA on ``device`` (``meta`` for shape-only use), LOST-converted when
-    ``model.lost.enabled``, in ``train.param_dtype``."""
+    ``model.lost.enabled``, in ``train.param_dtype``.
+
+    The init is drawn in float32 and cast. When the float32 model would not fit in free memory but
+    the ``param_dtype`` one does (a 7B model in bf16 on a 24 GiB machine), it is built on the meta
+    device and initialised tensor by tensor instead (same distribution; another draw order)."""
     vocab = cfg.model.vocab_size or tokenizer_vocab
     if vocab < tokenizer_vocab:
         raise ConfigError(
             f"model.vocab_size={vocab} is smaller than the tokenizer's {tokenizer_vocab}; raise it or set 0"
         )
     dtype = torch.bfloat16 if cfg.train.param_dtype == "bf16" else torch.float32
-    if torch.device(device).type != "meta":
-        check_weights_fit(cfg, vocab, torch.device(device))
-    with torch.device(device):
-        model = LLaMA(cfg.model, vocab, cfg.train.seq_len)
+    device = torch.device(device)
+    if device.type != "meta" and not check_weights_fit(cfg, vocab, device, dtype):
+        model = _build_tensor_by_tensor(cfg, vocab, device, dtype)
+    else:
+        with device:
+            model = LLaMA(cfg.model, vocab, cfg.train.seq_len)
     if cfg.model.lost.enabled:
         apply_lost(model, cfg)
     return model.to(dtype)
 
 
-def check_weights_fit(cfg: RunConfig, vocab: int, device: torch.device) -> None:
-    """Refuse, before allocating, a model whose weights alone exceed the device's free memory
-    (the dense init is built in float32 first, then cast)."""
+def check_weights_fit(cfg: RunConfig, vocab: int, device: torch.device, dtype: torch.dtype = torch.float32) -> bool:
+    """Whether the float32 init fits in the device's free memory. Refuses, before allocating, a
+    model whose weights do not fit even in ``dtype``."""
     with torch.device("meta"):
         n = count_parameters(LLaMA(cfg.model, vocab, cfg.train.seq_len))
-    need, free = n * 4, available_memory_bytes(device)
-    if free is not None and need > free:
+    free = available_memory_bytes(device)
+    if free is None or n * 4 <= free:
+        return True
+    need = n * torch.tensor([], dtype=dtype).element_size()
+    if need > free or cfg.model.lost.enabled:  # LOST's SVD init needs the dense float32 weights
         raise ConfigError(
-            f"the model has {n / 1e9:.2f}B parameters: {need / 2**30:.1f} GiB for the float32 "
-            f"weights alone, but {device} has {free / 2**30:.1f} GiB free; shrink model.* "
-            "(see `leanlm memory`) or use a larger device"
+            f"the model has {n / 1e9:.2f}B parameters: {need / 2**30:.1f} GiB for the weights alone"
+            f"{' (float32 for the LOST init)' if need <= free else ''}, but {device} has {free / 2**30:.1f} GiB "
+            "free; shrink model.* (see `leanlm memory`) or use a larger device"
         )
+    return False
+
+
+@torch.no_grad()
+def _build_tensor_by_tensor(cfg: RunConfig, vocab: int, device: torch.device, dtype: torch.dtype) -> LLaMA:
+    """Shapes on the meta device, storage in ``dtype``, then each weight drawn in float32 and cast
+    (at most one float32 tensor alive: peak memory is the ``dtype`` model plus its largest tensor)."""
+    with torch.device("meta"):
+        model = LLaMA(cfg.model, vocab, cfg.train.seq_len)
+    model = model.to(dtype).to_empty(device=device)
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+            draw = torch.empty(module.weight.shape, dtype=torch.float32, device=device)
+            module.weight.copy_(draw.normal_(mean=0.0, std=cfg.model.init_std))
+        elif hasattr(module, "weight") and module.weight is not None and module.weight.ndim == 1:
+            module.weight.fill_(1.0)  # RMSNorm
+    model._build_rope(device)
+    return model
 
 
 def apply_lost(model: LLaMA, cfg: RunConfig) -> LLaMA:

@@ -257,8 +257,10 @@ def resolve_resume(run_dir: str | Path, resume: str) -> Path | None:
 
 
 def load_file(path: str | Path, name: str, map_location: str | torch.device = "cpu") -> Any:
-    """Load ``name.pt`` from a checkpoint with ``weights_only=True``."""
-    return torch_load(Path(path) / f"{name}.pt", str(path), map_location)
+    """Load ``name.pt`` from a checkpoint with ``weights_only=True``, memory-mapped (a 7B model's
+    weights are read into the live model without a second in-memory copy; copy-on-write, so the
+    file is never modified)."""
+    return torch_load(Path(path) / f"{name}.pt", str(path), map_location, mmap=True)
 
 
 def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:

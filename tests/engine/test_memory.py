@@ -66,3 +66,24 @@ def test_step_in_backward_keeps_only_the_largest_gradients_alive():
     assert report.grad_bytes == 2 * 32000 * 512 * 4
     accum = memory_report(load_config(CONFIGS / "llama_60m.yaml", [*over, "train.micro_batch_size=2"]), 32000)
     assert accum.grad_bytes == accum.param_bytes
+
+
+def test_a_model_whose_float32_init_does_not_fit_is_built_tensor_by_tensor(monkeypatch):
+    """bf16 weights that fit while their float32 init would not: meta shapes, bf16 storage, each
+    weight drawn in float32 and cast (the 7B-on-24-GiB path)."""
+    import torch
+
+    import leanlm.engine.build as build
+
+    cfg = load_config(CONFIGS / "tiny.yaml", ["train.param_dtype=bf16"])
+    n = 5_300_000
+    monkeypatch.setattr(build, "available_memory_bytes", lambda device: 3 * n)  # > 2n bf16, < 4n fp32
+    model = build.build_model(cfg, 4096, "cpu")
+    weights = dict(model.named_parameters())
+    assert all(p.dtype == torch.bfloat16 and p.device.type == "cpu" for p in weights.values())
+    emb = weights["embed_tokens.weight"].float()
+    assert abs(emb.std().item() - cfg.model.init_std) < 1e-3 and abs(emb.mean().item()) < 1e-3
+    assert torch.equal(weights["norm.weight"].float(), torch.ones(cfg.model.d_model))
+    assert model.rope_cos.numel() > 0
+    tokens = torch.randint(0, 4096, (1, 16))
+    assert torch.isfinite(model(tokens).float()).all()
