@@ -351,5 +351,21 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def run() -> None:
+    """The console script: ``main()``, then exit with its status. Under torchrun the process
+    exits without interpreter teardown once the run has finished and closed its files: a C++
+    worker thread left by gloo/DTensor collectives occasionally aborts the teardown ("terminate
+    called without an active exception", about 1 run in 10 on CPU), which would turn a finished
+    run into a failed one."""
+    code = main()
+    from leanlm.engine import distributed as dist
+
+    if dist.launched_by_torchrun():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
