@@ -104,7 +104,9 @@ def scan_torch_files(folder: Path, where: str) -> None:
         elif path.suffix != ".distcp" and is_serialized(path):
             with open(path, "rb") as fh:
                 mmap = fh.read(4) == _ZIP_MAGIC
-            torch_load(path, where, deepspeed=True, mmap=mmap)
+            # DeepSpeed's classes are admitted (and deepspeed imported) only for DeepSpeed's own files
+            in_deepspeed = "deepspeed" in path.relative_to(folder).parts or folder.name == "deepspeed"
+            torch_load(path, where, deepspeed=in_deepspeed, mmap=mmap)
 
 
 # ----------------------------------------------------------------------------- DCP metadata
