@@ -15,7 +15,7 @@ import torch
 
 from leanlm.engine.build import build_model, make_optimizer
 from leanlm.engine.config import RunConfig
-from leanlm.optim import state_bytes
+from leanlm.optim import is_projectable_name, state_bytes
 
 GIB = 2**30
 
@@ -30,11 +30,20 @@ class MemoryReport:
     tokens_per_micro_batch: int
     block_bytes: int = 0  # one transformer block's parameters (what FSDP2 / ZeRO-3 gather)
     step_in_backward: bool = False  # gradients freed one tensor at a time
+    step_bytes: int = 0  # transient during the step: float32 copies (bf16 weights) and scratch buffers
+    runtime_bytes: int = 0  # the process itself (CPU: Python, torch and leanlm after import)
     layout: str = "data parallel, one replica"
 
     @property
     def total_bytes(self) -> int:
-        return self.param_bytes + self.grad_bytes + self.optim_bytes + self.activation_bytes
+        return (
+            self.param_bytes
+            + self.grad_bytes
+            + self.optim_bytes
+            + self.activation_bytes
+            + self.step_bytes
+            + self.runtime_bytes
+        )
 
     def per_rank(self, backend: str, zero_stage: int, world: int) -> MemoryReport:
         """The same run sharded over ``world`` ranks. FSDP2 shards parameters, gradients and
@@ -69,7 +78,10 @@ class MemoryReport:
                 self.activation_bytes,
                 f"{self.tokens_per_micro_batch:,} tokens per micro-batch",
             ),
+            ("optimizer step transients", self.step_bytes, "float32 step copies, FRUGAL scratch"),
         ]
+        if self.runtime_bytes:
+            rows.append(("process runtime (CPU)", self.runtime_bytes, "Python + torch + leanlm, measured"))
         lines = [f"{name}: memory per GPU ({self.layout})"]
         lines += [f"  {label:<32} {b / GIB:9.2f} GiB  {note}" for label, b, note in rows]
         lines.append(f"  {'total':<32} {self.total_bytes / GIB:9.2f} GiB")
@@ -124,4 +136,41 @@ def memory_report(cfg: RunConfig, vocab: int, on_gpu: bool = True) -> MemoryRepo
         largest = sorted((p.numel() for p in params), reverse=True)[:2]
         grads = sum(largest) * elt
     tokens = cfg.train.micro_batch(1) * cfg.train.seq_len
-    return MemoryReport(n, n * elt, grads, optim, act, tokens, block, step_in_backward=grads != n * elt)
+    return MemoryReport(
+        n,
+        n * elt,
+        grads,
+        optim,
+        act,
+        tokens,
+        block,
+        step_in_backward=grads != n * elt,
+        step_bytes=step_transient_bytes(cfg, model, dtype),
+        runtime_bytes=0 if on_gpu else CPU_RUNTIME_BYTES,
+    )
+
+
+# RSS of a process after importing torch and leanlm's trainer (torch 2.13 CPU build, measured
+# 2026-12-01: 0.27 GiB); on GPU the CUDA context is left to the "1 GiB kept" margin instead.
+CPU_RUNTIME_BYTES = int(0.27 * GIB)
+
+
+def step_transient_bytes(cfg: RunConfig, model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Memory alive only during the optimizer step. With bf16 weights (or moments stored in another
+    dtype) ``PrecisionHooks`` steps a float32 copy of each stepped tensor, its gradient and its two
+    moments, one tensor at a time (the engine steps through ``PrecisionHooks.step``).
+    FRUGAL's state-free step keeps a reusable scratch buffer per projectable weight shape."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    hooked = dtype == torch.bfloat16 or cfg.optim.state_dtype == "bf16"  # as engine.build.make_optimizer
+    copies = 0
+    if hooked:
+        sizes = [p.numel() for p in params]
+        stepped = max(sizes)  # one tensor at a time: StepInBackward, or PrecisionHooks.step
+        copies = stepped * 4 * 4  # weight, gradient, exp_avg, exp_avg_sq in float32
+    scratch = 0
+    if cfg.optim.name != "adamw" and cfg.optim.state_free != "none":
+        shapes = {
+            tuple(p.shape) for name, p in model.named_parameters() if p.ndim == 2 and is_projectable_name(name, p)
+        }
+        scratch = sum(m * n for m, n in shapes) * (4 if hooked else torch.tensor([], dtype=dtype).element_size())
+    return copies + scratch

@@ -17,6 +17,7 @@ from torch import nn
 from leanlm.engine import distributed as dist
 from leanlm.engine.reweight import WeightStats, sample_weights
 from leanlm.optim import StepInBackward
+from leanlm.optim.precision import hooks_of
 
 
 @dataclass
@@ -97,7 +98,11 @@ def train_step(
     # the last checkpoint stays a good one to resume from.
     finite = not dist.any_rank(not (math.isfinite(loss) and math.isfinite(grad_norm)))
     if finite:
-        optimizer.step()
+        hooks = hooks_of(optimizer)
+        if hooks is not None:  # bf16 weights: float32 step copies for one tensor at a time
+            hooks.step()
+        else:
+            optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return StepResult(
         loss=loss,

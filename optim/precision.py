@@ -13,7 +13,8 @@ recipes). ``PrecisionHooks`` wraps any ``torch.optim.Optimizer`` through its ste
 Before each step every bf16 parameter that has a gradient is swapped to a float32 copy (its
 gradient too), so the optimizer's math runs in float32; after the step the result is rounded back
 into the bf16 storage. Peak extra memory is a float32 copy of the tensors being stepped: one tensor
-at a time with ``StepInBackward`` (the 7B recipe), every tensor at once otherwise.
+at a time with ``StepInBackward`` (the 7B recipe) or ``hooks.step()`` instead of ``opt.step()``,
+every tensor at once with a plain ``opt.step()``. FSDP2-sharded parameters keep their bf16 step.
 ``state_dtype=torch.bfloat16`` stores the Adam moments (``exp_avg``, ``exp_avg_sq``) in bf16 between
 steps (rounded to nearest; float32 during the step). The rounding noise comes from a generator
 seeded by (seed, parameter index, the parameter's update count), and the count lives in the
@@ -23,11 +24,22 @@ optimizer state (``sr_count``), so runs and resumes are reproducible.
 from __future__ import annotations
 
 import hashlib
+import weakref
 from typing import Any
 
 import torch
 
+from leanlm.optim.sharding import is_dtensor
+
 ROUNDINGS = ("nearest", "stochastic")
+_HOOKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> its PrecisionHooks
+
+
+def hooks_of(optimizer: torch.optim.Optimizer) -> PrecisionHooks | None:
+    """The ``PrecisionHooks`` attached to ``optimizer``, if any."""
+    return _HOOKS.get(optimizer)
+
+
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 
 
@@ -69,6 +81,20 @@ class PrecisionHooks:
             optimizer.register_step_pre_hook(self._before),
             optimizer.register_step_post_hook(self._after),
         ]
+        _HOOKS[optimizer] = self
+
+    def step(self) -> None:
+        """``optimizer.step()`` one tensor at a time, each gradient freed after its update: the
+        float32 copies then exist for one tensor only (a plain ``optimizer.step()`` makes them for
+        every tensor at once). The same update: the optimizers skip tensors without a gradient."""
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        grads = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        for p, grad in zip(params, grads, strict=True):
+            p.grad = grad
+            self.optimizer.step()
+            p.grad = None
 
     def _stepped(self) -> list[torch.Tensor]:
         return [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
@@ -80,7 +106,7 @@ class PrecisionHooks:
             for key in MOMENT_KEYS:  # compute in float32 whatever they are stored in
                 if key in st and st[key].dtype != torch.float32 and st[key].is_floating_point():
                     st[key] = st[key].float()
-            if p.dtype == torch.bfloat16:
+            if p.dtype == torch.bfloat16 and not is_dtensor(p):  # FSDP2 shards step in bf16 as before
                 self._low[id(p)] = (p.data, p.grad)
                 p.data = p.data.float()
                 p.grad = p.grad.float()

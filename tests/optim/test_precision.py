@@ -83,3 +83,31 @@ def test_moments_are_stored_in_the_state_dtype():
     for opt, dtype in ((opt32, torch.float32), (opt16, torch.bfloat16)):
         moments = [st[k] for st in opt.state.values() for k in ("exp_avg", "exp_avg_sq") if k in st]
         assert moments and all(m.dtype == dtype for m in moments)
+
+
+def test_stepping_one_tensor_at_a_time_is_the_same_update():
+    """``hooks.step()`` makes float32 copies of one tensor at a time and equals ``opt.step()``."""
+    results = []
+    for per_tensor in (False, True):
+        net = bf16_model()
+        opt = FRUGAL(list(net.named_parameters()), lr=1e-2, density=0.5, update_gap=2)
+        hooks = PrecisionHooks(opt, rounding="stochastic", seed=0)
+        widest, real_before = [], hooks._before
+
+        def before(*args, _real=real_before, _net=net, _widest=widest):
+            _real(*args)
+            _widest.append(sum(p.dtype == torch.float32 for p in _net.parameters()))
+
+        opt._optimizer_step_pre_hooks.clear()
+        opt.register_step_pre_hook(before)
+        torch.manual_seed(1)
+        for _ in range(4):
+            net(torch.randn(4, 16, dtype=torch.bfloat16)).float().pow(2).mean().backward()
+            if per_tensor:
+                hooks.step()
+            else:
+                opt.step()
+            opt.zero_grad()
+        results.append([p.detach().clone() for p in net.parameters()])
+        assert max(widest) == (1 if per_tensor else len(list(net.parameters())))
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
