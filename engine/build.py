@@ -70,12 +70,13 @@ def check_weights_fit(cfg: RunConfig, vocab: int, device: torch.device, dtype: t
     free = available_memory_bytes(device)
     if free is None or n * 4 <= free:
         return True
-    need = n * torch.tensor([], dtype=dtype).element_size()
-    if need > free or cfg.model.lost.enabled:  # LOST's SVD init needs the dense float32 weights
+    lost = cfg.model.lost.enabled  # LOST's SVD init decomposes the dense float32 weights
+    need = n * (4 if lost else torch.tensor([], dtype=dtype).element_size())
+    if need > free:
+        what = "the float32 weights LOST's SVD init decomposes" if lost else "the weights alone"
         raise ConfigError(
-            f"the model has {n / 1e9:.2f}B parameters: {need / 2**30:.1f} GiB for the weights alone"
-            f"{' (float32 for the LOST init)' if need <= free else ''}, but {device} has {free / 2**30:.1f} GiB "
-            "free; shrink model.* (see `leanlm memory`) or use a larger device"
+            f"the model has {n / 1e9:.2f}B parameters: {need / 2**30:.1f} GiB for {what}, but {device} has "
+            f"{free / 2**30:.1f} GiB free; shrink model.* (see `leanlm memory`) or use a larger device"
         )
     return False
 
