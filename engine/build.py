@@ -18,7 +18,7 @@ from leanlm.engine.config import RunConfig
 from leanlm.engine.errors import ConfigError
 from leanlm.engine.metrics import available_memory_bytes
 from leanlm.engine.model import LLaMA, count_parameters
-from leanlm.optim import PrecisionHooks, build_optimizer, optimizer_kwargs
+from leanlm.optim import PrecisionHooks, StepInBackward, build_optimizer, optimizer_kwargs
 from leanlm.optim.lost import convert
 
 
@@ -127,6 +127,18 @@ def make_optimizer(cfg: RunConfig, named_params: Iterable[tuple[str, torch.nn.Pa
     if bf16 or state is not None:
         PrecisionHooks(opt, rounding=cfg.train.bf16_rounding, state_dtype=state, seed=cfg.train.seed)
     return opt
+
+
+# optim.step_in_backward steps gradients in buckets of this many bytes (one optimizer call per
+# bucket keeps the per-call overhead and foreach batching; at most this plus one tensor is alive).
+IN_BACKWARD_BUCKET = 32 << 20
+
+
+def in_backward_for(cfg: RunConfig, optimizer: torch.optim.Optimizer) -> StepInBackward | None:
+    """``optim.step_in_backward``: the hooks that step ``optimizer`` inside backward, else None."""
+    if not cfg.optim.step_in_backward:
+        return None
+    return StepInBackward(optimizer, clip=cfg.train.grad_clip, bucket_bytes=IN_BACKWARD_BUCKET)
 
 
 def parallelize(

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from leanlm.engine.build import build_model, make_optimizer
+from leanlm.engine.build import IN_BACKWARD_BUCKET, build_model, make_optimizer
 from leanlm.engine.config import RunConfig
 from leanlm.optim import is_projectable_name, state_bytes
 
@@ -134,7 +134,7 @@ def memory_report(cfg: RunConfig, vocab: int, on_gpu: bool = True) -> MemoryRepo
         # Each gradient is freed by its own update: the largest one (the embedding or head) bounds
         # what is alive, plus the one autograd may be accumulating next to it.
         largest = sorted((p.numel() for p in params), reverse=True)[:2]
-        grads = sum(largest) * elt
+        grads = sum(largest) * elt + IN_BACKWARD_BUCKET  # plus the bucket that waits for its step
     tokens = cfg.train.micro_batch(1) * cfg.train.seq_len
     return MemoryReport(
         n,

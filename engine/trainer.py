@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from leanlm.engine import checkpoint as ckpt
 from leanlm.engine import distributed as dist
-from leanlm.engine.build import build_model, parallelize, pick_device
+from leanlm.engine.build import build_model, in_backward_for, parallelize, pick_device
 from leanlm.engine.checkpoint.checkpointer import Checkpointer, TrainState, find_resume
 from leanlm.engine.config import RunConfig, check_world, save_yaml
 from leanlm.engine.data import Corpus, build_corpus
@@ -188,7 +188,7 @@ def setup(cfg: RunConfig, device: torch.device, backend: str) -> Run:
             + (f", resuming from {resume_from} (step {state.step})" if resume_from else "")
         )
     unigram = math.exp(unigram_loss(corpus.train_counts, corpus.val_tokens, train_cfg.seq_len))
-    in_backward = StepInBackward(optimizer, clip=train_cfg.grad_clip) if cfg.optim.step_in_backward else None
+    in_backward = in_backward_for(cfg, optimizer)
     return Run(
         cfg, device, net, optimizer, in_backward, autocast, corpus, state, checkpointer, logger, recorder, fpt, unigram
     )

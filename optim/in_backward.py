@@ -39,8 +39,15 @@ class StepInBackward:
     """Hooks ``optimizer``'s parameters so that each is stepped, then its gradient freed, as soon
     as backward has accumulated it. ``clip`` > 0: per-tensor gradient-norm cap."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, clip: float = 0.0) -> None:
-        self.optimizer, self.clip = optimizer, clip
+    def __init__(self, optimizer: torch.optim.Optimizer, clip: float = 0.0, bucket_bytes: int = 0) -> None:
+        """``bucket_bytes`` > 0: gradients wait until this many bytes are complete, then one
+        ``optimizer.step()`` updates them together (fewer calls: the optimizer's per-call overhead
+        and foreach batching are kept; at most ``bucket_bytes`` plus one tensor's gradient is
+        alive). 0 steps each tensor alone."""
+        self.optimizer, self.clip, self.bucket_bytes = optimizer, clip, bucket_bytes
+        self._bucket: list[torch.Tensor] = []
+        self._bucket_size = 0
+        self._flush_queued = False
         self.armed = True  # False: let gradients accumulate (micro-batches before the last)
         self.finite = True
         self._sq_norm = 0.0
@@ -90,9 +97,22 @@ class StepInBackward:
             self.finite = False
         elif self.clip > 0 and norm > self.clip:
             grad.mul_(self.clip / (norm + 1e-6))  # torch's clip_grad_norm_ coefficient, per tensor
-        if self.finite:
-            self.optimizer.step()  # only ``p`` holds a gradient now: only ``p`` is updated
-        p.grad = None
+        self._bucket.append(p)
+        self._bucket_size += grad.numel() * grad.element_size()
+        if self._bucket_size >= self.bucket_bytes:
+            self._flush()
+        elif not self._flush_queued:  # whatever is left steps when this backward ends
+            torch.autograd.Variable._execution_engine.queue_callback(self._flush)
+            self._flush_queued = True
+
+    @torch.no_grad()
+    def _flush(self) -> None:
+        """Step the waiting tensors (only they hold gradients now), then free their gradients."""
+        if self._bucket and self.finite:
+            self.optimizer.step()
+        for p in self._bucket:
+            p.grad = None
+        self._bucket, self._bucket_size, self._flush_queued = [], 0, False
 
     def remove(self) -> None:
         """Detach the hooks (the optimizer then steps normally again)."""

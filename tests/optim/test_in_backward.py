@@ -26,10 +26,10 @@ def model() -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16), torch.nn.Linear(16, 4))
 
 
-def train(make, in_backward: bool, steps: int = 7, micro: int = 1) -> list[torch.Tensor]:
+def train(make, in_backward: bool, steps: int = 7, micro: int = 1, bucket: int = 0) -> list[torch.Tensor]:
     net = model()
     opt = make(net)
-    hooks = StepInBackward(opt) if in_backward else None
+    hooks = StepInBackward(opt, bucket_bytes=bucket) if in_backward else None
     torch.manual_seed(1)
     for _ in range(steps):
         if hooks:
@@ -47,10 +47,12 @@ def train(make, in_backward: bool, steps: int = 7, micro: int = 1) -> list[torch
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 @pytest.mark.parametrize("micro", [1, 2])
-def test_step_in_backward_equals_the_plain_step_bitwise(name, micro):
-    """7 steps cross two subspace refreshes (update_gap=3); 2 micro-batches accumulate first."""
+@pytest.mark.parametrize("bucket", [0, 600, 1 << 20])
+def test_step_in_backward_equals_the_plain_step_bitwise(name, micro, bucket):
+    """7 steps cross two subspace refreshes (update_gap=3); 2 micro-batches accumulate first;
+    buckets of 0 (each tensor alone), 600 bytes (a few tensors) and 1 MiB (all at the end)."""
     plain = train(OPTIMIZERS[name], False, micro=micro)
-    hooked = train(OPTIMIZERS[name], True, micro=micro)
+    hooked = train(OPTIMIZERS[name], True, micro=micro, bucket=bucket)
     assert all(torch.equal(a, b) for a, b in zip(plain, hooked, strict=True))
 
 
@@ -68,6 +70,25 @@ def test_at_most_one_gradient_is_alive_when_the_optimizer_steps():
     StepInBackward(opt)
     net(torch.randn(5, 8)).pow(2).mean().backward()
     assert alive == [1] * len(params)
+    assert all(p.grad is None for p in params)
+
+
+def test_a_bucket_bounds_the_gradients_alive():
+    net = model()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    params = list(net.parameters())
+    alive_bytes, real_step = [], opt.step
+
+    def counting_step(*args, **kwargs):
+        alive_bytes.append(sum(p.grad.numel() * 4 for p in params if p.grad is not None))
+        return real_step(*args, **kwargs)
+
+    opt.step = counting_step
+    StepInBackward(opt, bucket_bytes=600)
+    net(torch.randn(5, 8)).pow(2).mean().backward()
+    largest = max(p.numel() * 4 for p in params)
+    assert 1 < len(alive_bytes) < len(params)
+    assert max(alive_bytes) < 600 + largest
     assert all(p.grad is None for p in params)
 
 
