@@ -15,6 +15,8 @@ import torch
 
 from leanlm.engine.build import IN_BACKWARD_BUCKET, build_model, make_optimizer
 from leanlm.engine.config import RunConfig
+from leanlm.engine.metrics import available_memory_bytes
+from leanlm.engine.model import LLaMA
 from leanlm.optim import is_projectable_name, state_bytes
 
 GIB = 2**30
@@ -32,6 +34,7 @@ class MemoryReport:
     step_in_backward: bool = False  # gradients freed one tensor at a time
     step_bytes: int = 0  # transient during the step: float32 copies (bf16 weights) and scratch buffers
     runtime_bytes: int = 0  # the process itself (CPU: Python, torch and leanlm after import)
+    init_bytes: int = 0  # CPU: the float32 init a bf16 or LOST model is built from (pages kept after)
     layout: str = "data parallel, one replica"
 
     @property
@@ -43,6 +46,7 @@ class MemoryReport:
             + self.activation_bytes
             + self.step_bytes
             + self.runtime_bytes
+            + self.init_bytes
         )
 
     def per_rank(self, backend: str, zero_stage: int, world: int) -> MemoryReport:
@@ -82,6 +86,8 @@ class MemoryReport:
         ]
         if self.runtime_bytes:
             rows.append(("process runtime (CPU)", self.runtime_bytes, "Python + torch + leanlm, measured"))
+        if self.init_bytes:
+            rows.append(("float32 init residue (CPU)", self.init_bytes, "freed after the cast / LOST conversion"))
         lines = [f"{name}: memory per GPU ({self.layout})"]
         lines += [f"  {label:<32} {b / GIB:9.2f} GiB  {note}" for label, b, note in rows]
         lines.append(f"  {'total':<32} {self.total_bytes / GIB:9.2f} GiB")
@@ -147,7 +153,24 @@ def memory_report(cfg: RunConfig, vocab: int, on_gpu: bool = True) -> MemoryRepo
         step_in_backward=grads != n * elt,
         step_bytes=step_transient_bytes(cfg, model, dtype),
         runtime_bytes=0 if on_gpu else CPU_RUNTIME_BYTES,
+        init_bytes=0 if on_gpu else init_residue_bytes(cfg, vocab, dtype),
     )
+
+
+def init_residue_bytes(cfg: RunConfig, vocab: int, dtype: torch.dtype) -> int:
+    """A bf16 or LOST model is first built dense in float32 (``engine.build.build_model``); the
+    allocator keeps most of those pages after the cast or conversion, so on CPU they stay in the
+    process's resident set (measured: scripts/validate_memory.py). A bf16 model whose float32 init
+    does not fit is drawn tensor by tensor: only its largest tensor's float32 copy then."""
+    if dtype != torch.bfloat16 and not cfg.model.lost.enabled:
+        return 0
+    with torch.device("meta"):
+        dense = LLaMA(cfg.model, vocab, cfg.train.seq_len)
+    sizes = [p.numel() for p in dense.parameters()]
+    free = available_memory_bytes(torch.device("cpu"))
+    if not cfg.model.lost.enabled and free is not None and sum(sizes) * 4 > free:
+        return max(sizes) * 4
+    return sum(sizes) * 4
 
 
 # RSS of a process after importing torch and leanlm's trainer (torch 2.13 CPU build, measured
