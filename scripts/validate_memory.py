@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -60,7 +61,10 @@ def main() -> None:
             estimate = memory_report(load_config(config, over), vocab, on_gpu=False).total_bytes / 2**30
             run = Path(args.out) / f"{Path(config).stem}-{label.replace(' ', '_').replace('+', '')}"
             cmd = [sys.executable, "-m", "leanlm.engine.cli", "train", config, *over, f"train.out_dir={run}"]
-            subprocess.run(cmd, check=True, capture_output=True)
+            shutil.rmtree(run, ignore_errors=True)  # a fresh run each time
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode:
+                sys.exit(f"{label}: leanlm train failed: {proc.stderr.strip()[-500:]}")
             rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
             peak = max(r.get("mem/peak_gib", 0.0) for r in rows)
             print(
