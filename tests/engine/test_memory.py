@@ -90,3 +90,17 @@ def test_a_model_whose_float32_init_does_not_fit_is_built_tensor_by_tensor(monke
     assert model.rope_cos.numel() > 0
     tokens = torch.randint(0, 4096, (1, 16))
     assert torch.isfinite(model(tokens).float()).all()
+
+
+def test_cpu_report_counts_runtime_init_residue_and_step_transients():
+    """Exact bytes for llama_60m with bf16 weights and FRUGAL in backward (58,073,600 parameters;
+    largest tensor 32000 x 512; projectable shapes 512x512, 1376x512, 512x1376)."""
+    from leanlm.engine.memory import CPU_RUNTIME_BYTES
+
+    over = ["optim.name=frugal", "optim.step_in_backward=true", "train.param_dtype=bf16"]
+    cfg = load_config(CONFIGS / "llama_60m.yaml", over)
+    cpu, gpu = memory_report(cfg, 32000, on_gpu=False), memory_report(cfg, 32000, on_gpu=True)
+    assert cpu.init_bytes == 58_073_600 * 4 and gpu.init_bytes == 0
+    assert cpu.runtime_bytes == CPU_RUNTIME_BYTES and gpu.runtime_bytes == 0
+    d, f = cfg.model.d_model, cfg.model.ffn_dim
+    assert cpu.step_bytes == 32000 * d * 16 + (d * d + 2 * f * d) * 4
