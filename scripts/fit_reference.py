@@ -1,4 +1,4 @@
-"""The fitter on the public reference data in ../shared/data, with the full 4,500-start grid.
+"""The fitter on the public reference data in tests/data/scaling, with the full 4,500-start grid.
 
 1. Chinchilla (Hoffmann et al. Fig. 4, 240 points after dropping the 5 highest losses): compare
    with Besiroglu et al.'s replication (objective 0.0010182740, A 477.84, B 2143.86, E 1.8172,
@@ -6,7 +6,7 @@
 2. OPT checkpoint trajectories: fit sizes up to 30B, predict the 175B model's last 30% of
    checkpoints (ARE), for both methods and with/without dropping each run's first 10%.
 
-    python scripts/fit_reference.py [--data ../shared/data]
+    python scripts/fit_reference.py [--data tests/data/scaling]
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from leanlm.engine.scaling.fitter import fit
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[1] / "tests" / "data" / "scaling"))
     ap.add_argument("--grid", default="full", choices=["full", "small"])
     args = ap.parse_args()
     data = Path(args.data)

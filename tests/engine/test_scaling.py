@@ -12,8 +12,7 @@ from leanlm.engine.errors import DataError
 from leanlm.engine.scaling import export_colpret_csv, holdout_are, load_records, trajectory_points
 from leanlm.engine.scaling.fitter import FitResult, fit
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data"  # shared/ lies beside the checkout
-needs_data = pytest.mark.skipif(not (DATA / "chinchilla_hoffmann_fig4.csv").is_file(), reason="shared/data not present")
+DATA = Path(__file__).resolve().parents[1] / "data" / "scaling"  # public reference data, shipped (see its README)
 
 
 def chinchilla_points():
@@ -26,7 +25,6 @@ def chinchilla_points():
     return N[keep], C[keep] / (6 * N[keep]), L[keep]
 
 
-@needs_data
 def test_reproduces_the_besiroglu_replication_fit():
     N, D, L = chinchilla_points()
     assert len(L) == 240
@@ -74,7 +72,6 @@ def opt_rows():
     ]
 
 
-@needs_data
 def test_opt_trajectories_predict_the_175b_model():
     rows = opt_rows()
     # ColPret's own fitter on all checkpoints of the <= 30B models (the brief's anchor: ARE 5.04%)
