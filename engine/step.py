@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -47,6 +47,44 @@ def batch_loss(
     return (local * rows).sum() * world, WeightStats.of(global_rows, weights)
 
 
+@dataclass
+class _Tally:
+    """The step's running mean loss, token count and reweighting stats over micro-batches."""
+
+    accum: int
+    total: torch.Tensor
+    tokens: int = 0
+    stats: list[WeightStats] = field(default_factory=list)
+
+    def add(self, rows: torch.Tensor, tokens: int, st: WeightStats | None) -> None:
+        self.total += rows.float().mean() / self.accum
+        self.tokens += tokens
+        if st is not None:
+            self.stats.append(st)
+
+    def result(self, grad_norm: float, finite: bool = True) -> StepResult:
+        stats = WeightStats.mean(self.stats) if self.stats else None
+        return StepResult(float(self.total.item()), grad_norm, self.tokens, stats, finite)
+
+
+def _forward(
+    model: nn.Module,
+    batch: torch.Tensor,
+    device: torch.device,
+    autocast: contextlib.AbstractContextManager | None,
+    reweight: tuple[str, float] | None,
+    chunk_tokens: int,
+) -> tuple[torch.Tensor, torch.Tensor, int, WeightStats | None]:
+    """One micro-batch (micro, T + 1) forward: (the loss to back-propagate, the per-row losses
+    (micro,) detached, the target token count, the reweighting stats)."""
+    batch = batch.to(device, non_blocking=True)
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    with autocast or contextlib.nullcontext():
+        rows = model(inputs, targets=targets, chunk_tokens=chunk_tokens)  # (micro,) float32
+    loss, st = batch_loss(rows, *(reweight or (None,)))
+    return loss, rows.detach(), targets.numel(), st
+
+
 def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -69,31 +107,22 @@ def train_step(
     if in_backward is not None:
         return _step_in_backward(model, in_backward, micro_batches, device, autocast, reweight, chunk_tokens)
     accum = len(micro_batches)
-    total = torch.zeros((), device=device)
-    tokens = 0
-    stats: list[WeightStats] = []
+    tally = _Tally(accum, torch.zeros((), device=device))
     for j, batch in enumerate(micro_batches):
-        batch = batch.to(device, non_blocking=True)
-        inputs, targets = batch[:, :-1], batch[:, 1:]
         # DDP / FSDP2: reduce gradients only on the last micro-batch.
         sync = contextlib.nullcontext() if j == accum - 1 or not hasattr(model, "no_sync") else model.no_sync()
         if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
             model.set_requires_gradient_sync(j == accum - 1)
         with sync:
-            with autocast or contextlib.nullcontext():
-                rows = model(inputs, targets=targets, chunk_tokens=chunk_tokens)  # (B_local,) float32
-            loss, st = batch_loss(rows, *(reweight or (None,)))
+            loss, rows, tokens, st = _forward(model, batch, device, autocast, reweight, chunk_tokens)
             (loss / accum).backward()
-        total += rows.detach().mean() / accum
-        tokens += targets.numel()
-        if st is not None:
-            stats.append(st)
+        tally.add(rows, tokens, st)
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
     max_norm = grad_clip if grad_clip > 0 else float("inf")
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor holding the global norm
         norm = norm.full_tensor()
-    loss, grad_norm = total.item(), norm.item()
+    loss, grad_norm = tally.total.item(), norm.item()
     # Checked before the update, on every rank alike: a NaN step never reaches the weights, so
     # the last checkpoint stays a good one to resume from.
     finite = not dist.any_rank(not (math.isfinite(loss) and math.isfinite(grad_norm)))
@@ -104,13 +133,7 @@ def train_step(
         else:
             optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(
-        loss=loss,
-        grad_norm=grad_norm,
-        tokens=tokens,
-        reweight=WeightStats.mean(stats) if stats else None,
-        finite=finite,
-    )
+    return tally.result(grad_norm, finite)
 
 
 def _step_in_backward(
@@ -126,21 +149,12 @@ def _step_in_backward(
     freed) by its hook during the last micro-batch's backward. A non-finite loss skips backward,
     so nothing is updated; a non-finite gradient stops the hooks from updating any later tensor."""
     accum = len(micro_batches)
-    total = torch.zeros((), device=device)
-    tokens = 0
-    stats: list[WeightStats] = []
+    tally = _Tally(accum, torch.zeros((), device=device))
     in_backward.begin()
     finite = True
     for j, batch in enumerate(micro_batches):
-        batch = batch.to(device, non_blocking=True)
-        inputs, targets = batch[:, :-1], batch[:, 1:]
-        with autocast or contextlib.nullcontext():
-            rows = model(inputs, targets=targets, chunk_tokens=chunk_tokens)  # (B_local,) float32
-        loss, st = batch_loss(rows, *(reweight or (None,)))
-        total += rows.detach().mean() / accum
-        tokens += targets.numel()
-        if st is not None:
-            stats.append(st)
+        loss, rows, tokens, st = _forward(model, batch, device, autocast, reweight, chunk_tokens)
+        tally.add(rows, tokens, st)
         finite = finite and bool(torch.isfinite(loss.detach()))
         if finite:
             in_backward.armed = j == accum - 1  # earlier micro-batches accumulate
@@ -148,48 +162,32 @@ def _step_in_backward(
     finite = finite and in_backward.finite
     for p in (p for g in in_backward.optimizer.param_groups for p in g["params"]):
         p.grad = None  # after a skipped step, accumulated gradients must not leak into the next
-    return StepResult(
-        loss=total.item(),
-        grad_norm=in_backward.grad_norm() if finite else math.nan,
-        tokens=tokens,
-        reweight=WeightStats.mean(stats) if stats else None,
-        finite=finite,
-    )
+    return tally.result(in_backward.grad_norm() if finite else math.nan, finite)
 
 
 def _deepspeed_step(engine, micro_batches, device, autocast, reweight, chunk_tokens) -> StepResult:
     """The same step through a DeepSpeed engine: it scales by the accumulation count, reduces,
     clips (``gradient_clipping`` in its config) and steps at the accumulation boundary."""
     accum = len(micro_batches)
-    total = torch.zeros((), device=device)
-    tokens = 0
-    stats: list[WeightStats] = []
+    tally = _Tally(accum, torch.zeros((), device=device))
     measured = None
     for batch in micro_batches:
-        batch = batch.to(device, non_blocking=True)
-        inputs, targets = batch[:, :-1], batch[:, 1:]
-        with autocast or contextlib.nullcontext():
-            rows = engine(inputs, targets=targets, chunk_tokens=chunk_tokens)
-        loss, st = batch_loss(rows, *(reweight or (None,)))
+        loss, rows, tokens, st = _forward(engine, batch, device, autocast, reweight, chunk_tokens)
         engine.backward(loss)
-        total += rows.detach().float().mean() / accum
+        tally.total += rows.float().mean() / accum
         if engine.is_gradient_accumulation_boundary():
             if not hasattr(engine.optimizer, "_global_grad_norm"):
                 # ZeRO-0 fp32 steps our optimizer directly and measures no norm: measure it here
                 grads = [p for p in engine.module.parameters() if p.grad is not None]
                 measured = torch.nn.utils.clip_grad_norm_(grads, float("inf")).item()
-            bad = not math.isfinite(total.item()) or (measured is not None and not math.isfinite(measured))
+            total = tally.total.item()
+            bad = not math.isfinite(total) or (measured is not None and not math.isfinite(measured))
             if dist.any_rank(bad):  # before DeepSpeed's update: the weights stay finite
-                return StepResult(float(total.item()), float(measured or math.nan), tokens, None, False)
+                return StepResult(total, float(measured or math.nan), tally.tokens, None, False)
         engine.step()
-        tokens += targets.numel()
+        tally.tokens += tokens
         if st is not None:
-            stats.append(st)
+            tally.stats.append(st)
     norm = engine.get_global_grad_norm()
     norm = measured if norm is None else norm
-    return StepResult(
-        loss=total.item(),
-        grad_norm=float(norm) if norm is not None else float("nan"),
-        tokens=tokens,
-        reweight=WeightStats.mean(stats) if stats else None,
-    )
+    return tally.result(float(norm) if norm is not None else float("nan"))
