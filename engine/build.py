@@ -19,7 +19,7 @@ from leanlm.engine.errors import ConfigError
 from leanlm.engine.metrics import available_memory_bytes
 from leanlm.engine.model import LLaMA, count_parameters
 from leanlm.optim import PrecisionHooks, StepInBackward, build_optimizer, optimizer_kwargs
-from leanlm.optim.lost import convert
+from leanlm.optim.lost import LLAMA_TARGETS, LOSTLinear, convert
 
 
 def pick_device(spec: str) -> torch.device:
@@ -38,13 +38,17 @@ def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractCon
     return None
 
 
-def build_model(cfg: RunConfig, tokenizer_vocab: int, device: torch.device | str = "cpu") -> LLaMA:
+def build_model(
+    cfg: RunConfig, tokenizer_vocab: int, device: torch.device | str = "cpu", restoring: bool = False
+) -> LLaMA:
     """The config's LLaMA on ``device`` (``meta`` for shape-only use), LOST-converted when
     ``model.lost.enabled``, in ``train.param_dtype``.
 
     The init is drawn in float32 and cast. When the float32 model would not fit in free memory but
     the ``param_dtype`` one does (a 7B model in bf16 on a 24 GiB machine), it is built on the meta
-    device and initialised tensor by tensor instead (same distribution; another draw order)."""
+    device and initialised tensor by tensor instead (same distribution; another draw order); a
+    LOST model then converts one dense layer at a time. ``restoring``: a checkpoint will overwrite
+    every weight, so none is drawn (no SVD either): storage only, filled by the load."""
     vocab = cfg.model.vocab_size or tokenizer_vocab
     if vocab < tokenizer_vocab:
         raise ConfigError(
@@ -52,11 +56,10 @@ def build_model(cfg: RunConfig, tokenizer_vocab: int, device: torch.device | str
         )
     dtype = torch.bfloat16 if cfg.train.param_dtype == "bf16" else torch.float32
     device = torch.device(device)
-    if device.type != "meta" and not check_weights_fit(cfg, vocab, device, dtype):
-        model = _build_tensor_by_tensor(cfg, vocab, device, dtype)
-    else:
-        with device:
-            model = LLaMA(cfg.model, vocab, cfg.train.seq_len)
+    if device.type != "meta" and (restoring or not check_weights_fit(cfg, vocab, device, dtype)):
+        return _build_in_place(cfg, vocab, device, dtype, draw=not restoring)
+    with device:
+        model = LLaMA(cfg.model, vocab, cfg.train.seq_len)
     if cfg.model.lost.enabled:
         apply_lost(model, cfg)
     return model.to(dtype)
@@ -64,47 +67,100 @@ def build_model(cfg: RunConfig, tokenizer_vocab: int, device: torch.device | str
 
 def check_weights_fit(cfg: RunConfig, vocab: int, device: torch.device, dtype: torch.dtype = torch.float32) -> bool:
     """Whether the float32 init fits in the device's free memory. Refuses, before allocating, a
-    model whose weights do not fit even in ``dtype``."""
+    model whose weights (and, for LOST, the float32 SVD of its largest layer) do not fit even in
+    ``dtype``."""
     with torch.device("meta"):
-        n = count_parameters(LLaMA(cfg.model, vocab, cfg.train.seq_len))
+        dense = LLaMA(cfg.model, vocab, cfg.train.seq_len)
+    n = count_parameters(dense)
     free = available_memory_bytes(device)
     if free is None or n * 4 <= free:
         return True
-    lost = cfg.model.lost.enabled  # LOST's SVD init decomposes the dense float32 weights
-    need = n * (4 if lost else torch.tensor([], dtype=dtype).element_size())
+    need = n * dtype.itemsize
+    if cfg.model.lost.enabled:  # the converted model, plus one dense layer's float32 SVD workspace
+        need = count_parameters(build_model(cfg, vocab, "meta")) * dtype.itemsize + LOST_SVD_WORKSPACE * max(
+            m.weight.numel() * 4
+            for name, m in dense.named_modules()
+            if isinstance(m, torch.nn.Linear) and name.split(".")[-1] in LLAMA_TARGETS
+        )
     if need > free:
-        what = "the float32 weights LOST's SVD init decomposes" if lost else "the weights alone"
         raise ConfigError(
-            f"the model has {n / 1e9:.2f}B parameters: {need / 2**30:.1f} GiB for {what}, but {device} has "
-            f"{free / 2**30:.1f} GiB free; shrink model.* (see `leanlm memory`) or use a larger device"
+            f"the model needs {need / 2**30:.2f} GiB to be built in {dtype}, but {device} has "
+            f"{free / 2**30:.2f} GiB free; shrink model.* (see `leanlm memory`) or use a larger device"
         )
     return False
 
 
+# A dense layer's SVD holds W, U, Vh and W_comp in float32 at once: about 4 copies of W (plus one).
+LOST_SVD_WORKSPACE = 5
+
+
 @torch.no_grad()
-def _build_tensor_by_tensor(cfg: RunConfig, vocab: int, device: torch.device, dtype: torch.dtype) -> LLaMA:
-    """Shapes on the meta device, storage in ``dtype``, then each weight drawn in float32 and cast
-    (at most one float32 tensor alive: peak memory is the ``dtype`` model plus its largest tensor)."""
+def _build_in_place(cfg: RunConfig, vocab: int, device: torch.device, dtype: torch.dtype, draw: bool) -> LLaMA:
+    """Shapes on the meta device, then storage in ``dtype`` module by module; with ``draw`` each
+    weight drawn in float32 and cast, each LOST layer converted from its own float32 dense draw (at
+    most one float32 layer alive: peak memory is the ``dtype`` model plus its largest layer's SVD)."""
     with torch.device("meta"):
         model = LLaMA(cfg.model, vocab, cfg.train.seq_len)
-    model = model.to(dtype).to_empty(device=device)
+    if cfg.model.lost.enabled:
+        _lost_in_place(model, cfg, device, dtype, draw)
     for module in model.modules():
+        if isinstance(module, LOSTLinear):
+            continue
+        for name, t in list(module.named_parameters(recurse=False)):
+            real = torch.empty(t.shape, dtype=dtype if t.is_floating_point() else t.dtype, device=device)
+            setattr(module, name, torch.nn.Parameter(real, requires_grad=t.requires_grad))
+        if not draw:
+            continue
         if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
-            draw = torch.empty(module.weight.shape, dtype=torch.float32, device=device)
-            module.weight.copy_(draw.normal_(mean=0.0, std=cfg.model.init_std))
-        elif hasattr(module, "weight") and module.weight is not None and module.weight.ndim == 1:
+            draw_f32 = torch.empty(module.weight.shape, dtype=torch.float32, device=device)
+            module.weight.copy_(draw_f32.normal_(mean=0.0, std=cfg.model.init_std))
+        elif getattr(module, "weight", None) is not None and module.weight.ndim == 1:
             module.weight.fill_(1.0)  # RMSNorm
     model._build_rope(device)
+    model.rope_cos, model.rope_sin = model.rope_cos.to(dtype), model.rope_sin.to(dtype)  # as model.to(dtype)
     return model
+
+
+def _lost_in_place(model: LLaMA, cfg: RunConfig, device: torch.device, dtype: torch.dtype, draw: bool) -> None:
+    """Replace the meta model's target projections by LOST layers on ``device``, one at a time (the
+    same per-layer seeds as ``convert``)."""
+    lc, init_std = cfg.model.lost, cfg.model.init_std
+    found = [
+        (name, mod)
+        for name, mod in model.named_modules()
+        if isinstance(mod, torch.nn.Linear) and name.split(".")[-1] in LLAMA_TARGETS
+    ]
+    rank = lc.rank_for(cfg.model.d_model)
+    for i, (name, linear) in enumerate(found):
+        m, n = linear.weight.shape
+        if draw:
+            dense = torch.nn.Linear(n, m, bias=linear.bias is not None, device="meta").to_empty(device=device)
+            dense.weight.normal_(mean=0.0, std=init_std)
+            if dense.bias is not None:
+                dense.bias.zero_()
+            layer = LOSTLinear.from_dense(
+                dense, rank, lc.channel_density, seed=cfg.train.seed + i, **_lost_options(cfg)
+            )
+            del dense
+        else:
+            with torch.device("meta"):
+                layer = LOSTLinear(
+                    n, m, min(rank, m, n), lc.channel_density, lc.gamma, lc.phi, linear.bias is not None, lc.support
+                )
+            layer = layer.to_empty(device=device)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer.to(dtype))
 
 
 def apply_lost(model: LLaMA, cfg: RunConfig) -> LLaMA:
     """Convert the block projections to LOST layers, SVD-initialised from the dense init."""
     lc = cfg.model.lost
-    return convert(
-        model,
-        lc.rank_for(cfg.model.d_model),
-        lc.channel_density,
+    return convert(model, lc.rank_for(cfg.model.d_model), lc.channel_density, seed=cfg.train.seed, **_lost_options(cfg))
+
+
+def _lost_options(cfg: RunConfig) -> dict:
+    lc = cfg.model.lost
+    return dict(
         gamma=lc.gamma,
         phi=lc.phi,
         select=lc.select,
@@ -112,7 +168,7 @@ def apply_lost(model: LLaMA, cfg: RunConfig) -> LLaMA:
         init=lc.init,
         support=lc.support,
         svd_components=lc.svd_components,
-        seed=cfg.train.seed,
+        svd_solver=lc.svd_solver,
     )
 
 

@@ -169,7 +169,7 @@ def _load(spec: str, overrides: list[str]):
     cfg = build_config(merge(read_yaml(path / "config.yaml"), over))
     device = pick_device(cfg.train.device)
     tok = Tokenizer.load(path / "tokenizer.model")
-    model = build_model(cfg, tok.vocab_size, device)
+    model = build_model(cfg, tok.vocab_size, device, restoring=True)  # the weights come from the checkpoint
     load_weights(path, model, device)
     return cfg, model, tok, path, device
 
@@ -255,6 +255,12 @@ def cmd_memory(args) -> int:
     backend = cfg.distributed.backend
     report = report.per_rank(backend, cfg.distributed.zero_stage, args.world)
     print(report.table(f"{args.config} (vocab {vocab}, {cfg.train.param_dtype} weights)", cfg.optim.name))
+    accum = cfg.train.grad_accum_steps(args.world)
+    if cfg.optim.step_in_backward and accum > 1:
+        print(
+            f"  note: optim.step_in_backward with {accum} micro-batches per step keeps every gradient until the "
+            f"last one; set train.batch_size=train.micro_batch_size (x world) to free them one tensor at a time"
+        )
     return 0
 
 

@@ -13,11 +13,13 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from leanlm.engine.build import IN_BACKWARD_BUCKET, build_model, make_optimizer
+from leanlm.engine.build import IN_BACKWARD_BUCKET, LOST_SVD_WORKSPACE, build_model, make_optimizer
 from leanlm.engine.config import RunConfig
 from leanlm.engine.metrics import available_memory_bytes
 from leanlm.engine.model import LLaMA
 from leanlm.optim import is_projectable_name, state_bytes
+from leanlm.optim.lost import LLAMA_TARGETS
+from leanlm.optim.precision import CHUNK_BYTES, chunk_rows, is_elementwise
 
 GIB = 2**30
 
@@ -71,7 +73,7 @@ class MemoryReport:
     def table(self, name: str, optimizer: str) -> str:
         rows = [
             ("parameters", self.param_bytes, f"{self.parameters / 1e6:,.2f}M"),
-            ("gradients", self.grad_bytes, "largest two tensors (step in backward)" if self.step_in_backward else ""),
+            ("gradients", self.grad_bytes, "largest tensor + bucket (step in backward)" if self.step_in_backward else ""),
             (
                 f"optimizer state ({optimizer})",
                 self.optim_bytes,
@@ -137,10 +139,9 @@ def memory_report(cfg: RunConfig, vocab: int, on_gpu: bool = True) -> MemoryRepo
     block = sum(p.numel() for p in model.layers[0].parameters()) * elt
     grads = n * elt
     if cfg.optim.step_in_backward and cfg.train.grad_accum_steps(1) == 1:
-        # Each gradient is freed by its own update: the largest one (the embedding or head) bounds
-        # what is alive, plus the one autograd may be accumulating next to it.
-        largest = sorted((p.numel() for p in params), reverse=True)[:2]
-        grads = sum(largest) * elt + IN_BACKWARD_BUCKET  # plus the bucket that waits for its step
+        # Each gradient is stepped and freed as soon as it is complete: the largest one (the embedding
+        # or head) bounds what is alive, plus the bucket of small ones that waits for its step.
+        grads = max(p.numel() for p in params) * elt + IN_BACKWARD_BUCKET
     tokens = cfg.train.micro_batch(1) * cfg.train.seq_len
     return MemoryReport(
         n,
@@ -151,7 +152,7 @@ def memory_report(cfg: RunConfig, vocab: int, on_gpu: bool = True) -> MemoryRepo
         tokens,
         block,
         step_in_backward=grads != n * elt,
-        step_bytes=step_transient_bytes(cfg, model, dtype),
+        step_bytes=step_transient_bytes(cfg, model, opt, dtype),
         runtime_bytes=0 if on_gpu else CPU_RUNTIME_BYTES,
         init_bytes=0 if on_gpu else init_residue_bytes(cfg, vocab, dtype),
     )
@@ -160,15 +161,19 @@ def memory_report(cfg: RunConfig, vocab: int, on_gpu: bool = True) -> MemoryRepo
 def init_residue_bytes(cfg: RunConfig, vocab: int, dtype: torch.dtype) -> int:
     """A bf16 or LOST model is first built dense in float32 (``engine.build.build_model``); the
     allocator keeps most of those pages after the cast or conversion, so on CPU they stay in the
-    process's resident set (measured: scripts/validate_memory.py). A bf16 model whose float32 init
-    does not fit is drawn tensor by tensor: only its largest tensor's float32 copy then."""
+    process's resident set (measured: scripts/validate_memory.py). A model whose float32 init does
+    not fit is built in place instead: only its largest tensor's float32 copy then (for LOST, the
+    SVD workspace of its largest dense layer)."""
     if dtype != torch.bfloat16 and not cfg.model.lost.enabled:
         return 0
     with torch.device("meta"):
         dense = LLaMA(cfg.model, vocab, cfg.train.seq_len)
     sizes = [p.numel() for p in dense.parameters()]
     free = available_memory_bytes(torch.device("cpu"))
-    if not cfg.model.lost.enabled and free is not None and sum(sizes) * 4 > free:
+    if free is not None and sum(sizes) * 4 > free:
+        if cfg.model.lost.enabled:
+            targets = [m.weight.numel() for n, m in dense.named_modules() if n.split(".")[-1] in LLAMA_TARGETS]
+            return max(targets) * 4 * LOST_SVD_WORKSPACE
         return max(sizes) * 4
     return sum(sizes) * 4
 
@@ -178,22 +183,40 @@ def init_residue_bytes(cfg: RunConfig, vocab: int, dtype: torch.dtype) -> int:
 CPU_RUNTIME_BYTES = int(0.27 * GIB)
 
 
-def step_transient_bytes(cfg: RunConfig, model: torch.nn.Module, dtype: torch.dtype) -> int:
+def step_transient_bytes(cfg: RunConfig, model: torch.nn.Module, opt: torch.optim.Optimizer, dtype: torch.dtype) -> int:
     """Memory alive only during the optimizer step. With bf16 weights (or moments stored in another
-    dtype) ``PrecisionHooks`` steps a float32 copy of each stepped tensor, its gradient and its two
-    moments, one tensor at a time (the engine steps through ``PrecisionHooks.step``).
-    FRUGAL's state-free step keeps a reusable scratch buffer per projectable weight shape."""
+    dtype) ``PrecisionHooks`` steps a float32 copy of each stepped tensor, its gradient and its
+    moments, one tensor at a time (the engine steps through ``PrecisionHooks.step`` or inside
+    backward, whose bucket of small tensors steps together); an elementwise update of a big bf16
+    tensor (the embedding, the head) goes a slice of rows at a time. FRUGAL's state-free step keeps
+    a reusable scratch buffer per projectable weight shape."""
     params = [p for p in model.parameters() if p.requires_grad]
     hooked = dtype == torch.bfloat16 or cfg.optim.state_dtype == "bf16"  # as engine.build.make_optimizer
+    elt = torch.tensor([], dtype=dtype).element_size()
     copies = 0
     if hooked:
-        sizes = [p.numel() for p in params]
-        stepped = max(sizes)  # one tensor at a time: StepInBackward, or PrecisionHooks.step
-        copies = stepped * 4 * 4  # weight, gradient, exp_avg, exp_avg_sq in float32
+        adam_moment = {"param": elt, "fp32": 4, "bf16": 2}[cfg.optim.state_dtype]
+        for p in params:
+            if cfg.optim.name == "adamw":  # torch's AdamW: two moments, not stepped on meta
+                moments = [(2 * p.numel(), adam_moment)]
+            else:
+                moments = [
+                    (t.numel(), t.element_size())
+                    for t in opt.state[p].values()
+                    if torch.is_tensor(t) and t.is_floating_point() and t.ndim > 0
+                ]
+            rows = chunk_rows(p, CHUNK_BYTES) if dtype == torch.bfloat16 and is_elementwise(opt, p) else 0
+            if rows:  # a slice's weight, gradient and moments in float32
+                one = rows * (p.numel() // p.shape[0]) * 4 * (2 + 2)
+            else:  # the whole tensor and gradient in float32, moments converted to float32
+                one = p.numel() * 4 * 2 + sum(n * (4 - size) for n, size in moments)
+            copies = max(copies, one)
+        if cfg.optim.step_in_backward:  # the bucket of small tensors that steps with the last one
+            copies += IN_BACKWARD_BUCKET // elt * 4 * 2
     scratch = 0
     if cfg.optim.name != "adamw" and cfg.optim.state_free != "none":
         shapes = {
             tuple(p.shape) for name, p in model.named_parameters() if p.ndim == 2 and is_projectable_name(name, p)
         }
-        scratch = sum(m * n for m, n in shapes) * (4 if hooked else torch.tensor([], dtype=dtype).element_size())
+        scratch = sum(m * n for m, n in shapes) * (4 if hooked else elt)
     return copies + scratch

@@ -154,7 +154,7 @@ def setup(cfg: RunConfig, device: torch.device, backend: str) -> Run:
     torch.manual_seed(train_cfg.seed)
 
     corpus = build_corpus(cfg, resume_from / "tokenizer.model" if resume_from else None)
-    model = build_model(cfg, corpus.tokenizer.vocab_size, device)
+    model = build_model(cfg, corpus.tokenizer.vocab_size, device, restoring=resume_from is not None)
     n_params, n_body = count_parameters(model), count_parameters(model, True)  # before sharding
     net, optimizer, autocast = parallelize(cfg, model, backend, device)
     state = TrainState(build_scheduler(optimizer, cfg.optim, train_cfg.steps), corpus.train, device)

@@ -175,6 +175,12 @@ class FRUGAL(torch.optim.Optimizer):
     def is_projectable(self, group: dict[str, Any], p: torch.Tensor) -> bool:
         return bool(group["projectable"]) and (p.ndim == 2 or id(p) in self._flat)
 
+    def elementwise(self, p: torch.Tensor) -> bool:
+        """Whether ``p``'s update is elementwise (its state-full AdamW part, not a projected one):
+        ``PrecisionHooks`` may then step it a slice of rows at a time."""
+        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+        return not self.is_projectable(group, p)
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = None

@@ -15,6 +15,12 @@ gradient too), so the optimizer's math runs in float32; after the step the resul
 into the bf16 storage. Peak extra memory is a float32 copy of the tensors being stepped: one tensor
 at a time with ``StepInBackward`` (the 7B recipe) or ``hooks.step()`` instead of ``opt.step()``,
 every tensor at once with a plain ``opt.step()``. FSDP2-sharded parameters keep their bf16 step.
+A tensor whose update is elementwise (torch's Adam, AdamW, SGD; FRUGAL's state-full AdamW part,
+see ``FRUGAL.elementwise``) and whose float32 copy exceeds ``chunk_bytes`` is stepped in slices of
+rows instead: each slice's weight, gradient and moments are copied to float32, stepped by the
+optimizer's own math, and written back, so the float32 copies of a 32000 x 4096 embedding (2.1 GB
+with its moments) shrink to ``chunk_bytes`` each. Elementwise math on a slice is the same math
+(tested bitwise with round-to-nearest); per-tensor scalars such as ``step`` advance once.
 ``state_dtype=torch.bfloat16`` stores the Adam moments (``exp_avg``, ``exp_avg_sq``) in bf16 between
 steps (rounded to nearest; float32 during the step). The rounding noise comes from a generator
 seeded by (seed, parameter index, the parameter's update count), and the count lives in the
@@ -41,6 +47,25 @@ def hooks_of(optimizer: torch.optim.Optimizer) -> PrecisionHooks | None:
 
 
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
+# torch optimizers whose update of each element depends only on that element's state.
+ELEMENTWISE_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
+CHUNK_BYTES = 64 << 20  # float32 bytes per slice of a chunked step (weight; as much again per moment)
+
+
+def is_elementwise(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> bool:
+    """Whether ``optimizer`` updates each element of ``p`` from that element alone (so ``p`` may be
+    stepped a slice at a time). Optimizers declare it with an ``elementwise(p)`` method."""
+    own = getattr(optimizer, "elementwise", None)
+    if callable(own):
+        return bool(own(p))
+    return isinstance(optimizer, ELEMENTWISE_OPTIMIZERS)
+
+
+def chunk_rows(p: torch.Tensor, chunk_bytes: int) -> int:
+    """Rows of ``p`` per slice of a chunked step; 0 when ``p`` is stepped whole."""
+    if chunk_bytes <= 0 or p.ndim < 2 or p.numel() * 4 <= chunk_bytes:
+        return 0
+    return max(1, chunk_bytes // (4 * (p.numel() // p.shape[0])))
 
 
 def stochastic_round_(out: torch.Tensor, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -54,7 +79,7 @@ def stochastic_round_(out: torch.Tensor, x: torch.Tensor, generator: torch.Gener
     return out
 
 
-def _generator(seed: int, index: int, count: int, device: torch.device) -> torch.Generator:
+def _generator(seed: int, index: int | str, count: int, device: torch.device) -> torch.Generator:
     digest = hashlib.blake2b(f"leanlm-sr:{seed}:{index}:{count}".encode(), digest_size=8).digest()
     return torch.Generator(device=device).manual_seed(int.from_bytes(digest, "big") & (2**63 - 1))
 
@@ -70,10 +95,14 @@ class PrecisionHooks:
         rounding: str = "stochastic",
         state_dtype: torch.dtype | None = None,
         seed: int = 0,
+        chunk_bytes: int = CHUNK_BYTES,
     ) -> None:
         if rounding not in ROUNDINGS:
             raise ValueError(f"rounding={rounding!r}: choose one of {', '.join(ROUNDINGS)}")
         self.optimizer, self.rounding, self.state_dtype, self.seed = optimizer, rounding, state_dtype, seed
+        self.chunk_bytes = chunk_bytes
+        self._deferred: list[tuple[torch.Tensor, torch.Tensor]] = []  # (param, bf16 grad): stepped in slices
+        self._inner = False  # inside a chunked step's own optimizer.step() calls
         params = [p for g in optimizer.param_groups for p in g["params"]]
         self._index = {id(p): i for i, p in enumerate(params)}
         self._low: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -99,9 +128,24 @@ class PrecisionHooks:
     def _stepped(self) -> list[torch.Tensor]:
         return [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
 
+    def _chunked(self, p: torch.Tensor) -> bool:
+        return (
+            p.dtype == torch.bfloat16
+            and p.device.type != "meta"
+            and not is_dtensor(p)
+            and chunk_rows(p, self.chunk_bytes) > 0
+            and is_elementwise(self.optimizer, p)
+        )
+
     @torch.no_grad()
     def _before(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._inner:
+            return
         for p in self._stepped():
+            if self._chunked(p):  # hidden from this step; stepped slice by slice in _after
+                self._deferred.append((p, p.grad))
+                p.grad = None
+                continue
             st = optimizer.state[p]
             for key in MOMENT_KEYS:  # compute in float32 whatever they are stored in
                 if key in st and st[key].dtype != torch.float32 and st[key].is_floating_point():
@@ -113,6 +157,8 @@ class PrecisionHooks:
 
     @torch.no_grad()
     def _after(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._inner:
+            return
         for p in [p for g in optimizer.param_groups for p in g["params"] if id(p) in self._low]:
             low, grad = self._low.pop(id(p))
             st = optimizer.state[p]
@@ -130,6 +176,68 @@ class PrecisionHooks:
                 for key in MOMENT_KEYS:
                     if key in st and st[key].is_floating_point():
                         st[key] = st[key].to(self.state_dtype)
+        if self._deferred:
+            deferred, self._deferred = self._deferred, []
+            others = [p for p in self._stepped()]  # already stepped: hide their gradients meanwhile
+            grads = [p.grad for p in others]
+            for p in others:
+                p.grad = None
+            self._inner = True
+            try:
+                for p, grad in deferred:
+                    self._step_in_slices(p, grad)
+            finally:
+                self._inner = False
+                for p, g in zip(others, grads, strict=True):
+                    p.grad = g
+
+    def _round(self, low: torch.Tensor, x: torch.Tensor, p: torch.Tensor, count: int, piece: int = -1) -> None:
+        """Round float32 ``x`` into bf16 ``low`` (stochastically: noise seeded by parameter, update
+        count and slice)."""
+        if self.rounding == "stochastic":
+            index = self._index[id(p)] if piece < 0 else f"{self._index[id(p)]}.{piece}"
+            stochastic_round_(low, x, _generator(self.seed, index, count, p.device))
+        else:
+            low.copy_(x)
+
+    def _step_in_slices(self, p: torch.Tensor, grad: torch.Tensor) -> None:
+        """One update of bf16 ``p`` by the optimizer, ``chunk_rows`` rows at a time in float32.
+        The state before the step is restored before each slice (per-element tensors sliced,
+        scalars such as ``step`` as they were), so every slice takes the same, single step."""
+        st = self.optimizer.state[p]
+        count = int(st.pop("sr_count", 0))
+        whole = {k: v for k, v in st.items() if torch.is_tensor(v) and v.shape == p.shape}
+        before = {k: v.clone() if torch.is_tensor(v) else v for k, v in st.items() if k not in whole}
+        had = set(whole)  # state that existed before this step (none on the first)
+        after: dict[str, Any] = {}
+        low, rows = p.data, chunk_rows(p, self.chunk_bytes)
+        try:
+            for piece, start in enumerate(range(0, p.shape[0], rows)):
+                part = slice(start, start + rows)
+                st.clear()
+                st.update({k: v.clone() if torch.is_tensor(v) else v for k, v in before.items()})
+                st.update(
+                    {k: v[part] if v.dtype == torch.float32 else v[part].float() for k, v in whole.items() if k in had}
+                )
+                p.data, p.grad = low[part].float(), grad[part].float()
+                self.optimizer.step()
+                for k, v in st.items():
+                    if torch.is_tensor(v) and v.shape == p.data.shape:
+                        if k not in whole:  # created by this first step: the whole tensor, stored
+                            dtype = self.state_dtype if (self.state_dtype and k in MOMENT_KEYS) else v.dtype
+                            whole[k] = torch.zeros(low.shape, dtype=dtype, device=low.device)
+                        if whole[k][part].data_ptr() != v.data_ptr():
+                            whole[k][part].copy_(v)
+                    else:
+                        after[k] = v
+                self._round(low[part], p.data, p, count, piece)
+        finally:
+            p.data, p.grad = low, grad
+        st.clear()
+        st.update(after)
+        st.update(whole)
+        if self.rounding == "stochastic":
+            st["sr_count"] = torch.tensor(count + 1, dtype=torch.int64)
 
     def remove(self) -> None:
         for handle in self._handles:

@@ -77,6 +77,11 @@ class LOSTConfig:
         choices=("channels", "unstructured"),
     )
     svd_components: int = _f(0, "cap on W_comp's components after the top r; 0 = all")
+    svd_solver: str = _f(
+        "full",
+        "full SVD, or lowrank: randomised top-r (3-4x faster at 7B; W_comp = W0 - its rank-r part)",
+        choices=("full", "lowrank"),
+    )
 
     def rank_for(self, d_model: int) -> int:
         return self.rank or LOST_DEFAULT_RANKS.get(d_model, max(1, d_model // 4))

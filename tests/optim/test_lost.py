@@ -159,3 +159,26 @@ def test_random_init_ablation_differs_from_svd_init():
     rnd = LOSTLinear.from_dense(lin, rank=4, init="random")
     assert not torch.allclose(svd.lowrank_in, rnd.lowrank_in)
     assert torch.equal(svd.index, rnd.index)  # channel selection does not depend on the A, B init
+
+
+def test_lowrank_svd_solver_matches_the_full_svd_on_the_top_r():
+    """``svd_solver="lowrank"``: randomised top-r triplets; A B equals the full SVD's best rank-r
+    approximation when the spectrum has a gap, and W_comp is exactly what A B leaves of W0."""
+    import torch
+
+    from leanlm.optim.lost import LOSTLinear, _svd_split
+
+    gen = torch.Generator().manual_seed(0)
+    low = torch.randn(96, 8, generator=gen) @ torch.randn(8, 64, generator=gen)
+    W = low + 1e-3 * torch.randn(96, 64, generator=gen)
+    linear = torch.nn.Linear(64, 96, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(W)
+    full = LOSTLinear.from_dense(linear, 8, 0.25, svd_solver="full")
+    fast = LOSTLinear.from_dense(linear, 8, 0.25, svd_solver="lowrank")
+    ab = [(x.lowrank_in @ x.lowrank_out).detach() for x in (full, fast)]
+    assert torch.allclose(ab[0], ab[1], atol=1e-4)
+    U, S, Vh, W_comp = _svd_split(W, 8, 0, "lowrank", seed=0)
+    assert torch.allclose((U[:, :8] * S[:8]) @ Vh[:8] + W_comp, W, atol=1e-5)
+    with pytest.raises(ValueError, match="svd_solver"):
+        LOSTLinear.from_dense(linear, 8, 0.25, svd_solver="qr")

@@ -3,6 +3,7 @@ float32 step math, bf16 moments, reproducible noise."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from leanlm.optim import FRUGAL, PrecisionHooks, StepInBackward, stochastic_round_
@@ -111,3 +112,74 @@ def test_stepping_one_tensor_at_a_time_is_the_same_update():
         results.append([p.detach().clone() for p in net.parameters()])
         assert max(widest) == (1 if per_tensor else len(list(net.parameters())))
     assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+
+
+def chunk_run(make_opt, chunk_bytes: int, rounding: str = "nearest", state_dtype=None, in_backward=False):
+    """A bf16 embedding + linear stepped 3 times; returns weights, state and the widest float32
+    tensor any optimizer step saw."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Embedding(64, 24), torch.nn.Linear(24, 24)).to(torch.bfloat16)
+    opt = make_opt(net)
+    hooks = PrecisionHooks(opt, rounding=rounding, state_dtype=state_dtype, seed=0, chunk_bytes=chunk_bytes)
+    widest = []
+    opt.register_step_pre_hook(
+        lambda o, a, k: widest.append(
+            max((p.numel() for g in o.param_groups for p in g["params"] if p.grad is not None), default=0)
+        )
+    )
+    sib = StepInBackward(opt) if in_backward else None
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        x = torch.randint(0, 64, (8,), generator=gen)
+        net(x).float().pow(2).mean().backward()
+        if sib is None:
+            hooks.step()
+    state = {k: v.clone() for st in opt.state.values() for k, v in st.items() if torch.is_tensor(v)}
+    return [p.detach().clone() for p in net.parameters()], opt, max(widest)
+
+
+def adamw(net):
+    return torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=0.1)
+
+
+def frugal(net):
+    return FRUGAL(
+        [("embed", net[0].weight), ("layers.0.mlp.up_proj.weight", net[1].weight), ("bias", net[1].bias)],
+        lr=1e-2,
+        density=0.5,
+        update_gap=2,
+        weight_decay=0.1,
+    )
+
+
+@pytest.mark.parametrize("make_opt", [adamw, frugal])
+@pytest.mark.parametrize("state_dtype", [None, torch.bfloat16])
+def test_elementwise_updates_stepped_in_slices_are_the_same_update(make_opt, state_dtype):
+    """A big bf16 tensor is stepped a few rows at a time in float32 (the 7B recipe's embedding and
+    head): with round-to-nearest the weights and every state tensor equal the whole-tensor step,
+    bitwise, from the first step (state created) on; each float32 copy is one slice."""
+    whole, opt_w, widest_w = chunk_run(make_opt, 0, state_dtype=state_dtype)
+    sliced, opt_s, widest_s = chunk_run(make_opt, 4 * 24 * 5, state_dtype=state_dtype)  # 5 rows of 24
+    # AdamW: every matrix goes in 5-row slices; FRUGAL: the embedding, while the projected linear is whole
+    assert widest_w == 64 * 24 and widest_s == (5 * 24 if make_opt is adamw else 24 * 24)
+    assert all(torch.equal(a, b) for a, b in zip(whole, sliced, strict=True))
+    for p_w, p_s in zip(opt_w.state, opt_s.state, strict=True):
+        st_w, st_s = opt_w.state[p_w], opt_s.state[p_s]
+        assert st_w.keys() == st_s.keys()
+        for k in st_w:
+            assert torch.equal(st_w[k], st_s[k]), k
+            assert st_w[k].dtype == st_s[k].dtype
+
+
+def test_slices_with_stochastic_rounding_are_reproducible_and_equal_in_backward():
+    a, _, _ = chunk_run(frugal, 4 * 24 * 5, rounding="stochastic")
+    b, _, _ = chunk_run(frugal, 4 * 24 * 5, rounding="stochastic", in_backward=True)
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_projected_weights_are_not_stepped_in_slices():
+    """FRUGAL's projected update mixes a matrix's elements: it is stepped whole."""
+    net = torch.nn.Sequential(torch.nn.Embedding(64, 24), torch.nn.Linear(24, 24))
+    opt = frugal(net)
+    assert opt.elementwise(net[0].weight) and not opt.elementwise(net[1].weight)
+    assert opt.elementwise(net[1].bias)
