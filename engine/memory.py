@@ -73,7 +73,11 @@ class MemoryReport:
     def table(self, name: str, optimizer: str) -> str:
         rows = [
             ("parameters", self.param_bytes, f"{self.parameters / 1e6:,.2f}M"),
-            ("gradients", self.grad_bytes, "largest tensor + bucket (step in backward)" if self.step_in_backward else ""),
+            (
+                "gradients",
+                self.grad_bytes,
+                "largest tensor + bucket (step in backward)" if self.step_in_backward else "",
+            ),
             (
                 f"optimizer state ({optimizer})",
                 self.optim_bytes,

@@ -146,20 +146,23 @@ def _step_in_backward(
     chunk_tokens: int,
 ) -> StepResult:
     """The step with the update inside backward: each parameter is stepped (and its gradient
-    freed) by its hook during the last micro-batch's backward. A non-finite loss skips backward,
-    so nothing is updated; a non-finite gradient stops the hooks from updating any later tensor."""
+    freed) by its hook during the last micro-batch's backward (under FSDP2: each shard, once it is
+    reduce-scattered). A non-finite loss on any rank skips backward on every rank, so nothing is
+    updated; a non-finite gradient stops the hooks from updating any later tensor."""
     accum = len(micro_batches)
     tally = _Tally(accum, torch.zeros((), device=device))
     in_backward.begin()
     finite = True
     for j, batch in enumerate(micro_batches):
+        if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter (and step) on the last
+            model.set_requires_gradient_sync(j == accum - 1)
         loss, rows, tokens, st = _forward(model, batch, device, autocast, reweight, chunk_tokens)
         tally.add(rows, tokens, st)
-        finite = finite and bool(torch.isfinite(loss.detach()))
+        finite = finite and not dist.any_rank(not bool(torch.isfinite(loss.detach())))
         if finite:
             in_backward.armed = j == accum - 1  # earlier micro-batches accumulate
             (loss / accum).backward()
-    finite = finite and in_backward.finite
+    finite = finite and in_backward.finite  # the same on every rank (norms are all-reduced)
     for p in (p for g in in_backward.optimizer.param_groups for p in g["params"]):
         p.grad = None  # after a skipped step, accumulated gradients must not leak into the next
     return tally.result(in_backward.grad_norm() if finite else math.nan, finite)

@@ -25,14 +25,33 @@ backward (gradients of earlier micro-batches are kept aside meanwhile, so the me
 a single micro-batch per step). A non-finite gradient in some
 tensor skips that tensor's update and sets ``finite`` to False; tensors updated earlier in the
 same backward keep their update, so stop the run then (the engine does).
+
+FSDP2 (``fully_shard``) calls these hooks on each sharded parameter once its gradient is
+reduce-scattered (torch >= 2.5; see ``fsdp2_calls_hooks``): each rank steps its own shard. Each
+tensor's norm is then all-reduced from its shards (one scalar collective per tensor), so the
+clipping, the global norm and the finiteness verdict are the same on every rank.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterator
 
 import torch
+import torch.distributed as tdist
+
+from leanlm.optim.sharding import is_dtensor, local
+
+
+def fsdp2_calls_hooks() -> bool:
+    """Whether this torch's FSDP2 runs post-accumulate-grad hooks on sharded parameters after its
+    reduce-scatter (what step-in-backward under FSDP2 needs; added in torch 2.5)."""
+    try:
+        from torch.distributed.fsdp._fully_shard import _fsdp_collectives as collectives
+    except ImportError:  # torch 2.4: FSDP2 lived under _composable and ran no such hooks
+        return False
+    return "_post_accumulate_grad_hooks" in inspect.getsource(collectives)
 
 
 class StepInBackward:
@@ -91,12 +110,17 @@ class StepInBackward:
         if pending is not None:  # the same sum, in the same order, as autograd's accumulation
             p.grad = pending.add_(p.grad)
         grad = p.grad
-        norm = float(torch.linalg.vector_norm(grad.float()))
+        shard = local(grad)  # this rank's shard under FSDP2, else the gradient itself
+        norm = float(torch.linalg.vector_norm(shard.float()))
+        if is_dtensor(grad):  # the whole tensor's norm, the same on every rank (NaN/Inf included)
+            sq = torch.tensor([norm * norm], dtype=torch.float64, device=shard.device)
+            tdist.all_reduce(sq, group=grad.device_mesh.get_group())
+            norm = math.sqrt(float(sq.item()))
         self._sq_norm += norm * norm
         if not math.isfinite(norm):
             self.finite = False
         elif self.clip > 0 and norm > self.clip:
-            grad.mul_(self.clip / (norm + 1e-6))  # torch's clip_grad_norm_ coefficient, per tensor
+            shard.mul_(self.clip / (norm + 1e-6))  # torch's clip_grad_norm_ coefficient, per tensor
         self._bucket.append(p)
         self._bucket_size += grad.numel() * grad.element_size()
         if self._bucket_size >= self.bucket_bytes:

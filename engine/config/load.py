@@ -197,10 +197,11 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 def check_world(cfg: RunConfig, world_size: int) -> None:
     """Checks that need the world size (known only once the process group exists)."""
     t = cfg.train
-    if cfg.optim.step_in_backward and world_size > 1:
+    if cfg.optim.step_in_backward and world_size > 1 and cfg.distributed.backend != "fsdp2":
         raise ConfigError(
-            f"optim.step_in_backward=true is single-process only, but {world_size} processes run; launch one "
-            "process or set optim.step_in_backward=false"
+            f"optim.step_in_backward=true runs in one process or under distributed.backend=fsdp2, but "
+            f"{world_size} processes run with distributed.backend={cfg.distributed.backend}; set "
+            "distributed.backend=fsdp2 or optim.step_in_backward=false"
         )
     micro = t.micro_batch(world_size)
     if micro == 0 or t.batch_size % (micro * world_size):

@@ -170,7 +170,7 @@ class OptimConfig:
     )
     step_in_backward: bool = _f(
         False,
-        "update each parameter as soon as its gradient is complete, then free the gradient (single process; "
+        "update each parameter as soon as its gradient is complete, then free the gradient (one process or fsdp2; "
         "train.grad_clip then caps each tensor's gradient norm)",
     )
 

@@ -34,7 +34,13 @@ BACKENDS = {  # name -> overrides
 }
 # Gradient accumulation: 2 micro-batches of 1 row per rank (no_sync / FSDP2's deferred reduce /
 # DeepSpeed's accumulation boundary).
-for _name in ("ddp", "fsdp2", "ds2"):
+# The optimizer step inside backward under FSDP2 (each shard stepped once reduce-scattered),
+# against the plain FSDP2 step without clipping (per-tensor clipping differs from global clipping).
+BACKENDS["fsdp2-noclip"] = [*BACKENDS["fsdp2"], "train.grad_clip=0"]
+BACKENDS["fsdp2-sib"] = [*BACKENDS["fsdp2-noclip"], "optim.step_in_backward=true"]
+BACKENDS["fsdp2-sib-clip"] = [*BACKENDS["fsdp2"], "optim.step_in_backward=true", "train.grad_clip=0.05"]
+SINGLE = {"single": [], "single-sib-clip": ["optim.step_in_backward=true", "train.grad_clip=0.05"]}
+for _name in ("ddp", "fsdp2", "ds2", "fsdp2-noclip", "fsdp2-sib"):
     BACKENDS[f"{_name}-accum"] = [*BACKENDS[_name], "train.micro_batch_size=1"]
 
 
@@ -84,8 +90,8 @@ class Runs:
         key = (backend, optim)
         if key not in self.done:
             out = self.root / f"{backend}-{optim}"
-            if backend == "single":
-                train(load_config(TINY, self.overrides(optim, out)))
+            if backend in SINGLE:
+                train(load_config(TINY, self.overrides(optim, out, SINGLE[backend])))
             else:
                 self.launch(optim, out, BACKENDS[backend])
             self.done[key] = out
@@ -128,6 +134,29 @@ def test_two_ranks_match_one_process(runs, backend, optim):
     assert multi == pytest.approx(single, rel=1e-5, abs=1e-6)
     # Held-out loss too: 17 windows split 9 / 8 over the ranks (one rank runs a dummy forward).
     assert val_losses(runs.get(backend, optim)) == pytest.approx(val_losses(runs.get("single", optim)), rel=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optim", ["adamw", "frugal"])
+@pytest.mark.parametrize("accum", ["", "-accum"])
+def test_fsdp2_step_in_backward_equals_the_plain_fsdp2_step(runs, optim, accum):
+    """Each rank steps its shards inside backward, as FSDP2 reduce-scatters them: the same losses,
+    bit for bit, as FSDP2's plain step (no clipping; FRUGAL across a subspace refresh; with
+    accumulation the reduce-scatter, and so the step, waits for the last micro-batch)."""
+    if accum and optim == "adamw":
+        pytest.skip("one accumulation case is enough")
+    plain = losses(runs.get(f"fsdp2-noclip{accum}", optim))
+    assert len(plain) == 6
+    assert losses(runs.get(f"fsdp2-sib{accum}", optim)) == plain
+
+
+@pytest.mark.slow
+def test_fsdp2_step_in_backward_clips_each_whole_tensor(runs):
+    """Per-tensor clipping under FSDP2 caps each tensor's whole norm (all-reduced from its shards):
+    the same run as one process clipping per tensor (a clip small enough to bind on every tensor)."""
+    single = losses(runs.get("single-sib-clip", "frugal"))
+    assert losses(runs.get("fsdp2-sib-clip", "frugal")) == pytest.approx(single, rel=1e-5, abs=1e-6)
+    assert single != losses(runs.get("fsdp2-sib", "frugal"))  # the clip did bind
 
 
 def _resume_copy(src: Path, dst: Path) -> Path:

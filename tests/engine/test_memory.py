@@ -60,8 +60,8 @@ def test_per_rank_memory_under_sharded_backends(capsys):
 
 def test_step_in_backward_keeps_only_the_largest_gradients_alive():
     """Exact bytes: the largest tensor (the embedding or head of llama_60m, 32000 x 512, fp32; each is
-    stepped and freed as soon as it is complete) plus the engine's step bucket; with gradient accumulation every gradient is kept until
-    the last micro-batch."""
+    stepped and freed as soon as it is complete) plus the engine's step bucket; with gradient
+    accumulation every gradient is kept until the last micro-batch."""
     from leanlm.engine.build import IN_BACKWARD_BUCKET
 
     over = ["optim.name=frugal", "optim.step_in_backward=true", "train.batch_size=4", "train.micro_batch_size=4"]

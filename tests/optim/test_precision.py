@@ -134,7 +134,6 @@ def chunk_run(make_opt, chunk_bytes: int, rounding: str = "nearest", state_dtype
         net(x).float().pow(2).mean().backward()
         if sib is None:
             hooks.step()
-    state = {k: v.clone() for st in opt.state.values() for k, v in st.items() if torch.is_tensor(v)}
     return [p.detach().clone() for p in net.parameters()], opt, max(widest)
 
 
