@@ -68,3 +68,24 @@ def inverse_index(index: torch.Tensor, size: int) -> torch.Tensor:
     inv = torch.full((size,), -1, dtype=torch.int32, device=index.device)
     inv[index.long()] = torch.arange(index.numel(), dtype=torch.int32, device=index.device)
     return inv
+
+
+# The public ops, callable from the package (``leanlm.kernels.lost_linear(x, A, B, W_s, index,
+# gamma, phi)``); their modules stay importable by name (``from leanlm.kernels.lost_linear import
+# lost_linear_reference``). Imported last: those modules use the helpers above.
+from leanlm.kernels.frugal_update import frugal_update, frugal_update_reference  # noqa: E402
+from leanlm.kernels.lost_linear import lost_linear, lost_linear_reference  # noqa: E402
+
+__all__ = [
+    "KERNELS_ENV",
+    "PHIS",
+    "apply_phi",
+    "frugal_update",
+    "frugal_update_reference",
+    "inverse_index",
+    "kernel_path",
+    "lost_linear",
+    "lost_linear_reference",
+    "triton_available",
+    "use_triton",
+]

@@ -2,8 +2,9 @@
 
 Imports torch (and ``leanlm.kernels`` for dispatch) only, never ``leanlm.engine``.
 
-    from leanlm.optim import FRUGAL, frugal_param_groups
+    from leanlm.optim import FRUGAL, LOSTLinear, convert
     opt = FRUGAL(model.named_parameters(), lr=1e-3, density=0.25, projection="columns")
+    print(opt.describe())                      # what was split, by name
 """
 
 from leanlm.optim.factory import (
@@ -16,6 +17,7 @@ from leanlm.optim.factory import (
 from leanlm.optim.frugal import FRUGAL
 from leanlm.optim.groups import frugal_param_groups, is_projectable_name
 from leanlm.optim.in_backward import StepInBackward
+from leanlm.optim.lost import LOSTLinear, convert
 from leanlm.optim.memory import state_bytes
 from leanlm.optim.precision import PrecisionHooks, stochastic_round_
 from leanlm.optim.presets import badam, galore
@@ -24,10 +26,12 @@ __all__ = [
     "FRUGAL",
     "OPTIMIZERS",
     "OPTIMIZER_SETTINGS",
+    "LOSTLinear",
     "PrecisionHooks",
     "StepInBackward",
     "badam",
     "build_optimizer",
+    "convert",
     "frugal_param_groups",
     "galore",
     "is_projectable_name",

@@ -36,6 +36,7 @@ moment memory as on whole matrices.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -133,17 +134,87 @@ class FRUGAL(torch.optim.Optimizer):
             seed=seed,
             projectable=True,
         )
-        super().__init__(_as_groups(params), defaults)
-        for group in self.param_groups:
-            _check_group(group)
-        # Stable parameter index (construction order) for the subspace generator's seed.
-        self._index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        # Stable parameter index (the order parameters joined) for the subspace generator's seed;
+        # filled by add_param_group, which the base class calls for each group.
+        self._index: dict[int, int] = {}
+        groups = _as_groups(params)
+        super().__init__(groups, defaults)
+        if any("param_names" in g for g in self.param_groups) and not self.projectable_names():
+            warnings.warn(
+                "FRUGAL: no parameter name matched the projectable rule (linear weights inside transformer "
+                "blocks: q_proj, mlp, attention, ...), so every tensor gets plain AdamW; pass group dicts "
+                'with "projectable": True for the matrices to split (see FRUGAL.describe())',
+                stacklevel=2,
+            )
         self._scratch: dict[tuple, torch.Tensor] = {}
         # DeepSpeed ZeRO-1/2/3: flat partition -> its segments, and cached state-full positions.
         self._flat: dict[int, list[FlatSegment]] = {}
         self._flat_pos: dict[int, tuple[int, torch.Tensor]] = {}
         # Fused kernel: parameter -> (the index it was built from, its inverse map).
         self._inverses: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """The base class's, plus FRUGAL's own bookkeeping: hyperparameters checked (a bad one
+        leaves the optimizer as it was), each new tensor given its subspace-seed index, and
+        ``(name, tensor)`` pairs split by the name rule into a projectable and a state-full group
+        (names kept in ``param_names``, as torch's optimizers keep them)."""
+        group = dict(param_group)
+        if torch.is_tensor(group.get("params")):
+            group["params"] = [group["params"]]
+        items = list(group.get("params", []))
+        if items and is_named_params(items) and "projectable" not in group:
+            rest = {k: v for k, v in group.items() if k != "params"}
+            for sub in frugal_param_groups(items, names=True):
+                if sub["params"]:
+                    self.add_param_group({**rest, **sub})
+            return
+        if items and is_named_params(items):
+            group["param_names"] = [name for name, _ in items]
+            group["params"] = [t for _, t in items]
+        elif self.param_groups and "param_names" in self.param_groups[0] and "param_names" not in group:
+            start = len(self._index)  # unnamed tensors joining named groups: names by position
+            group["param_names"] = [f"param.{start + i}" for i in range(len(items))]
+        for key, value in self.defaults.items():
+            group.setdefault(key, value)
+        _check_group(group)
+        super().add_param_group(group)
+        for p in self.param_groups[-1]["params"]:
+            self._index.setdefault(id(p), len(self._index))
+
+    def projectable_names(self) -> list[str]:
+        """Names of the tensors FRUGAL splits (positions ``param.<i>`` when it was given no names)."""
+        return [name for name, _, split in self._described() if split]
+
+    def _described(self) -> list[tuple[str, torch.Tensor, bool]]:
+        out = []
+        for group in self.param_groups:
+            names = group.get("param_names") or [f"param.{self._index[id(p)]}" for p in group["params"]]
+            out += [(n, p, self.is_projectable(group, p)) for n, p in zip(names, group["params"], strict=True)]
+        return out
+
+    def describe(self) -> str:
+        """One line per group and a total: what is split (AdamW on a subspace + the state-free
+        rule on the rest) and what gets plain AdamW, by name, with the state each holds now."""
+        lines = []
+        for i, group in enumerate(self.param_groups):
+            names = group.get("param_names") or [f"param.{self._index[id(p)]}" for p in group["params"]]
+            split = [n for n, p in zip(names, group["params"], strict=True) if self.is_projectable(group, p)]
+            dense = [n for n in names if n not in set(split)]
+            what = (
+                f"split ({group['projection']}, density {group['density']:g}, state-free {group['state_free']}, "
+                f"refresh every {group['update_gap']})"
+            )
+            if split:
+                lines.append(f"group {i}: {len(split)} {what}: {_short(split)}")
+            if dense:
+                lines.append(f"group {i}: {len(dense)} plain AdamW: {_short(dense)}")
+        from leanlm.optim.memory import state_bytes
+
+        n_split = sum(1 for *_, s in self._described() if s)
+        lines.append(
+            f"total: {n_split} of {len(self._index)} tensors split; optimizer state now {state_bytes(self):,} bytes"
+        )
+        return "\n".join(lines)
 
     def param_index(self, p: torch.Tensor) -> int:
         """The parameter's position at construction: it seeds the subspace generator."""
@@ -187,11 +258,9 @@ class FRUGAL(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_before_step()  # every refusal before any tensor is touched
         for group in self.param_groups:
             with_grad = [p for p in group["params"] if p.grad is not None]
-            for p in with_grad:
-                if p.grad.is_sparse or p.grad.is_complex():
-                    raise RuntimeError("FRUGAL does not support sparse or complex gradients")
             if not with_grad:
                 continue
             lr, wd = group["lr"], group["weight_decay"]
@@ -209,6 +278,21 @@ class FRUGAL(torch.optim.Optimizer):
                 for p in proj:
                     self._update(group, p, decay=1.0 - lr * wd if id(p) in fused else 1.0)
         return loss
+
+    def _check_before_step(self) -> None:
+        """Refuse a step that would fail half-way (some tensors updated, then an error)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse or p.grad.is_complex():
+                    raise RuntimeError("FRUGAL does not support sparse or complex gradients")
+                moment = self.state[p].get("exp_avg") if p in self.state else None
+                if moment is not None and not self.is_projectable(group, p) and moment.dtype != p.dtype:
+                    raise RuntimeError(
+                        f"FRUGAL: a {p.dtype} parameter has {moment.dtype} moments (state set by hand?); "
+                        "load states with load_state_dict, which casts them"
+                    )
 
     def _fused(self, group: dict[str, Any], p: torch.Tensor) -> bool:
         """columns / rows on a whole (unsharded, contiguous) matrix on the Triton path."""
@@ -243,14 +327,18 @@ class FRUGAL(torch.optim.Optimizer):
     # ------------------------------------------------------------------ subspace refresh
 
     def _maybe_refresh(self, group: dict[str, Any], proj: list[torch.Tensor]) -> None:
-        """Group-wide cadence: refresh every projectable tensor once the group's age hits T."""
-        ages = [int(self.state[p]["age"]) for p in proj if self.state[p]]
-        if len(ages) == len(proj) and max(ages) < int(group["update_gap"]):
-            return
+        """Every ``update_gap`` updates of a tensor its subspace is redrawn. Tensors that train
+        together keep one cadence; a tensor whose first gradient comes late gets its first subspace
+        then, without refreshing (and resetting the moments of) the others. ``blocks`` chooses
+        among the group's tensors, so the whole group refreshes together."""
+        gap = int(group["update_gap"])
         if group["projection"] == "blocks":
-            self._refresh_blocks(group, proj)
-        else:
-            for p in proj:
+            ages = [int(self.state[p]["age"]) for p in proj if self.state[p]]
+            if len(ages) < len(proj) or max(ages) >= gap:
+                self._refresh_blocks(group, proj)
+            return
+        for p in proj:
+            if not self.state[p] or int(self.state[p]["age"]) >= gap:
                 (self._refresh_flat if id(p) in self._flat else self._refresh)(group, p)
 
     def _refresh_flat(self, group: dict[str, Any], p: torch.Tensor) -> None:
@@ -441,18 +529,27 @@ class FRUGAL(torch.optim.Optimizer):
     # ------------------------------------------------------------------ state round trip
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Like the base class, but keeps every saved tensor's dtype (the base class would cast
-        integer subspace indices and float32 bases to the parameter's dtype)."""
+        """Like the base class, but keeps the saved dtype of the subspace indices and bases (the
+        base class would cast them to the parameter's dtype); the moments are cast to the dtype
+        this optimizer would create them in (the parameter's, or the projection's), as torch's
+        AdamW does, so a state saved with float32 weights loads into bf16 ones and back."""
         super().load_state_dict(state_dict)
         self._flat_pos.clear()
-        params = [p for g in self.param_groups for p in g["params"]]
+        groups = [(g, p) for g in self.param_groups for p in g["params"]]
         for idx, saved in state_dict["state"].items():
-            if not isinstance(idx, int) or idx >= len(params):
+            if not isinstance(idx, int) or idx >= len(groups):
                 continue
-            p = params[idx]
+            group, p = groups[idx]
             for key, value in saved.items():
                 if torch.is_tensor(value) and key != "step":
-                    self.state[p][key] = value.to(device=p.device, copy=True)
+                    dtype = self._moment_dtype(group, p) if key in ("exp_avg", "exp_avg_sq") else value.dtype
+                    self.state[p][key] = value.to(device=p.device, dtype=dtype, copy=True)
+
+    def _moment_dtype(self, group: dict[str, Any], p: torch.Tensor) -> torch.dtype:
+        """The dtype ``_refresh`` / ``_adam_dense`` create moments in for ``p``."""
+        if self.is_projectable(group, p) and id(p) not in self._flat:
+            return PROJECTORS[group["projection"]].moment_dtype or p.dtype
+        return p.dtype
 
 
 # ---------------------------------------------------------------------- free functions (the math)
@@ -477,26 +574,16 @@ def adam_foreach_(params, grads, states, lr: float, betas, eps: float) -> None:
     torch._foreach_addcdiv_(params, exp_avgs, denom, step_sizes)
 
 
+def _short(names: list[str], shown: int = 4) -> str:
+    return ", ".join(names[:shown]) + (f", ... (+{len(names) - shown})" if len(names) > shown else "")
+
+
 def _as_groups(params: Iterable[Any]) -> list[dict[str, Any]]:
-    """Tensors, (name, tensor) pairs or group dicts -> group dicts the base class accepts."""
+    """Tensors, (name, tensor) pairs or group dicts -> group dicts (``add_param_group`` splits
+    named ones by the name rule unless they say ``projectable``)."""
     params = list(params)
     if not params:
         raise ValueError("FRUGAL got an empty parameter list")
     if isinstance(params[0], dict):
-        groups = []
-        for g in params:
-            items = list(g["params"]) if not torch.is_tensor(g["params"]) else [g["params"]]
-            if items and is_named_params(items) and "projectable" not in g:
-                rest = {k: v for k, v in g.items() if k != "params"}
-                groups += [{**sub, **rest} for sub in frugal_param_groups(items) if sub["params"]]
-            else:
-                groups.append(
-                    {
-                        **g,
-                        "params": [t for t in (x[1] if isinstance(x, tuple) else x for x in items)],
-                    }
-                )
-        return groups
-    if is_named_params(params):
-        return [g for g in frugal_param_groups(params) if g["params"]]
+        return [dict(g) for g in params]
     return [{"params": params}]

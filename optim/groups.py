@@ -64,15 +64,16 @@ def is_named_params(items: list[Any]) -> bool:
 
 
 def frugal_param_groups(
-    model_or_named: nn.Module | Iterable[tuple[str, torch.Tensor]], **projectable_options: Any
+    model_or_named: nn.Module | Iterable[tuple[str, torch.Tensor]], names: bool = False, **projectable_options: Any
 ) -> list[dict[str, Any]]:
     """Two groups: ``{"params": projectable, "projectable": True, **projectable_options}`` and
-    ``{"params": the rest, "projectable": False}``. Frozen parameters are left out."""
+    ``{"params": the rest, "projectable": False}``. Frozen parameters are left out. ``names``:
+    the groups hold ``(name, tensor)`` pairs (torch >= 2.6 optimizers and FRUGAL keep the names)."""
     named = model_or_named.named_parameters() if isinstance(model_or_named, nn.Module) else model_or_named
     proj, rest = [], []
     for name, p in named:
         if p.requires_grad:
-            (proj if is_projectable_name(name, p) else rest).append(p)
+            (proj if is_projectable_name(name, p) else rest).append((name, p) if names else p)
     return [
         {"params": proj, "projectable": True, **projectable_options},
         {"params": rest, "projectable": False},

@@ -130,6 +130,7 @@ class Projection:
     lift: Callable[..., torch.Tensor] | None = None
     whole: bool = False
     fused: bool = False
+    moment_dtype: torch.dtype | None = None  # what ``draw`` gives: None for the parameter's dtype
 
     @property
     def coordinates(self) -> bool:
@@ -194,7 +195,7 @@ PROJECTORS: dict[str, Projection] = {
     "rows": Projection(_draw_rows, lambda g, st: g.index_select(0, st["index"]), _put_index(0), fused=True),
     "randk": Projection(_draw_entries, lambda g, st: g.reshape(-1).index_select(0, st["index"].long()), _put_entries),
     "blocks": Projection(_draw_group, lambda g, st: g, _put_whole, whole=True),
-    "svd": Projection(_draw_basis("svd"), _down_basis, lift=_lift),
-    "random": Projection(_draw_basis("random"), _down_basis, lift=_lift),
+    "svd": Projection(_draw_basis("svd"), _down_basis, lift=_lift, moment_dtype=torch.float32),
+    "random": Projection(_draw_basis("random"), _down_basis, lift=_lift, moment_dtype=torch.float32),
 }
 assert tuple(PROJECTORS) == PROJECTIONS
