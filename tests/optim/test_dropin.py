@@ -48,7 +48,7 @@ def test_add_param_group_indexes_checks_and_names_the_new_tensors():
     assert len(opt.param_groups) == 2
     named = FRUGAL(block().named_parameters(), lr=1e-3)
     head = nn.Linear(8, 8)
-    named.add_param_group({"params": list(block().named_parameters(prefix="extra")) + [("head.weight", head.weight)]})
+    named.add_param_group({"params": [*block().named_parameters(prefix="extra"), ("head.weight", head.weight)]})
     names = [n for g in named.param_groups for n in g["param_names"]]
     assert names[-3:] == ["extra.layers.0.mlp.up_proj.weight", "extra.layers.0.mlp.up_proj.bias", "head.weight"]
     assert "extra.layers.0.mlp.up_proj.weight" in named.projectable_names()
