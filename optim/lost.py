@@ -25,7 +25,10 @@ Ablation switches: ``init="random"`` (A, B not from the SVD), any γ (γ=1: pure
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -100,6 +103,53 @@ class LOSTLinear(nn.Module):
                 size = self.in_features if self.support == "channels" else self.in_features * self.out_features
                 picks = torch.randperm(size, generator=generator)[: self.index.numel()].sort().values
                 self.index.copy_(picks)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The parameters' dtype (what dtype probes of a linear layer ask for)."""
+        return self.lowrank_in.dtype
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense (m, n) weight this layer equals, when one exists (``phi="identity"``):
+        W = γ·(A B)ᵀ + (1 − γ)·W_s scattered into columns I. Computed from the parameters on each
+        read, with gradients flowing to them, so modules that pass ``.weight`` to a functional
+        call (``nn.MultiheadAttention``'s ``out_proj``, ``TransformerEncoderLayer``'s fast path)
+        compute exactly what this layer does. With a nonlinear φ there is none: AttributeError."""
+        if self.phi != "identity":
+            raise AttributeError(self._no_weight())
+        g = self.gamma.to(self.lowrank_in.dtype)
+        dense = g * (self.lowrank_in @ self.lowrank_out).T  # (m, n)
+        rest = (1 - g) * self.sparse
+        if self.support == "channels":
+            return dense.index_add(1, self.index, rest)
+        return dense.reshape(-1).index_add(0, self.index, rest).view_as(dense)
+
+    def _no_weight(self) -> str:
+        return (
+            f"LOSTLinear(phi={self.phi!r}) has no dense weight: y = γ·{self.phi}(x A) B + (1 − γ)·x[:, I] W_sᵀ is "
+            "not linear in x. A module that reads .weight (nn.MultiheadAttention's out_proj, "
+            "TransformerEncoderLayer's fast path, an attention dtype probe) cannot use it: leave that layer out "
+            "of convert's targets, or convert with phi='identity'"
+        )
+
+    def __getattr__(self, name: str):
+        if name == "weight":  # the property raised: keep its message (nn.Module's would drop it)
+            raise AttributeError(self._no_weight())
+        return super().__getattr__(name)
+
+    def to_dense(self) -> nn.Linear:
+        """The exactly equal ``nn.Linear`` (``phi="identity"`` only; a one-line ValueError otherwise)."""
+        if self.phi != "identity":
+            raise ValueError(self._no_weight().replace("AttributeError", ""))
+        linear = nn.Linear(
+            self.in_features, self.out_features, bias=self.bias is not None, device=self.lowrank_in.device
+        ).to(self.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(self.weight)
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (..., n) -> (..., m)
@@ -259,32 +309,145 @@ def convert(
     targets: tuple[str, ...] = LLAMA_TARGETS,
     **options,
 ) -> ConversionReport:
-    """Replace every ``nn.Linear`` whose name ends in one of ``targets`` by ``LOSTLinear.from_dense``.
+    """Replace every ``nn.Linear`` (or GPT-2-style ``Conv1D``, whose weight is stored transposed)
+    whose name ends in one of ``targets`` by ``LOSTLinear.from_dense``.
 
     Works on any module tree (ours, a Hugging Face model, an ``nn.Sequential`` with ``targets``
     naming its children). Embeddings, the output head and norms are untouched. ``options`` go to
-    ``from_dense`` (gamma, phi, select, values_init, init, support, svd_components, seed); each
-    layer's channel draw is seeded by ``seed`` plus its position, so conversion is reproducible.
+    ``from_dense`` (gamma, phi, select, values_init, init, support, svd_components, svd_solver,
+    seed); each layer's channel draw is seeded by ``seed`` plus its position, so conversion is
+    reproducible. A model with a Hugging Face ``config`` records the options in it
+    (``config.leanlm_lost``), so ``save_pretrained`` keeps them and ``from_pretrained`` (this
+    module's) restores the model in one call.
+
+    LOST with the defaults (γ 0.5, SiLU) is a re-parameterisation for pretraining from a dense
+    *init*: the converted model computes another function. ``gamma=1.0, phi="identity"`` and a
+    full rank reproduce the dense layer exactly (and ``unconvert`` folds such layers back).
     """
     report = ConversionReport(total_before=sum(p.numel() for p in model.parameters()))
     seed = options.pop("seed", 0)
-    found = [
-        (name, mod)
-        for name, mod in model.named_modules()
-        if isinstance(mod, nn.Linear) and name.split(".")[-1] in targets
-    ]
+    found = [(name, mod) for name, mod in model.named_modules() if _is_dense(mod) and name.split(".")[-1] in targets]
     if not found:
-        raise ValueError(f"no nn.Linear named {', '.join(targets)} in this model; pass targets=")
-    for i, (name, linear) in enumerate(found):
+        done = [n for n, m in model.named_modules() if isinstance(m, LOSTLinear) and n.split(".")[-1] in targets]
+        if done:
+            raise ValueError(f"this model is already LOST-converted ({len(done)} layers named {', '.join(targets)})")
+        names = sorted({n.split(".")[-1] for n, m in model.named_modules() if _is_dense(m)})
+        raise ValueError(
+            f"no nn.Linear or Conv1D named {', '.join(targets)} in this model; its linear layers are named "
+            f"{', '.join(names) or '(none)'}: pass targets="
+        )
+    phi = options.get("phi", "silu")
+    for name, _ in found:
+        parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+        if phi != "identity" and isinstance(parent, WEIGHT_READERS):
+            raise ValueError(
+                f"{name}: {type(parent).__name__} reads its .weight, which a LOST layer with phi={phi!r} does not "
+                "have; leave it out of targets or pass phi='identity'"
+            )
+    for i, (name, dense) in enumerate(found):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        lost = LOSTLinear.from_dense(linear, rank, channel_density, seed=seed + i, **options)
+        lost = LOSTLinear.from_dense(_as_linear(dense), rank, channel_density, seed=seed + i, **options)
+        before, after = dense.weight.numel(), sum(p.numel() for p in lost.parameters())
+        if after > before:
+            warnings.warn(
+                f"LOST rank {lost.rank} makes {name} ({lost.out_features} x {lost.in_features}) larger than dense: "
+                f"{after:,} parameters vs {before:,}; ranks below ~m·n/(m + n) save memory",
+                stacklevel=2,
+            )
         setattr(parent, child, lost)
-        count, before, after = report.per_target.get(child, (0, 0, 0))
-        report.per_target[child] = (
-            count + 1,
-            before + linear.weight.numel(),
-            after + sum(p.numel() for p in lost.parameters()),
-        )
+        count, b, a = report.per_target.get(child, (0, 0, 0))
+        report.per_target[child] = (count + 1, b + before, a + after)
     report.total_after = sum(p.numel() for p in model.parameters())
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_dict"):
+        config.leanlm_lost = {"rank": rank, "channel_density": channel_density, "targets": list(targets), **options}
     return report
+
+
+# Modules that pass a child's ``.weight`` to a functional call instead of calling the child.
+WEIGHT_READERS = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+
+def _is_dense(module: nn.Module) -> bool:
+    """An ``nn.Linear``, or a GPT-2-style ``Conv1D`` (weight (in, out), y = x W + b)."""
+    if isinstance(module, nn.Linear):
+        return True
+    weight = getattr(module, "weight", None)
+    return type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) and weight.ndim == 2
+
+
+def _as_linear(module: nn.Module) -> nn.Linear:
+    """The module as an ``nn.Linear`` (a Conv1D's weight transposed into (out, in))."""
+    if isinstance(module, nn.Linear):
+        return module
+    n, m = module.weight.shape
+    linear = nn.Linear(n, m, bias=module.bias is not None, device="meta")
+    linear.weight = nn.Parameter(module.weight.detach().T, requires_grad=False)
+    if module.bias is not None:
+        linear.bias = nn.Parameter(module.bias.detach(), requires_grad=False)
+    return linear
+
+
+def unconvert(model: nn.Module) -> int:
+    """Fold every LOST layer back into the ``nn.Linear`` it equals (``phi="identity"``); refuses
+    in one line, before changing anything, when a layer has no dense equivalent. Returns the count."""
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, LOSTLinear)]
+    for name, layer in found:
+        if layer.phi != "identity":
+            raise ValueError(f"{name}: {layer._no_weight()}")
+    for name, layer in found:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer.to_dense())
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "leanlm_lost"):
+        del config.leanlm_lost
+    return len(found)
+
+
+def from_pretrained(model_cls: Any, path: str | Path, **kwargs: Any) -> nn.Module:
+    """A Hugging Face model saved after ``convert`` (``save_pretrained``), restored in one call:
+    the model is built from its config, converted with the recorded options (no SVD: the weights
+    come from the checkpoint) and loaded, tied weights included. ``kwargs`` go to
+    ``model_cls.from_pretrained`` when the folder holds no LOST options (a plain model)."""
+    config = model_cls.config_class.from_pretrained(path)
+    options = dict(getattr(config, "leanlm_lost", None) or {})
+    if not options:
+        return model_cls.from_pretrained(path, **kwargs)
+    model = model_cls(config)
+    rank, density, targets = options.pop("rank"), options.pop("channel_density"), tuple(options.pop("targets"))
+    options.update(init="random", select="random", values_init="w0_cols")  # no SVD: overwritten below
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # size warnings were given at the first conversion
+        convert(model, rank, density, targets=targets, **options)
+    state = _read_state(Path(path))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    missing = [k for k in missing if k not in tied and not any(k.endswith(t) for t in tied)]
+    if missing or unexpected:
+        raise ValueError(
+            f"{path}: checkpoint does not match the LOST model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    model.config.leanlm_lost = dict(config.leanlm_lost)
+    return model.eval()
+
+
+def _read_state(path: Path) -> dict[str, torch.Tensor]:
+    """The weights of a ``save_pretrained`` folder (safetensors, sharded or not; or torch files)."""
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        from safetensors.torch import load_file
+
+        state: dict[str, torch.Tensor] = {}
+        for f in files:
+            state.update(load_file(str(f)))
+        return state
+    files = sorted(path.glob("pytorch_model*.bin"))
+    if not files:
+        raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin")
+    state = {}
+    for f in files:
+        state.update(torch.load(f, map_location="cpu", weights_only=True))
+    return state
