@@ -49,7 +49,7 @@ from leanlm.kernels.frugal_update import (
     state_free_update,
     use_triton,
 )
-from leanlm.optim.groups import frugal_param_groups, is_named_params
+from leanlm.optim.groups import BLOCK_LINEAR_KEYS, frugal_param_groups, is_named_params
 from leanlm.optim.projections import (
     BLOCK_ORDERS,
     PROJECTIONS,
@@ -137,21 +137,33 @@ class FRUGAL(torch.optim.Optimizer):
         # Stable parameter index (the order parameters joined) for the subspace generator's seed;
         # filled by add_param_group, which the base class calls for each group.
         self._index: dict[int, int] = {}
-        groups = _as_groups(params)
-        super().__init__(groups, defaults)
-        if any("param_names" in g for g in self.param_groups) and not self.projectable_names():
-            warnings.warn(
-                "FRUGAL: no parameter name matched the projectable rule (linear weights inside transformer "
-                "blocks: q_proj, mlp, attention, ...), so every tensor gets plain AdamW; pass group dicts "
-                'with "projectable": True for the matrices to split (see FRUGAL.describe())',
-                stacklevel=2,
-            )
         self._scratch: dict[tuple, torch.Tensor] = {}
         # DeepSpeed ZeRO-1/2/3: flat partition -> its segments, and cached state-full positions.
         self._flat: dict[int, list[FlatSegment]] = {}
         self._flat_pos: dict[int, tuple[int, torch.Tensor]] = {}
         # Fused kernel: parameter -> (the index it was built from, its inverse map).
         self._inverses: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        groups = _as_groups(params)
+        super().__init__(groups, defaults)
+        self._warn_unsplit()
+
+    def _warn_unsplit(self) -> None:
+        """Say so when names were given but nothing (or a fused 3-D tensor) will be split."""
+        if any("param_names" in g for g in self.param_groups) and not self.projectable_names():
+            warnings.warn(
+                "FRUGAL: no parameter name matched the projectable rule (linear weights inside transformer "
+                "blocks: q_proj, mlp, attention, ...), so every tensor gets plain AdamW; pass group dicts "
+                'with "projectable": True for the matrices to split (see FRUGAL.describe())',
+                stacklevel=3,
+            )
+        fused = [n for n, p, _ in self._described() if p.ndim > 2 and any(k in n.lower() for k in BLOCK_LINEAR_KEYS)]
+        if fused:
+            warnings.warn(
+                f"FRUGAL: {_short(fused)} are {'/'.join(sorted({str(p.ndim) for p in self._named(fused)}))}-D "
+                "(fused MoE experts?) and get plain AdamW; to split them, register each expert's 2-D weight as its "
+                "own parameter (or view them per expert) and pass them in a projectable group",
+                stacklevel=3,
+            )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """The base class's, plus FRUGAL's own bookkeeping: hyperparameters checked (a bad one
@@ -180,6 +192,10 @@ class FRUGAL(torch.optim.Optimizer):
         super().add_param_group(group)
         for p in self.param_groups[-1]["params"]:
             self._index.setdefault(id(p), len(self._index))
+
+    def _named(self, names: list[str]) -> list[torch.Tensor]:
+        wanted = set(names)
+        return [p for n, p, _ in self._described() if n in wanted]
 
     def projectable_names(self) -> list[str]:
         """Names of the tensors FRUGAL splits (positions ``param.<i>`` when it was given no names)."""

@@ -1,14 +1,20 @@
 """Which parameters FRUGAL may split: linear weights inside transformer blocks, by name.
 
-Works for our LLaMA (``layers.3.mlp.up_proj.weight``), Hugging Face models
+The rule: a 2-D tensor whose path contains one of ``BLOCK_LINEAR_KEYS`` and none of
+``STATE_FULL_KEYS``, and none of whose path components is one of ``STATE_FULL_PARTS``. It knows
+our LLaMA (``layers.3.mlp.up_proj.weight``), the Hugging Face decoder and encoder families
 (``model.layers.3.self_attn.q_proj.weight``, ``transformer.h.0.attn.c_attn.weight``,
-``encoder.layer.0.attention.self.query.weight``) and any module tree that follows those names.
-Embeddings, the output head, norms, biases and every 1-D tensor stay state-full (plain AdamW).
+``encoder.layer.0.attention.self.query.weight``), ``nn.TransformerEncoderLayer`` (``linear1``,
+``in_proj_weight``) and Mamba's projections. It leaves state-full: embeddings, output and task
+heads, norms, biases, 1-D tensors, MoE routers (a component named ``gate`` or ``router``),
+relative-position tables (T5's ``relative_attention_bias``) and 3-D fused expert weights (see
+``FRUGAL``'s warning). For any other tree pass a ``rule`` to ``frugal_param_groups`` (or group
+dicts with ``"projectable"``): that is the supported way to choose.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -34,6 +40,13 @@ BLOCK_LINEAR_KEYS = (
     "fc2",
     "c_fc",
     "c_proj",
+    "linear1",
+    "linear2",
+    "in_proj",
+    "out_proj",
+    "x_proj",
+    "dt_proj",
+    "experts",
     "lowrank_in",
     "lowrank_out",
     "sparse",
@@ -52,9 +65,26 @@ STATE_FULL_KEYS = (
 )
 
 
+# ...and no path component equal to one of these (routers, position tables, task heads).
+STATE_FULL_PARTS = (
+    "gate",
+    "router",
+    "relative_attention_bias",
+    "relative_position_bias",
+    "rel_pos",
+    "cls",
+    "head",
+    "score",
+    "qa_outputs",
+)
+
+
 def is_projectable_name(name: str, tensor: torch.Tensor) -> bool:
+    """The default rule (module docstring): may FRUGAL split ``tensor``, called ``name``?"""
     lowered = name.lower()
     if tensor.ndim != 2 or any(k in lowered for k in STATE_FULL_KEYS):
+        return False
+    if any(part in STATE_FULL_PARTS for part in lowered.split(".")):
         return False
     return any(k in lowered for k in BLOCK_LINEAR_KEYS)
 
@@ -64,16 +94,21 @@ def is_named_params(items: list[Any]) -> bool:
 
 
 def frugal_param_groups(
-    model_or_named: nn.Module | Iterable[tuple[str, torch.Tensor]], names: bool = False, **projectable_options: Any
+    model_or_named: nn.Module | Iterable[tuple[str, torch.Tensor]],
+    names: bool = False,
+    rule: Callable[[str, torch.Tensor], bool] = is_projectable_name,
+    **projectable_options: Any,
 ) -> list[dict[str, Any]]:
     """Two groups: ``{"params": projectable, "projectable": True, **projectable_options}`` and
     ``{"params": the rest, "projectable": False}``. Frozen parameters are left out. ``names``:
-    the groups hold ``(name, tensor)`` pairs (torch >= 2.6 optimizers and FRUGAL keep the names)."""
+    the groups hold ``(name, tensor)`` pairs (torch >= 2.6 optimizers and FRUGAL keep the names).
+    ``rule(name, tensor)``: which tensors are projectable (default: ``is_projectable_name``), e.g.
+    ``lambda n, p: p.ndim == 2 and ".mixer." in n`` for a tree the default does not know."""
     named = model_or_named.named_parameters() if isinstance(model_or_named, nn.Module) else model_or_named
     proj, rest = [], []
     for name, p in named:
         if p.requires_grad:
-            (proj if is_projectable_name(name, p) else rest).append((name, p) if names else p)
+            (proj if rule(name, p) else rest).append((name, p) if names else p)
     return [
         {"params": proj, "projectable": True, **projectable_options},
         {"params": rest, "projectable": False},

@@ -130,3 +130,40 @@ def test_a_state_dict_loads_into_weights_of_another_dtype(projection, to):
     model2["layers"][0]["mlp"]["up_proj"](torch.randn(4, 16, dtype=to)).float().pow(2).mean().backward()
     opt2.step()
     assert all(torch.isfinite(p.float()).all() for p in model2.parameters())
+
+
+@pytest.mark.parametrize(
+    "name,split",
+    [
+        ("model.layers.0.mlp.gate_proj.weight", True),
+        ("model.layers.0.mlp.gate.weight", False),  # Mixtral's router (transformers 5)
+        ("model.layers.0.block_sparse_moe.gate.weight", False),  # ... (transformers 4)
+        ("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", False),  # T5
+        ("cls.predictions.transform.dense.weight", False),  # BERT's MLM head
+        ("bert.encoder.layer.0.attention.output.dense.weight", True),
+        ("layers.0.linear1.weight", True),  # nn.TransformerEncoderLayer
+        ("layers.0.self_attn.in_proj_weight", True),
+        ("backbone.layers.0.mixer.in_proj.weight", True),  # Mamba
+        ("backbone.layers.0.mixer.x_proj.weight", True),
+        ("model.layers.0.mlp.experts.0.w1.weight", True),  # one expert's 2-D weight
+        ("score.weight", False),
+    ],
+)
+def test_the_name_rule_neither_misses_nor_over_matches_common_trees(name, split):
+    """R2: routers, position tables and heads stay state-full; encoder-layer and Mamba projections split."""
+    from leanlm.optim import is_projectable_name
+
+    assert is_projectable_name(name, torch.empty(4, 4)) is split
+
+
+def test_other_trees_by_rule_and_fused_experts_warned():
+    """R2: a ``rule`` targets a tree the default does not know; 3-D fused expert weights are not
+    split silently."""
+    from leanlm.optim import frugal_param_groups
+
+    mlp = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    groups = frugal_param_groups(mlp, rule=lambda n, p: p.ndim == 2)
+    assert [len(g["params"]) for g in groups] == [2, 2]
+    experts = nn.Parameter(torch.randn(4, 8, 8))
+    with pytest.warns(UserWarning, match=r"mlp\.experts\.gate_up_proj are 3-D \(fused MoE experts\?\)"):
+        FRUGAL([("layers.0.mlp.experts.gate_up_proj", experts), *block().named_parameters()], lr=1e-3)
