@@ -109,3 +109,75 @@ def test_deepspeed_stage0_client_optimizer():
         timeout=600,
     )
     assert "DEEPSPEED_OK" in proc.stdout, proc.stderr[-3000:]
+
+
+def hf_data(n: int = 24) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    return [{"input_ids": (ids := torch.randint(0, 64, (16,), generator=g)), "labels": ids.clone()} for _ in range(n)]
+
+
+def trainer_run(out, steps: int, resume: bool = False, kwargs=None):
+    transformers = pytest.importorskip("transformers")
+    from leanlm.optim.integrations import TrainerOptimizer
+
+    model = tiny_hf_llama()
+    args = transformers.TrainingArguments(
+        output_dir=str(out),
+        max_steps=steps,
+        per_device_train_batch_size=2,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="steps",
+        save_steps=3,
+        disable_tqdm=True,
+        seed=0,
+        lr_scheduler_type="constant",  # the 3-step run then takes the same first steps as the 6-step one
+    )
+    kw = kwargs or {"lr": 1e-2, "density": 0.25, "update_gap": 2}
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=hf_data(), optimizer_cls_and_kwargs=(TrainerOptimizer, kw)
+    )
+    trainer.train(resume_from_checkpoint=str(out / "checkpoint-3") if resume else None)
+    return model, trainer.optimizer
+
+
+def test_hf_trainer_factory_keeps_names_and_resumes_bitwise(tmp_path):
+    """R3 / item 3: ``optimizer_cls_and_kwargs=(TrainerOptimizer, kwargs)`` gives FRUGAL the model's
+    names (embedding and head state-full: 14 split tensors, not 16), and Trainer's
+    ``resume_from_checkpoint`` continues it bit for bit (across a subspace refresh)."""
+    pytest.importorskip("accelerate")
+    full, opt = trainer_run(tmp_path / "full", 6)
+    inner = getattr(opt, "optimizer", opt)
+    assert isinstance(inner, FRUGAL) and len(inner.projectable_names()) == 14
+    assert "lm_head.weight" not in inner.projectable_names()
+    trainer_run(tmp_path / "part", 3)
+    resumed, _ = trainer_run(tmp_path / "part", 6, resume=True)
+    for (name, a), b in zip(full.named_parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b), name
+    galore_model, galore_opt = trainer_run(tmp_path / "galore", 3, kwargs={"optimizer": "galore", "lr": 1e-2})
+    assert getattr(galore_opt, "optimizer", galore_opt).param_groups[0]["projection"] == "svd"
+
+
+def test_accelerate_prepare_save_state_and_load_state(tmp_path):
+    """Accelerate: prepare(model, FRUGAL(...)); save_state then load_state continues bitwise."""
+    accelerate = pytest.importorskip("accelerate")
+    batches = [b["input_ids"].view(1, -1) for b in hf_data(8)]
+
+    def run(steps: range, load: bool):
+        acc = accelerate.Accelerator(cpu=True)
+        model = tiny_hf_llama()
+        model, opt = acc.prepare(model, FRUGAL(model.named_parameters(), lr=1e-2, update_gap=2))
+        if load:
+            acc.load_state(str(tmp_path / "state"))
+        for i in steps:
+            acc.backward(model(batches[i], labels=batches[i]).loss)
+            opt.step()
+            opt.zero_grad()
+            if i == 2 and not load:
+                acc.save_state(str(tmp_path / "state"))
+        return model
+
+    full = run(range(6), load=False)
+    resumed = run(range(3, 6), load=True)
+    for a, b in zip(full.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
