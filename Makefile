@@ -12,7 +12,7 @@ TORCH_INDEX ?=
 CONFIG ?= configs/tiny.yaml
 ARGS   ?=
 
-.PHONY: train test lint format clean
+.PHONY: train test lint format clean wheel-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ train: $(VENV)/.installed
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q $(ARGS)
+
+# The wheel a user would pip install: built, installed in a fresh venv, `leanlm train tiny` run from it.
+wheel-check: $(VENV)/.installed-dev
+	scripts/check_wheel.sh $(PY) "$(TORCH_SPEC)"
 
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff format --check .

@@ -5,6 +5,7 @@ every value to its field's type, then ``validate``; every problem is reported in
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import math
 from pathlib import Path
 from typing import Any
@@ -16,11 +17,36 @@ from leanlm.engine.config.validate import validate
 from leanlm.engine.errors import ConfigError
 
 
+def presets() -> dict[str, Path]:
+    """The presets shipped with leanlm (``configs/*.yaml``, package data ``leanlm.configs``), by name."""
+    try:
+        root = Path(str(importlib.resources.files("leanlm.configs")))
+    except ModuleNotFoundError:  # a source tree used without installing
+        root = Path(__file__).resolve().parents[2] / "configs"
+    return {p.stem: p for p in sorted(root.glob("*.yaml"))}
+
+
+def resolve_preset(spec: str | Path) -> Path:
+    """A config path, or a preset name (``tiny``, ``frugal_7b.yaml``) when no such file exists."""
+    path = Path(spec)
+    if path.is_file() or path.parent != Path("."):
+        return path
+    found = presets().get(path.name.removesuffix(".yaml"))
+    if found is None:
+        raise ConfigError(
+            f"no config file or preset named {str(spec)!r}; presets: {', '.join(presets())} (or pass a path)"
+        )
+    return found
+
+
 def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """Read a preset, resolving ``extends: other.yaml`` (relative to the file) recursively."""
-    path = Path(path)
+    """Read a preset (a path or a shipped preset's name), resolving ``extends: other.yaml``
+    (relative to the file) recursively."""
+    path = resolve_preset(path)
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} not found; pass a path such as configs/tiny.yaml")
+        raise ConfigError(
+            f"config file {str(path)!r} not found; pass a path such as configs/tiny.yaml or a preset name"
+        )
     if path.resolve() in _seen:
         raise ConfigError(f"config {str(path)!r} extends itself through {[str(p) for p in _seen]}")
     try:

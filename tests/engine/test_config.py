@@ -148,3 +148,18 @@ def test_config_choices_match_their_owners_constants():
     assert set(OPTIMIZER_SETTINGS) == set(OPTIMIZERS)
     for name, settings in OPTIMIZER_SETTINGS.items():
         assert set(settings) <= fields, name
+
+
+def test_presets_are_reachable_by_name_from_anywhere(tmp_path, monkeypatch):
+    """Issue 16: `leanlm train tiny` after a pip install (the presets are package data); a path
+    still works, and an unknown name lists the presets."""
+    from leanlm.engine.config.load import presets
+
+    monkeypatch.chdir(tmp_path)  # no configs/ folder here
+    assert {"tiny", "frugal_7b", "lost_frugal_7b"} <= set(presets())
+    assert load_config("tiny").model.d_model == load_config(str(presets()["tiny"])).model.d_model
+    assert load_config("frugal_7b.yaml").model.d_model == 4096  # extends llama_7b.yaml beside it
+    with pytest.raises(ConfigError, match=r"no config file or preset named 'tinyy'; presets: .*tiny"):
+        load_config("tinyy")
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("sub/tiny.yaml")

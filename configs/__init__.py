@@ -1,0 +1,1 @@
+"""leanlm.configs: the YAML presets (package data), reachable by name: ``leanlm train tiny``."""
