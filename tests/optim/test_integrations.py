@@ -154,7 +154,7 @@ def test_hf_trainer_factory_keeps_names_and_resumes_bitwise(tmp_path):
     resumed, _ = trainer_run(tmp_path / "part", 6, resume=True)
     for (name, a), b in zip(full.named_parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b), name
-    galore_model, galore_opt = trainer_run(tmp_path / "galore", 3, kwargs={"optimizer": "galore", "lr": 1e-2})
+    _, galore_opt = trainer_run(tmp_path / "galore", 3, kwargs={"optimizer": "galore", "lr": 1e-2})
     assert getattr(galore_opt, "optimizer", galore_opt).param_groups[0]["projection"] == "svd"
 
 
