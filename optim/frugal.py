@@ -268,6 +268,11 @@ class FRUGAL(torch.optim.Optimizer):
         group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
         return not self.is_projectable(group, p)
 
+    # torch.compile: the step runs eagerly. Its per-tensor bookkeeping (subspace indices, refresh
+    # counters, Python step counts) would make dynamo guard on every parameter and recompile each
+    # step; its math is already batched (foreach) or fused (leanlm.kernels.frugal_update on CUDA).
+    # Compile the model; `torch.compile(opt.step)` is then a no-op that never recompiles.
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = None

@@ -167,3 +167,27 @@ def test_other_trees_by_rule_and_fused_experts_warned():
     experts = nn.Parameter(torch.randn(4, 8, 8))
     with pytest.warns(UserWarning, match=r"mlp\.experts\.gate_up_proj are 3-D \(fused MoE experts\?\)"):
         FRUGAL([("layers.0.mlp.experts.gate_up_proj", experts), *block().named_parameters()], lr=1e-3)
+
+
+def test_compiling_the_step_neither_recompiles_nor_changes_it():
+    """R8: ``torch.compile(opt.step)`` used to hit dynamo's recompile limit (a guard per parameter
+    and per step count); the step now runs eagerly under compile, with the same result."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    def run(compiled: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = block(16)
+        opt = FRUGAL(model.named_parameters(), lr=1e-2, update_gap=2)
+        step = torch.compile(opt.step) if compiled else opt.step
+        for _ in range(6):
+            model["layers"][0]["mlp"]["up_proj"](torch.randn(4, 16)).pow(2).mean().backward()
+            step()
+            opt.zero_grad()
+        return [p.detach().clone() for p in model.parameters()]
+
+    torch._dynamo.reset()
+    counters.clear()
+    assert all(torch.equal(a, b) for a, b in zip(run(False), run(True), strict=True))
+    assert not counters["recompiles"]
+    assert counters["stats"]["unique_graphs"] == 0
