@@ -24,6 +24,7 @@ from leanlm.engine import checkpoint as ckpt
 from leanlm.engine import distributed as dist
 from leanlm.engine.build import build_model, in_backward_for, parallelize, pick_device
 from leanlm.engine.checkpoint.checkpointer import Checkpointer, TrainState, find_resume
+from leanlm.engine.checkpoint.resume import preload_weights
 from leanlm.engine.config import RunConfig, check_world, save_yaml
 from leanlm.engine.data import Corpus, build_corpus
 from leanlm.engine.errors import ConfigError, TrainingError
@@ -155,12 +156,13 @@ def setup(cfg: RunConfig, device: torch.device, backend: str) -> Run:
 
     corpus = build_corpus(cfg, resume_from / "tokenizer.model" if resume_from else None)
     model = build_model(cfg, corpus.tokenizer.vocab_size, device, restoring=resume_from is not None)
+    preloaded = resume_from is not None and preload_weights(resume_from, model, backend, device)
     n_params, n_body = count_parameters(model), count_parameters(model, True)  # before sharding
     net, optimizer, autocast = parallelize(cfg, model, backend, device)
     state = TrainState(build_scheduler(optimizer, cfg.optim, train_cfg.steps), corpus.train, device)
     checkpointer = Checkpointer(cfg, backend, model, net, optimizer, corpus.tokenizer.proto)
     if resume_from is not None:
-        checkpointer.restore(resume_from, state, device)
+        checkpointer.restore(resume_from, state, device, weights_loaded=preloaded)
     if main:
         save_yaml(cfg, run_dir / "config.yaml")  # what this run actually uses
         corpus.tokenizer.save(run_dir / "tokenizer.model")

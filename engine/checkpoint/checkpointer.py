@@ -105,9 +105,9 @@ class Checkpointer:
         """A finite step just ran from the newest checkpoint's weights."""
         self.good = self.last
 
-    def restore(self, path: Path, state: TrainState, device: torch.device) -> None:
-        """Weights, optimizer state and train state from checkpoint ``path``."""
-        saved = load_state(path, self.backend, self.model, self.net, self.optimizer, device)
+    def restore(self, path: Path, state: TrainState, device: torch.device, weights_loaded: bool = False) -> None:
+        """Weights (unless ``weights_loaded``), optimizer state and train state from checkpoint ``path``."""
+        saved = load_state(path, self.backend, self.model, self.net, self.optimizer, device, weights_loaded)
         state.load_state_dict(saved)
         self.last = path
 

@@ -263,8 +263,9 @@ def load_file(path: str | Path, name: str, map_location: str | torch.device = "c
     return torch_load(Path(path) / f"{name}.pt", str(path), map_location, mmap=True)
 
 
-def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
-    """``load_state_dict`` with a one-line error naming the first mismatched tensor."""
+def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str, assign: bool = False) -> None:
+    """``load_state_dict`` with a one-line error naming the first mismatched tensor. ``assign``:
+    the module takes the loaded tensors themselves (memory-mapped ones: no second copy at all)."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     extra = sorted(set(state) - set(own))
@@ -279,4 +280,4 @@ def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], whe
                 f"{where}: {k} has shape {tuple(v.shape)} in the checkpoint but {tuple(own[k].shape)} in the model; "
                 "use the config the checkpoint was trained with"
             )
-    model.load_state_dict(state)
+    model.load_state_dict(state, assign=assign)

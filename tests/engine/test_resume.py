@@ -247,3 +247,19 @@ def test_nan_step_is_not_applied(tiny_cfg):
     assert not res.finite
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     assert os.environ.get("LEANLM_FAULT_AT") is None
+
+
+def test_a_resume_takes_the_checkpoint_weights_without_a_second_copy(finished):
+    """A resumed model is built without an init (``restoring``) and takes the checkpoint's
+    memory-mapped tensors as its own (``load_state_dict(assign=True)``): a 7B bf16 resume no
+    longer holds the weights twice while loading (21.9 GiB peak RSS before, BENCHMARKS.md)."""
+    from leanlm.engine.build import build_model
+    from leanlm.engine.checkpoint.resume import preload_weights
+
+    path = ckpt.list_checkpoints(finished)[-1][1]
+    cfg = load_config(str(finished / "config.yaml"))
+    model = build_model(cfg, 512, "cpu", restoring=True)
+    assert preload_weights(path, model, "none", torch.device("cpu"))
+    saved = store.load_file(path, "model")
+    assert all(torch.equal(p, saved[k]) for k, p in model.state_dict().items())
+    assert not preload_weights(path, model, "fsdp2", torch.device("cpu"))  # sharded formats load later
