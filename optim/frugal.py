@@ -272,7 +272,8 @@ class FRUGAL(torch.optim.Optimizer):
     # counters, Python step counts) would make dynamo guard on every parameter and recompile each
     # step; its math is already batched (foreach) or fused (leanlm.kernels.frugal_update on CUDA).
     # Compile the model; `torch.compile(opt.step)` is then a no-op that never recompiles.
-    @torch.compiler.disable
+    # (torch._disable_dynamo imports dynamo at the first step, not at import, as torch.optim does.)
+    @torch._disable_dynamo
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = None

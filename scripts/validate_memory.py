@@ -54,6 +54,7 @@ def main() -> None:
     ]
     print("| config | variant | estimate GiB | measured peak GiB | measured / estimate |")
     print("|---|---|---|---|---|")
+    peaks: dict[tuple[str, str], float] = {}
     for config in args.configs:
         for label, extra in VARIANTS.items():
             over = [*base, *extra]
@@ -67,9 +68,14 @@ def main() -> None:
                 sys.exit(f"{label}: leanlm train failed: {proc.stderr.strip()[-500:]}")
             rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
             peak = max(r.get("mem/peak_gib", 0.0) for r in rows)
+            peaks[config, label] = peak
             print(
                 f"| {Path(config).stem} | {label} | {estimate:.2f} | {peak:.2f} | {peak / estimate:.2f} |", flush=True
             )
+
+    for config in args.configs:  # the 1b target: FRUGAL + step in backward <= 50% of AdamW's peak
+        ratio = peaks[config, "frugal + step in backward"] / peaks[config, "adamw"]
+        print(f"{Path(config).stem}: frugal + step in backward / adamw measured peak = {ratio:.2f}")
 
 
 if __name__ == "__main__":

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+
+# Triton's interpreter must be chosen before anything imports triton (torch.compile and dynamo do,
+# and so FRUGAL's first step): without CUDA the kernel tests run the real kernels through it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from leanlm.engine.config import load_config
 from leanlm.engine.data.sources import stdlib_root
