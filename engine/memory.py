@@ -19,7 +19,7 @@ from leanlm.engine.metrics import available_memory_bytes
 from leanlm.engine.model import LLaMA
 from leanlm.optim import is_projectable_name, state_bytes
 from leanlm.optim.lost import LLAMA_TARGETS
-from leanlm.optim.precision import CHUNK_BYTES, chunk_rows, is_elementwise
+from leanlm.optim.precision import CHUNK_BYTES, SR_CHUNK, chunk_rows, is_elementwise
 
 GIB = 2**30
 
@@ -217,6 +217,7 @@ def step_transient_bytes(cfg: RunConfig, model: torch.nn.Module, opt: torch.opti
             copies = max(copies, one)
         if cfg.optim.step_in_backward:  # the bucket of small tensors that steps with the last one
             copies += IN_BACKWARD_BUCKET // elt * 4 * 2
+        copies += SR_CHUNK * 4  # the rounding noise (int32), a slice at a time
     scratch = 0
     if cfg.optim.name != "adamw" and cfg.optim.state_free != "none":
         shapes = {

@@ -54,6 +54,21 @@ def fsdp2_calls_hooks() -> bool:
     return "_post_accumulate_grad_hooks" in inspect.getsource(collectives)
 
 
+NORM_CHUNK = 1 << 24  # elements per float32 slice when a low-precision gradient's norm is taken
+
+
+def _norm(t: torch.Tensor) -> float:
+    """L2 norm in float32; a big bf16 gradient (the embedding's) in slices, not one float32 copy."""
+    if t.dtype == torch.float32 or t.numel() <= NORM_CHUNK:
+        return float(torch.linalg.vector_norm(t.float()))
+    flat = t.reshape(-1)
+    sq = sum(
+        float(torch.linalg.vector_norm(flat[i : i + NORM_CHUNK].float())) ** 2
+        for i in range(0, flat.numel(), NORM_CHUNK)
+    )
+    return math.sqrt(sq)
+
+
 class StepInBackward:
     """Hooks ``optimizer``'s parameters so that each is stepped, then its gradient freed, as soon
     as backward has accumulated it. ``clip`` > 0: per-tensor gradient-norm cap."""
@@ -111,7 +126,7 @@ class StepInBackward:
             p.grad = pending.add_(p.grad)
         grad = p.grad
         shard = local(grad)  # this rank's shard under FSDP2, else the gradient itself
-        norm = float(torch.linalg.vector_norm(shard.float()))
+        norm = _norm(shard)
         if is_dtensor(grad):  # the whole tensor's norm, the same on every rank (NaN/Inf included)
             sq = torch.tensor([norm * norm], dtype=torch.float64, device=shard.device)
             tdist.all_reduce(sq, group=grad.device_mesh.get_group())

@@ -68,14 +68,20 @@ def chunk_rows(p: torch.Tensor, chunk_bytes: int) -> int:
     return max(1, chunk_bytes // (4 * (p.numel() // p.shape[0])))
 
 
+SR_CHUNK = 1 << 24  # elements rounded per slice: the noise is 64 MiB of int32 at most
+
+
 def stochastic_round_(out: torch.Tensor, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Round float32 ``x`` into bf16 ``out``: up with probability equal to the dropped fraction,
     so E[out] = x. Adds uniform noise to the 16 bits bf16 drops, then truncates them; non-finite
-    values pass through."""
-    bits = x.contiguous().view(torch.int32)
-    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
-    rounded = ((bits + noise) & -65536).view(torch.float32)  # low 16 bits clear: exact in bf16
-    out.copy_(torch.where(torch.isfinite(x), rounded, x))
+    values pass through. Works ``SR_CHUNK`` elements at a time, in place on the noise, so a 45M
+    element MLP weight costs one 64 MiB buffer rather than four copies of itself."""
+    flat_x, flat_out = x.contiguous().view(-1), out.view(-1)
+    for start in range(0, flat_x.numel(), SR_CHUNK):
+        xs = flat_x[start : start + SR_CHUNK]
+        noise = torch.randint(0, 1 << 16, xs.shape, dtype=torch.int32, device=x.device, generator=generator)
+        rounded = noise.add_(xs.view(torch.int32)).bitwise_and_(-65536).view(torch.float32)  # exact in bf16
+        flat_out[start : start + SR_CHUNK].copy_(torch.where(torch.isfinite(xs), rounded, xs, out=rounded))
     return out
 
 

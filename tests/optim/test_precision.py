@@ -182,3 +182,23 @@ def test_projected_weights_are_not_stepped_in_slices():
     opt = frugal(net)
     assert opt.elementwise(net[0].weight) and not opt.elementwise(net[1].weight)
     assert opt.elementwise(net[1].bias)
+
+
+def test_rounding_and_norms_of_big_tensors_go_in_slices(monkeypatch):
+    """Stochastic rounding and the in-backward gradient norm take big tensors a slice at a time
+    (bounded float32 / int32 buffers): still unbiased, non-finite values still pass through, and
+    the sliced norm equals the whole one."""
+    import leanlm.optim.in_backward as in_backward
+    import leanlm.optim.precision as precision
+
+    monkeypatch.setattr(precision, "SR_CHUNK", 1000)
+    x = torch.full((50_000,), 1.0 + 2**-10)
+    x[7], x[4321] = float("inf"), float("nan")
+    out = torch.empty_like(x, dtype=torch.bfloat16)
+    stochastic_round_(out, x, torch.Generator().manual_seed(0))
+    finite = torch.isfinite(x)
+    assert abs(out[finite].float().mean().item() - (1.0 + 2**-10)) < 2e-4
+    assert out[7].item() == float("inf") and torch.isnan(out[4321])
+    monkeypatch.setattr(in_backward, "NORM_CHUNK", 100)
+    g = torch.randn(37, 91).to(torch.bfloat16)
+    assert abs(in_backward._norm(g) - torch.linalg.vector_norm(g.float()).item()) < 1e-4
