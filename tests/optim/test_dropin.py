@@ -1,4 +1,4 @@
-"""Drop-in regressions (issue 16, ../shared/research/dropin-findings.md): FRUGAL and LOST used as
+"""Drop-in regressions (issue 16, the drop-in findings F1-F5 / R1-R9): FRUGAL and LOST used as
 other codebases use torch optimizers and layers."""
 
 from __future__ import annotations
