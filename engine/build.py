@@ -16,7 +16,7 @@ import torch
 from leanlm.engine import distributed as dist
 from leanlm.engine.config import RunConfig
 from leanlm.engine.errors import ConfigError
-from leanlm.engine.metrics import available_memory_bytes
+from leanlm.engine.metrics import available_memory_bytes, release_free_memory
 from leanlm.engine.model import LLaMA, count_parameters
 from leanlm.optim import PrecisionHooks, StepInBackward, build_optimizer, optimizer_kwargs
 from leanlm.optim.lost import LLAMA_TARGETS, LOSTLinear, convert
@@ -57,12 +57,16 @@ def build_model(
     dtype = torch.bfloat16 if cfg.train.param_dtype == "bf16" else torch.float32
     device = torch.device(device)
     if device.type != "meta" and (restoring or not check_weights_fit(cfg, vocab, device, dtype)):
-        return _build_in_place(cfg, vocab, device, dtype, draw=not restoring)
-    with device:
-        model = LLaMA(cfg.model, vocab, cfg.train.seq_len)
-    if cfg.model.lost.enabled:
-        apply_lost(model, cfg)
-    return model.to(dtype)
+        model = _build_in_place(cfg, vocab, device, dtype, draw=not restoring)
+    else:
+        with device:
+            model = LLaMA(cfg.model, vocab, cfg.train.seq_len)
+        if cfg.model.lost.enabled:
+            apply_lost(model, cfg)
+        model = model.to(dtype)
+    if device.type == "cpu":
+        release_free_memory()  # the float32 init's freed pages, back to the kernel
+    return model
 
 
 def check_weights_fit(cfg: RunConfig, vocab: int, device: torch.device, dtype: torch.dtype = torch.float32) -> bool:
@@ -150,6 +154,8 @@ def _lost_in_place(model: LLaMA, cfg: RunConfig, device: torch.device, dtype: to
             layer = layer.to_empty(device=device)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, layer.to(dtype))
+        if draw and device.type == "cpu":
+            release_free_memory()  # this layer's float32 SVD and factors: freed pages back now
 
 
 def apply_lost(model: LLaMA, cfg: RunConfig) -> LLaMA:

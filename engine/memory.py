@@ -9,6 +9,7 @@ LLaMA block keeps for backward, per token), and the allocator's fragmentation an
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, replace
 
 import torch
@@ -165,11 +166,15 @@ def memory_report(cfg: RunConfig, vocab: int, on_gpu: bool = True) -> MemoryRepo
 def init_residue_bytes(cfg: RunConfig, vocab: int, dtype: torch.dtype) -> int:
     """A bf16 or LOST model is first built dense in float32 (``engine.build.build_model``); the
     allocator keeps most of those pages after the cast or conversion, so on CPU they stay in the
-    process's resident set (measured: scripts/validate_memory.py). A model whose float32 init does
+    process's resident set (measured: scripts/validate_memory.py), except where ``build_model``
+    returns them to the kernel (glibc: a bf16 model's float32 init; a LOST conversion's peak, the
+    dense float32 model beside its factors, still counts). A model whose float32 init does
     not fit is built in place instead: only its largest tensor's float32 copy then (for LOST, the
     SVD workspace of its largest dense layer)."""
     if dtype != torch.bfloat16 and not cfg.model.lost.enabled:
         return 0
+    if not cfg.model.lost.enabled and sys.platform.startswith("linux"):
+        return 0  # build_model hands the freed float32 pages back (malloc_trim): measured, none stay
     with torch.device("meta"):
         dense = LLaMA(cfg.model, vocab, cfg.train.seq_len)
     sizes = [p.numel() for p in dense.parameters()]
