@@ -197,10 +197,20 @@ IN_BACKWARD_BUCKET = 32 << 20
 
 
 def in_backward_for(cfg: RunConfig, optimizer: torch.optim.Optimizer) -> StepInBackward | None:
-    """``optim.step_in_backward``: the hooks that step ``optimizer`` inside backward, else None."""
+    """``optim.step_in_backward``: the hooks that step ``optimizer`` inside backward, else None.
+    On CPU each bucket's step is followed by ``release_free_memory``: the float32 step copies and
+    gradients just freed would otherwise stay in the C heap (measured with the 7B recipe's layer
+    shapes: about 85 MB of peak RSS per layer, 2.6 GiB at 32 layers; a trim took ~9 ms, under 1% of
+    the step of an 8-layer model on this CPU)."""
     if not cfg.optim.step_in_backward:
         return None
-    return StepInBackward(optimizer, clip=cfg.train.grad_clip, bucket_bytes=IN_BACKWARD_BUCKET)
+    on_cpu = all(p.device.type == "cpu" for g in optimizer.param_groups for p in g["params"])
+    return StepInBackward(
+        optimizer,
+        clip=cfg.train.grad_clip,
+        bucket_bytes=IN_BACKWARD_BUCKET,
+        on_flush=release_free_memory if on_cpu else None,
+    )
 
 
 def parallelize(

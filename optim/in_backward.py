@@ -36,7 +36,8 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as tdist
@@ -73,12 +74,19 @@ class StepInBackward:
     """Hooks ``optimizer``'s parameters so that each is stepped, then its gradient freed, as soon
     as backward has accumulated it. ``clip`` > 0: per-tensor gradient-norm cap."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, clip: float = 0.0, bucket_bytes: int = 0) -> None:
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        clip: float = 0.0,
+        bucket_bytes: int = 0,
+        on_flush: Callable[[], Any] | None = None,
+    ) -> None:
         """``bucket_bytes`` > 0: gradients wait until this many bytes are complete, then one
         ``optimizer.step()`` updates them together (fewer calls: the optimizer's per-call overhead
         and foreach batching are kept; at most ``bucket_bytes`` plus one tensor's gradient is
-        alive). 0 steps each tensor alone."""
-        self.optimizer, self.clip, self.bucket_bytes = optimizer, clip, bucket_bytes
+        alive). 0 steps each tensor alone. ``on_flush``: called after each bucket's step and
+        gradient release (the engine hands freed heap pages back to the kernel there on CPU)."""
+        self.optimizer, self.clip, self.bucket_bytes, self.on_flush = optimizer, clip, bucket_bytes, on_flush
         self._bucket: list[torch.Tensor] = []
         self._bucket_size = 0
         self._flush_queued = False
@@ -152,6 +160,8 @@ class StepInBackward:
         for p in self._bucket:
             p.grad = None
         self._bucket, self._bucket_size, self._flush_queued = [], 0, False
+        if self.on_flush is not None:
+            self.on_flush()
 
     def remove(self) -> None:
         """Detach the hooks (the optimizer then steps normally again)."""

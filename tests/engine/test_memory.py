@@ -112,7 +112,9 @@ def test_cpu_report_counts_runtime_init_residue_and_step_transients():
     cfg = load_config(CONFIGS / "llama_60m.yaml", over)
     cpu, gpu = memory_report(cfg, 32000, on_gpu=False), memory_report(cfg, 32000, on_gpu=True)
     assert cpu.init_bytes == 0 and gpu.init_bytes == 0  # the float32 init's pages are handed back (malloc_trim)
-    lost = memory_report(load_config(CONFIGS / "llama_60m.yaml", [*over, "model.lost.enabled=true"]), 32000, on_gpu=False)
+    lost = memory_report(
+        load_config(CONFIGS / "llama_60m.yaml", [*over, "model.lost.enabled=true"]), 32000, on_gpu=False
+    )
     assert lost.init_bytes == 58_073_600 * 4  # a LOST conversion's peak: the dense float32 model beside it
     assert cpu.runtime_bytes == CPU_RUNTIME_BYTES and gpu.runtime_bytes == 0
     d, f = cfg.model.d_model, cfg.model.ffn_dim
