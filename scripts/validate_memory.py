@@ -70,6 +70,7 @@ def main() -> None:
             rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
             peak = max(r.get("mem/peak_gib", 0.0) for r in rows)
             peaks[config, label] = peak
+            shutil.rmtree(run / "checkpoints", ignore_errors=True)  # a 1b AdamW checkpoint is 16 GB
             print(
                 f"| {Path(config).stem} | {label} | {estimate:.2f} | {peak:.2f} | {peak / estimate:.2f} |", flush=True
             )
