@@ -20,6 +20,7 @@ from leanlm.engine.metrics import available_memory_bytes, release_free_memory
 from leanlm.engine.model import LLaMA, count_parameters
 from leanlm.optim import PrecisionHooks, StepInBackward, build_optimizer, optimizer_kwargs
 from leanlm.optim.lost import LLAMA_TARGETS, LOSTLinear, convert
+from leanlm.optim.precision import hooks_of
 
 
 def pick_device(spec: str) -> torch.device:
@@ -198,13 +199,16 @@ IN_BACKWARD_BUCKET = 32 << 20
 
 def in_backward_for(cfg: RunConfig, optimizer: torch.optim.Optimizer) -> StepInBackward | None:
     """``optim.step_in_backward``: the hooks that step ``optimizer`` inside backward, else None.
-    On CPU each bucket's step is followed by ``release_free_memory``: the float32 step copies and
-    gradients just freed would otherwise stay in the C heap (measured with the 7B recipe's layer
-    shapes: about 85 MB of peak RSS per layer, 2.6 GiB at 32 layers; a trim took ~9 ms, under 1% of
-    the step of an 8-layer model on this CPU)."""
+    On CPU with float32 step copies (``PrecisionHooks``: bf16 weights) each bucket's step is
+    followed by ``release_free_memory``: the copies and gradients just freed would otherwise stay in
+    the C heap (measured with the 7B recipe's layer shapes: about 85 MB of peak RSS per layer, 2.6
+    GiB at 32 layers; a trim took ~9 ms, under 1% of the step of an 8-layer model on this CPU).
+    Float32 models skip it: their step makes no such copies, and small models would pay the trims."""
     if not cfg.optim.step_in_backward:
         return None
-    on_cpu = all(p.device.type == "cpu" for g in optimizer.param_groups for p in g["params"])
+    on_cpu = hooks_of(optimizer) is not None and all(
+        p.device.type == "cpu" for g in optimizer.param_groups for p in g["params"]
+    )
     return StepInBackward(
         optimizer,
         clip=cfg.train.grad_clip,

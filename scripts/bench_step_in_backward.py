@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -20,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def measure(config: str, out: Path, over: list[str]) -> tuple[float, float]:
+    shutil.rmtree(out, ignore_errors=True)  # a fresh run each time
     cmd = [sys.executable, "-m", "leanlm.engine.cli", "train", config, f"train.out_dir={out}", *over]
     subprocess.run(cmd, check=True, capture_output=True)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
