@@ -156,10 +156,13 @@ class FRUGAL(torch.optim.Optimizer):
                 'with "projectable": True for the matrices to split (see FRUGAL.describe())',
                 stacklevel=3,
             )
-        fused = [n for n, p, _ in self._described() if p.ndim > 2 and any(k in n.lower() for k in BLOCK_LINEAR_KEYS)]
+        fused = [
+            (n, p) for n, p, _ in self._described() if p.ndim > 2 and any(k in n.lower() for k in BLOCK_LINEAR_KEYS)
+        ]
         if fused:
+            dims = "/".join(sorted({str(p.ndim) for _, p in fused}))
             warnings.warn(
-                f"FRUGAL: {_short(fused)} are {'/'.join(sorted({str(p.ndim) for p in self._named(fused)}))}-D "
+                f"FRUGAL: {_short([n for n, _ in fused])} are {dims}-D "
                 "(fused MoE experts?) and get plain AdamW; to split them, register each expert's 2-D weight as its "
                 "own parameter (or view them per expert) and pass them in a projectable group",
                 stacklevel=3,
@@ -193,29 +196,31 @@ class FRUGAL(torch.optim.Optimizer):
         for p in self.param_groups[-1]["params"]:
             self._index.setdefault(id(p), len(self._index))
 
-    def _named(self, names: list[str]) -> list[torch.Tensor]:
-        wanted = set(names)
-        return [p for n, p, _ in self._described() if n in wanted]
-
     def projectable_names(self) -> list[str]:
         """Names of the tensors FRUGAL splits (positions ``param.<i>`` when it was given no names)."""
         return [name for name, _, split in self._described() if split]
 
+    def _names(self, group: dict[str, Any]) -> list[str]:
+        return group.get("param_names") or [f"param.{self._index[id(p)]}" for p in group["params"]]
+
     def _described(self) -> list[tuple[str, torch.Tensor, bool]]:
-        out = []
-        for group in self.param_groups:
-            names = group.get("param_names") or [f"param.{self._index[id(p)]}" for p in group["params"]]
-            out += [(n, p, self.is_projectable(group, p)) for n, p in zip(names, group["params"], strict=True)]
-        return out
+        """(name, tensor, split?) for every tensor, group by group."""
+        return [
+            (n, p, self.is_projectable(g, p))
+            for g in self.param_groups
+            for n, p in zip(self._names(g), g["params"], strict=True)
+        ]
 
     def describe(self) -> str:
         """One line per group and a total: what is split (AdamW on a subspace + the state-free
         rule on the rest) and what gets plain AdamW, by name, with the state each holds now."""
         lines = []
         for i, group in enumerate(self.param_groups):
-            names = group.get("param_names") or [f"param.{self._index[id(p)]}" for p in group["params"]]
-            split = [n for n, p in zip(names, group["params"], strict=True) if self.is_projectable(group, p)]
-            dense = [n for n in names if n not in set(split)]
+            rows = [
+                (n, self.is_projectable(group, p)) for n, p in zip(self._names(group), group["params"], strict=True)
+            ]
+            split = [n for n, s in rows if s]
+            dense = [n for n, s in rows if not s]
             what = (
                 f"split ({group['projection']}, density {group['density']:g}, state-free {group['state_free']}, "
                 f"refresh every {group['update_gap']})"
@@ -226,10 +231,8 @@ class FRUGAL(torch.optim.Optimizer):
                 lines.append(f"group {i}: {len(dense)} plain AdamW: {_short(dense)}")
         from leanlm.optim.memory import state_bytes
 
-        n_split = sum(1 for *_, s in self._described() if s)
-        lines.append(
-            f"total: {n_split} of {len(self._index)} tensors split; optimizer state now {state_bytes(self):,} bytes"
-        )
+        n_split, n_all, state = len(self.projectable_names()), len(self._index), state_bytes(self)
+        lines.append(f"total: {n_split} of {n_all} tensors split; optimizer state now {state:,} bytes")
         return "\n".join(lines)
 
     def param_index(self, p: torch.Tensor) -> int:

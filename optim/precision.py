@@ -170,8 +170,7 @@ class PrecisionHooks:
             st = optimizer.state[p]
             if self.rounding == "stochastic" and p.device.type != "meta":  # meta: shapes only (leanlm memory)
                 count = int(st.get("sr_count", 0))
-                gen = _generator(self.seed, self._index[id(p)], count, p.device)
-                stochastic_round_(low, p.data, gen)
+                self._round(low, p.data, p, count)
                 st["sr_count"] = torch.tensor(count + 1, dtype=torch.int64)
             else:
                 low.copy_(p.data)
