@@ -20,7 +20,7 @@ from leanlm.optim.in_backward import StepInBackward
 from leanlm.optim.lost import LOSTLinear, convert
 from leanlm.optim.memory import state_bytes
 from leanlm.optim.precision import PrecisionHooks, stochastic_round_
-from leanlm.optim.presets import badam, galore
+from leanlm.optim.presets import apollo, apollo_mini, badam, fira, galore
 
 __all__ = [
     "FRUGAL",
@@ -29,9 +29,12 @@ __all__ = [
     "LOSTLinear",
     "PrecisionHooks",
     "StepInBackward",
+    "apollo",
+    "apollo_mini",
     "badam",
     "build_optimizer",
     "convert",
+    "fira",
     "frugal_param_groups",
     "galore",
     "is_projectable_name",

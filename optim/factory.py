@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from leanlm.optim.frugal import FRUGAL
-from leanlm.optim.presets import badam, galore
+from leanlm.optim.presets import apollo, badam, fira, galore
 
 NamedParams = Iterable[tuple[str, nn.Parameter]]
 
@@ -55,6 +55,8 @@ OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "frugal": _frugal,
     "galore": galore,
     "badam": badam,
+    "fira": fira,
+    "apollo": apollo,
 }
 
 _ADAM = {"lr": "lr", "betas": "betas", "eps": "eps", "weight_decay": "weight_decay"}
@@ -66,7 +68,13 @@ OPTIMIZER_SETTINGS: dict[str, dict[str, str]] = {
     "frugal": {
         **_ADAM,
         **{k: k for k in ("density", "projection", "update_gap", "state_free", "state_free_lr_scale")},
-        **{k: k for k in ("proj_lr_scale", "reset_on_refresh", "block_order")},
+        **{k: k for k in ("proj_lr_scale", "reset_on_refresh", "block_order", "scaling", "rank")},
+    },
+    "fira": {**_ADAM, "density": "density", "update_gap": "update_gap", "fira_alpha": "alpha", "rank": "rank"},
+    "apollo": {
+        **_ADAM,
+        **{k: k for k in ("density", "update_gap", "scaling", "rank")},
+        "apollo_scale": "scale",
     },
 }
 
@@ -78,6 +86,8 @@ def optimizer_kwargs(name: str, settings: Mapping[str, Any], seed: int) -> dict[
         raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZER_SETTINGS)}")
     kwargs = {arg: settings[key] for key, arg in OPTIMIZER_SETTINGS[name].items()}
     kwargs["betas"] = tuple(kwargs["betas"])
+    if "rank" in kwargs:
+        kwargs["rank"] = kwargs["rank"] or None  # the config's 0: from density
     if name != "adamw":
         kwargs["seed"] = seed
     return kwargs

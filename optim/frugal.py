@@ -11,9 +11,12 @@ random: semi-orthogonal). The step then is::
     W <- W + U
 
 For columns/rows/randk/blocks the residual is exactly the complement (disjoint coordinates); for
-svd/random it is the dense orthogonal-complement residual. ``state_free="sgd"`` uses the raw
-residual, ``"none"`` drops it (plain low-rank or block training: GaLore and BAdam are presets of
-this class, see ``leanlm.optim.presets``). Non-projectable parameters (embeddings, head, norms,
+svd/random/gaussian it is the dense orthogonal-complement residual. ``state_free="sgd"`` uses the
+raw residual, ``"none"`` drops it (plain low-rank or block training: GaLore and BAdam are presets of
+this class, see ``leanlm.optim.presets``). ``"fira"`` scales the residual per channel by the ratio
+of the Adam direction's norm to the gradient's norm in the subspace, and ``"apollo"`` scales the
+whole gradient so (no separate Adam step); both with Fira's norm-growth limiter, per channel or per
+tensor (``scaling``); see ``leanlm.optim.scaled``. Non-projectable parameters (embeddings, head, norms,
 1-D tensors) get plain AdamW. On a refresh the moments of the new subspace are zeroed and bias
 correction restarts (``reset_on_refresh=True``, the paper's setting).
 
@@ -57,6 +60,7 @@ from leanlm.optim.projections import (
     select_blocks,
     subspace_generator,
 )
+from leanlm.optim.scaled import RULES, SCALINGS, scaled_update_
 from leanlm.optim.sharding import (
     FlatSegment,
     flat_positions,
@@ -67,7 +71,7 @@ from leanlm.optim.sharding import (
     sharded_zeros,
 )
 
-STATE_FREE = ("sign", "sgd", "none")
+STATE_FREE = ("sign", "sgd", "none", *RULES)
 
 
 def _check_group(group: dict[str, Any]) -> None:
@@ -77,6 +81,16 @@ def _check_group(group: dict[str, Any]) -> None:
         problems.append(f"projection={group['projection']!r} (choose {', '.join(PROJECTIONS)})")
     if group["state_free"] not in STATE_FREE:
         problems.append(f"state_free={group['state_free']!r} (choose {', '.join(STATE_FREE)})")
+    if group["state_free"] in RULES and group["projection"] == "blocks":
+        problems.append(
+            f"state_free={group['state_free']!r} with projection='blocks' (the ratio is measured inside each "
+            "matrix; blocks leaves inactive matrices no subspace: choose another projection or state_free)"
+        )
+    if group["scaling"] not in SCALINGS:
+        problems.append(f"scaling={group['scaling']!r} (choose {', '.join(SCALINGS)})")
+    rank = group["rank"]
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        problems.append(f"rank={rank!r} (None for density x min(m, n), or an int >= 1)")
     if group["block_order"] not in BLOCK_ORDERS:
         problems.append(f"block_order={group['block_order']!r} (choose {', '.join(BLOCK_ORDERS)})")
     if not 0.0 <= group["density"] <= 1.0:
@@ -117,6 +131,8 @@ class FRUGAL(torch.optim.Optimizer):
         reset_on_refresh: bool = True,
         block_order: str = "descending",
         seed: int = 0,
+        scaling: str = "channel",
+        rank: int | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -132,6 +148,8 @@ class FRUGAL(torch.optim.Optimizer):
             reset_on_refresh=reset_on_refresh,
             block_order=block_order,
             seed=seed,
+            scaling=scaling,
+            rank=rank,
             projectable=True,
         )
         # Stable parameter index (the order parameters joined) for the subspace generator's seed;
@@ -248,6 +266,11 @@ class FRUGAL(torch.optim.Optimizer):
             group = next((g for g in self.param_groups if any(p is flat for p in g["params"])), None)
         if group is None:
             raise ValueError("attach_flat_layout: the tensor is not in any parameter group")
+        if group["projectable"] and group["state_free"] in RULES:
+            raise ValueError(
+                f"FRUGAL state_free={group['state_free']!r} needs whole matrices (per-channel norms); on flat "
+                "(ZeRO) partitions use state_free='sign', or shard with FSDP2"
+            )
         if group["projectable"] and group["projection"] not in ("columns", "randk"):
             raise ValueError(
                 f"FRUGAL on flat (ZeRO) partitions supports projection columns or randk, not {group['projection']!r}"
@@ -323,6 +346,7 @@ class FRUGAL(torch.optim.Optimizer):
         """columns / rows on a whole (unsharded, contiguous) matrix on the Triton path."""
         return (
             PROJECTORS[group["projection"]].fused
+            and group["state_free"] not in RULES
             and id(p) not in self._flat
             and not is_dtensor(p)
             and p.is_contiguous()
@@ -399,7 +423,7 @@ class FRUGAL(torch.optim.Optimizer):
         def whole_grad() -> torch.Tensor:  # svd needs all of G
             return p.grad.full_tensor() if is_dtensor(p.grad) else p.grad
 
-        drawn, shape, dtype = PROJECTORS[kind].draw(tuple(p.shape), group["density"], gen, whole_grad)
+        drawn, shape, dtype = PROJECTORS[kind].draw(tuple(p.shape), group["density"], gen, whole_grad, group["rank"])
         st.update({name: t.to(p.device) for name, t in drawn.items()})
         dtype = dtype or p.dtype
         keep = "exp_avg" in st and not group["reset_on_refresh"] and st["exp_avg"].shape == shape
@@ -413,6 +437,8 @@ class FRUGAL(torch.optim.Optimizer):
             st["step"] = torch.zeros((), dtype=torch.float32)
         st["age"] = torch.zeros((), dtype=torch.int64)
         st["refresh"] = torch.tensor(refresh, dtype=torch.int64)
+        if group["state_free"] in RULES and "growth_norm" not in st:  # kept across refreshes, as in Fira
+            st["growth_norm"] = torch.full((), -1.0, dtype=torch.float32, device=p.device)
 
     def _refresh_blocks(self, group: dict[str, Any], proj: list[torch.Tensor]) -> None:
         """BAdam-style: ρ of the group's projectable tensors are state-full, whole."""
@@ -483,6 +509,22 @@ class FRUGAL(torch.optim.Optimizer):
         lr_full = group["lr"] * group["proj_lr_scale"]
         lr_free = lr_full * group["state_free_lr_scale"]
         st["age"] += 1
+        if free in RULES:  # fira / apollo: leanlm.optim.scaled
+            scaled_update_(
+                p,
+                g,
+                st,
+                proj,
+                rule=free,
+                scaling=group["scaling"],
+                lr=lr_full,
+                free_scale=group["state_free_lr_scale"],
+                betas=group["betas"],
+                eps=group["eps"],
+                scratch=self._scratch_like(g, torch.float32, slot=1),
+                allsum=_rank_sum(key) if key is not None and kind == "columns" else _same,
+            )
+            return
         if proj.fused:  # columns / rows: leanlm.kernels does the whole step (fused on CUDA)
             dim = 1 if kind == "columns" else 0
             frugal_update(
@@ -597,6 +639,21 @@ def adam_foreach_(params, grads, states, lr: float, betas, eps: float) -> None:
     torch._foreach_div_(denom, bc2_sqrt)
     torch._foreach_add_(denom, eps)
     torch._foreach_addcdiv_(params, exp_avgs, denom, step_sizes)
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _rank_sum(key: torch.Tensor):
+    """For one rank's rows of a sharded matrix: partial sums -> the sum over its mesh."""
+    import torch.distributed as tdist
+
+    def total(t: torch.Tensor) -> torch.Tensor:
+        tdist.all_reduce(t, group=key.device_mesh.get_group())
+        return t
+
+    return total
 
 
 def _short(names: list[str], shown: int = 4) -> str:

@@ -1,4 +1,4 @@
-"""GaLore and BAdam as special cases of FRUGAL, so all three compare on equal footing.
+"""GaLore, BAdam, Fira and APOLLO as special cases of FRUGAL, so all compare on equal footing.
 
 * ``galore(...)``: svd projection (top singular vectors of the gradient, refreshed every
   ``update_gap`` steps), no state-free part, moments kept across refreshes (as galore-torch does),
@@ -8,10 +8,17 @@
   the rest get no update; the moments are rebuilt at every switch. BAdam also skips computing the
   frozen blocks' gradients; this preset computes full gradients (it reproduces BAdam's update, not
   its gradient-memory saving).
+* ``fira(...)``: the paper's recipe (Chen et al. 2024): GaLore's svd subspace, moments kept across
+  refreshes, the residual scaled per channel (``state_free="fira"``). ``alpha``: the fira
+  package's scale of the low-rank update (1.0 there by default).
+* ``apollo(...)`` / ``apollo_mini(...)``: APOLLO's recipes (Zhu et al. 2024): a Gaussian random
+  projection (no SVD), the whole gradient scaled per channel (rank ρ·min(m, n), or ``rank``) or,
+  for APOLLO-Mini, per tensor at rank 1 with ``scale`` 128; moments kept across refreshes.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -60,3 +67,62 @@ def badam(
         block_order=block_order,
         **kwargs,
     )
+
+
+def fira(
+    params: Iterable[Any],
+    lr: float = 1e-3,
+    density: float = 0.25,
+    update_gap: int = 200,
+    alpha: float = 1.0,
+    rank: int | None = None,
+    **kwargs: Any,
+) -> FRUGAL:
+    """Fira: GaLore's subspace plus the residual scaled per channel, with the norm-growth limiter.
+    The low-rank step is scaled by ``alpha`` and the residual is not, as in the fira package (which
+    also subtracts alpha·P↑P↓G for its residual; here the residual is exact, the same at alpha 1)."""
+    kwargs.setdefault("projection", "svd")
+    return FRUGAL(
+        params,
+        lr=lr,
+        density=density,
+        update_gap=update_gap,
+        state_free="fira",
+        reset_on_refresh=False,
+        proj_lr_scale=alpha,
+        state_free_lr_scale=1.0 / alpha,
+        rank=rank,
+        **kwargs,
+    )
+
+
+def apollo(
+    params: Iterable[Any],
+    lr: float = 1e-3,
+    density: float = 0.25,
+    update_gap: int = 200,
+    scale: float = 1.0,
+    scaling: str = "channel",
+    rank: int | None = None,
+    **kwargs: Any,
+) -> FRUGAL:
+    """APOLLO: every projectable matrix's gradient scaled per channel (or per tensor) by the ratio
+    measured in a Gaussian random projection; the update is multiplied by √scale, as in apollo-torch."""
+    kwargs.setdefault("projection", "gaussian")
+    return FRUGAL(
+        params,
+        lr=lr,
+        density=density,
+        update_gap=update_gap,
+        state_free="apollo",
+        scaling=scaling,
+        reset_on_refresh=False,
+        proj_lr_scale=math.sqrt(scale),
+        rank=rank,
+        **kwargs,
+    )
+
+
+def apollo_mini(params: Iterable[Any], lr: float = 1e-3, update_gap: int = 200, scale: float = 128.0, **kwargs: Any):
+    """APOLLO-Mini: rank 1, one ratio per tensor, √128 update scale (the paper's recipe)."""
+    return apollo(params, lr=lr, update_gap=update_gap, scale=scale, scaling="tensor", rank=1, **kwargs)

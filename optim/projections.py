@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-PROJECTIONS = ("columns", "rows", "randk", "blocks", "svd", "random")
+PROJECTIONS = ("columns", "rows", "randk", "blocks", "svd", "random", "gaussian")
 BLOCK_ORDERS = ("descending", "ascending", "random")
 
 
@@ -31,9 +31,10 @@ def num_selected(density: float, size: int) -> int:
     return int(density * size + 1e-9)
 
 
-def svd_rank(density: float, shape: tuple[int, int]) -> int:
-    """r = round(ρ·min(m, n)) for the svd and random projections."""
-    return round(density * min(shape))
+def svd_rank(density: float, shape: tuple[int, int], rank: int | None = None) -> int:
+    """r = round(ρ·min(m, n)) for the basis projections (svd, random, gaussian), or the fixed
+    ``rank`` when one is given (GaLore / APOLLO recipes name a rank), capped at min(m, n)."""
+    return min(rank, min(shape)) if rank else round(density * min(shape))
 
 
 def select_indices(size: int, count: int, gen: torch.Generator) -> torch.Tensor:
@@ -91,6 +92,15 @@ def random_basis(shape: tuple[int, int], rank: int, gen: torch.Generator) -> tor
     return q.T.contiguous() if m >= n else q.contiguous()
 
 
+def gaussian_basis(shape: tuple[int, int], rank: int, gen: torch.Generator) -> torch.Tensor:
+    """APOLLO's projector: i.i.d. N(0, 1/r) entries, not orthogonalised, same layout as
+    ``svd_basis`` (rank, n) for m >= n, (m, rank) otherwise. It only estimates norms (APOLLO scales
+    the full gradient), so it needs no orthogonality, and it costs no SVD or QR."""
+    m, n = shape
+    size = (rank, n) if m >= n else (m, rank)
+    return torch.randn(size, generator=gen).div_(rank**0.5)
+
+
 def project_down(grad: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     """(m, n) -> (m, r) on the right or (r, n) on the left, in float32."""
     g = grad.float()
@@ -121,16 +131,20 @@ class Projection:
     their state-free part is the exact complement. Basis kinds (svd, random) ``lift(values, st,
     shape, out)`` back to (m, n) instead, and their state-free part is the residual G − P↑P↓G.
     ``whole``: every coordinate is state-full (an active block). ``fused``: the kernels' columns /
-    rows update (``leanlm.kernels.frugal_update``) does the whole step.
+    rows update (``leanlm.kernels.frugal_update``) does the whole step. ``channels(x, st, shape)``:
+    per-channel sums of a moment-shaped ``x``, shaped to broadcast over (m, n) (see
+    ``leanlm.optim.scaled``); None where there is no subspace inside the matrix (blocks).
     """
 
-    draw: Callable[[tuple[int, int], float, torch.Generator, Grad], tuple[dict, tuple[int, ...], torch.dtype | None]]
+    # draw(shape, density, gen, grad, rank=None): rank, when given, fixes a basis kind's rank
+    draw: Callable[..., tuple[dict, tuple[int, ...], torch.dtype | None]]
     down: Callable[[torch.Tensor, dict], torch.Tensor]
     put: Callable[[torch.Tensor, dict, torch.Tensor, bool], None] | None = None
     lift: Callable[..., torch.Tensor] | None = None
     whole: bool = False
     fused: bool = False
     moment_dtype: torch.dtype | None = None  # what ``draw`` gives: None for the parameter's dtype
+    channels: Callable[[torch.Tensor, dict, tuple[int, int]], torch.Tensor] | None = None
 
     @property
     def coordinates(self) -> bool:
@@ -161,41 +175,77 @@ def _down_basis(g: torch.Tensor, st: dict) -> torch.Tensor:
     return project_down(g, st["basis"])
 
 
-def _draw_columns(shape, density, gen, grad):
+def _draw_columns(shape, density, gen, grad, rank=None):
     index = select_indices(shape[1], num_selected(density, shape[1]), gen)
     return {"index": index}, (shape[0], index.numel()), None
 
 
-def _draw_rows(shape, density, gen, grad):
+def _draw_rows(shape, density, gen, grad, rank=None):
     index = select_indices(shape[0], num_selected(density, shape[0]), gen)
     return {"index": index}, (index.numel(), shape[1]), None
 
 
-def _draw_entries(shape, density, gen, grad):
+def _draw_entries(shape, density, gen, grad, rank=None):
     numel = shape[0] * shape[1]
     index = select_entries(numel, num_selected(density, numel), gen)
     return {"index": index}, (index.numel(),), None
 
 
 def _draw_basis(kind: str):
-    def draw(shape, density, gen, grad):
-        (m, n), r = shape, svd_rank(density, shape)
-        basis = svd_basis(grad(), r) if kind == "svd" else random_basis(shape, r, gen)
+    def draw(shape, density, gen, grad, rank=None):
+        (m, n), r = shape, svd_rank(density, shape, rank)
+        if kind == "svd":
+            basis = svd_basis(grad(), r)
+        else:
+            basis = (random_basis if kind == "random" else gaussian_basis)(shape, r, gen)
         return {"basis": basis}, ((m, r) if m >= n else (r, n)), torch.float32  # moments on the basis side
 
     return draw
 
 
-def _draw_group(shape, density, gen, grad):
+def _draw_group(shape, density, gen, grad, rank=None):
     raise RuntimeError("blocks are drawn for the whole group at once (select_blocks)")
 
 
+# Channels (Fira / APOLLO): a row of W when the subspace spans columns, else a column; for the basis
+# kinds that is the side the basis does not project (GaLore's layout: rows when m >= n).
+def _row_sums(x: torch.Tensor, st: dict, shape: tuple[int, int]) -> torch.Tensor:
+    return x.sum(dim=1, keepdim=True)  # (m, 1)
+
+
+def _column_sums(x: torch.Tensor, st: dict, shape: tuple[int, int]) -> torch.Tensor:
+    return x.sum(dim=0, keepdim=True)  # (1, n)
+
+
+def _entry_row_sums(x: torch.Tensor, st: dict, shape: tuple[int, int]) -> torch.Tensor:
+    rows = st["index"].long().div(shape[1], rounding_mode="floor")  # each selected entry's row
+    return torch.zeros(shape[0], 1, dtype=x.dtype, device=x.device).index_add_(0, rows, x.unsqueeze(1))
+
+
+def _basis_sums(x: torch.Tensor, st: dict, shape: tuple[int, int]) -> torch.Tensor:
+    return _row_sums(x, st, shape) if shape[0] >= shape[1] else _column_sums(x, st, shape)
+
+
+def _basis_kind(kind: str) -> Projection:
+    return Projection(_draw_basis(kind), _down_basis, lift=_lift, moment_dtype=torch.float32, channels=_basis_sums)
+
+
 PROJECTORS: dict[str, Projection] = {
-    "columns": Projection(_draw_columns, lambda g, st: g.index_select(1, st["index"]), _put_index(1), fused=True),
-    "rows": Projection(_draw_rows, lambda g, st: g.index_select(0, st["index"]), _put_index(0), fused=True),
-    "randk": Projection(_draw_entries, lambda g, st: g.reshape(-1).index_select(0, st["index"].long()), _put_entries),
+    "columns": Projection(
+        _draw_columns, lambda g, st: g.index_select(1, st["index"]), _put_index(1), fused=True, channels=_row_sums
+    ),
+    "rows": Projection(
+        _draw_rows, lambda g, st: g.index_select(0, st["index"]), _put_index(0), fused=True, channels=_column_sums
+    ),
+    "randk": Projection(
+        _draw_entries,
+        lambda g, st: g.reshape(-1).index_select(0, st["index"].long()),
+        _put_entries,
+        channels=_entry_row_sums,
+    ),
     "blocks": Projection(_draw_group, lambda g, st: g, _put_whole, whole=True),
-    "svd": Projection(_draw_basis("svd"), _down_basis, lift=_lift, moment_dtype=torch.float32),
-    "random": Projection(_draw_basis("random"), _down_basis, lift=_lift, moment_dtype=torch.float32),
+    "svd": _basis_kind("svd"),
+    "random": _basis_kind("random"),
+    "gaussian": _basis_kind("gaussian"),
 }
 assert tuple(PROJECTORS) == PROJECTIONS

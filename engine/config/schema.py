@@ -132,9 +132,10 @@ class DataConfig:
 
 @dataclass(kw_only=True)
 class OptimConfig:
-    """Optimizer and learning-rate schedule. FRUGAL keys apply to frugal, galore and badam."""
+    """Optimizer and learning-rate schedule. FRUGAL keys apply to frugal and its presets (galore,
+    badam, fira, apollo) as each takes them."""
 
-    name: str = _f("adamw", "optimizer", choices=("adamw", "frugal", "galore", "badam"))
+    name: str = _f("adamw", "optimizer", choices=("adamw", "frugal", "galore", "badam", "fira", "apollo"))
     lr: float = _f(1e-3, "peak learning rate", gt=0)
     betas: list[float] = _f([0.9, 0.95], "Adam betas [beta1, beta2]")
     eps: float = _f(1e-8, "Adam epsilon", gt=0)
@@ -150,10 +151,19 @@ class OptimConfig:
     projection: str = _f(
         "columns",
         "FRUGAL subspace",
-        choices=("columns", "rows", "randk", "blocks", "svd", "random"),
+        choices=("columns", "rows", "randk", "blocks", "svd", "random", "gaussian"),
     )
     update_gap: int = _f(200, "FRUGAL T: steps between subspace refreshes", gt=0)
-    state_free: str = _f("sign", "FRUGAL update outside the subspace", choices=("sign", "sgd", "none"))
+    state_free: str = _f(
+        "sign",
+        "FRUGAL update outside the subspace: sign, sgd, none, fira (residual scaled per channel by the Adam/gradient "
+        "norm ratio in the subspace) or apollo (the whole gradient so scaled)",
+        choices=("sign", "sgd", "none", "fira", "apollo"),
+    )
+    scaling: str = _f("channel", "fira/apollo: one norm ratio per channel or per tensor", choices=("channel", "tensor"))
+    rank: int = _f(0, "svd/random/gaussian subspace rank; 0 = density x min(m, n)", ge=0)
+    fira_alpha: float = _f(1.0, "fira: scale of the low-rank update (the fira package's alpha)", gt=0)
+    apollo_scale: float = _f(1.0, "apollo: the update is multiplied by sqrt(apollo_scale) (128 for APOLLO-Mini)", gt=0)
     state_free_lr_scale: float = _f(1.0, "FRUGAL: lr multiplier of the state-free part", ge=0)
     proj_lr_scale: float = _f(
         1.0,
