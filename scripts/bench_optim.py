@@ -1,4 +1,4 @@
-"""Optimizer-state bytes and step time: AdamW vs FRUGAL (every projection) vs galore-torch.
+"""Optimizer-state bytes and step time: AdamW vs FRUGAL (every projection and rule) vs the peer packages.
 
 On LLaMA-60m and -130m parameter shapes (vocab 32000), with fixed random gradients, one run,
 side by side, as ratios to AdamW. Step time is the median over ``--steps`` steady-state steps (the
@@ -6,8 +6,9 @@ first step, which draws the subspaces or runs GaLore's SVDs, is reported separat
 
     python scripts/bench_optim.py --sizes 60m 130m --steps 10 --threads 2
 
-galore-torch (``pip install galore-torch``, which needs transformers and bitsandbytes) is
-optional: without it that row is skipped.
+The peers (``pip install --no-deps galore-torch apollo-torch fira bitsandbytes transformers``) are
+optional: a package that does not import is skipped. ``--only fira apollo`` keeps the rows whose
+name contains one of the words (AdamW, the baseline, is always kept).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 
 from leanlm.engine.config import load_config
 from leanlm.engine.model import LLaMA
-from leanlm.optim import FRUGAL, frugal_param_groups, galore, state_bytes
+from leanlm.optim import FRUGAL, apollo, apollo_mini, fira, frugal_param_groups, galore, state_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,24 +45,32 @@ def tensor_bytes(obj, seen=None) -> int:
     return 0
 
 
-def make_galore_torch(model, density: float):
+def make_peer(model, density: float, module: str, cls: str, **extra):
+    """A peer package's optimizer with its low-rank group holding the matrices FRUGAL splits."""
     try:
-        from galore_torch import GaLoreAdamW
-    except ImportError:
+        optimizer = getattr(__import__(module), cls)
+    except Exception:  # not installed, or a dependency missing: skip the row
         return None
     proj, rest = frugal_param_groups(model)
-    rank = round(density * model.cfg.d_model)  # = round(ρ·min(m, n)) for every LLaMA matrix
-    groups = [
-        {"params": rest["params"]},
-        {
-            "params": proj["params"],
-            "rank": rank,
-            "update_proj_gap": 200,
-            "scale": 0.25,
-            "proj_type": "std",
-        },
-    ]
-    return GaLoreAdamW(groups, lr=1e-3, weight_decay=0.0)
+    extra.setdefault("rank", round(density * model.cfg.d_model))  # = round(ρ·min(m, n)) for LLaMA matrices
+    groups = [{"params": rest["params"]}, {"params": proj["params"], "update_proj_gap": 200, **extra}]
+    return optimizer(groups, lr=1e-3, weight_decay=0.0)
+
+
+PEERS = {
+    "galore-torch GaLoreAdamW": ("galore_torch", "GaLoreAdamW", dict(scale=0.25, proj_type="std")),
+    "fira (package) FiraAdamW": ("fira", "FiraAdamW", dict(alpha=1.0, proj_type="std")),
+    "apollo-torch APOLLOAdamW": (
+        "apollo_torch",
+        "APOLLOAdamW",
+        dict(proj="random", scale_type="channel", scale=1.0, proj_type="std"),
+    ),
+    "apollo-torch APOLLO-Mini": (
+        "apollo_torch",
+        "APOLLOAdamW",
+        dict(rank=1, proj="random", scale_type="tensor", scale=128.0, proj_type="std"),
+    ),
+}
 
 
 def optimizers(model, density: float):
@@ -74,12 +83,17 @@ def optimizers(model, density: float):
         yield f"FRUGAL {proj}", FRUGAL(named, lr=1e-3, density=density, projection=proj)
     yield "FRUGAL ρ=0 (sign only)", FRUGAL(named, lr=1e-3, density=0.0)
     yield "GaLore mode (FRUGAL svd, no state-free)", galore(named, lr=1e-3, density=density)
-    gt = make_galore_torch(model, density)
-    if gt is not None:
-        yield "galore-torch GaLoreAdamW", gt
+    yield "FRUGAL fira (columns)", FRUGAL(named, lr=1e-3, density=density, state_free="fira")
+    yield "Fira preset (FRUGAL svd + fira)", fira(named, lr=1e-3, density=density)
+    yield "APOLLO preset (FRUGAL gaussian + apollo)", apollo(named, lr=1e-3, density=density)
+    yield "APOLLO-Mini preset", apollo_mini(named, lr=1e-3)
+    for name, (module, cls, extra) in PEERS.items():
+        opt = make_peer(model, density, module, cls, **extra)
+        if opt is not None:
+            yield name, opt
 
 
-def bench(size: str, steps: int, density: float) -> list[tuple[str, int, float, float]]:
+def bench(size: str, steps: int, density: float, only: list[str]) -> list[tuple[str, int, float, float]]:
     cfg = load_config(ROOT / "configs" / f"llama_{size}.yaml")
     torch.manual_seed(0)
     model = LLaMA(cfg.model, 32000, cfg.train.seq_len)
@@ -87,6 +101,8 @@ def bench(size: str, steps: int, density: float) -> list[tuple[str, int, float, 
     grads = [torch.randn(p.shape, generator=gen) * 1e-3 for p in model.parameters()]
     rows = []
     for name, opt in optimizers(model, density):
+        if only and rows and not any(w.lower() in name.lower() for w in only):
+            continue
         for p, g in zip(model.parameters(), grads):
             p.grad = g.clone()
         t0 = time.perf_counter()
@@ -109,6 +125,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--density", type=float, default=0.25)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--only", nargs="*", default=[], help="keep rows whose name contains one of these words")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(
@@ -116,7 +133,7 @@ def main() -> None:
         f"median of {args.steps} steps"
     )
     for size in args.sizes:
-        rows = bench(size, args.steps, args.density)
+        rows = bench(size, args.steps, args.density, args.only)
         base_bytes, base_time = rows[0][1], rows[0][2]
         print(f"\n### LLaMA-{size}\n")
         print("| optimizer | state (MiB) | vs AdamW | step (ms) | vs AdamW | refresh step (ms) |")

@@ -37,7 +37,10 @@ def build() -> nn.Module:
     )
 
 
-def run(projection: str) -> None:
+def run(spec: str) -> None:
+    """``spec``: a projection, or ``projection:rule[:scaling]`` for the fira / apollo rules."""
+    parts = spec.split(":")
+    projection, rule, scaling = parts[0], (parts[1:2] or ["sign"])[0], (parts[2:3] or ["channel"])[0]
     rank, world = tdist.get_rank(), tdist.get_world_size()
     ref = build()
     sharded = copy.deepcopy(ref)
@@ -46,6 +49,7 @@ def run(projection: str) -> None:
             fully_shard(layer)
     fully_shard(sharded)
     kw = dict(lr=1e-2, density=0.5, projection=projection, update_gap=2, weight_decay=0.1, seed=3)
+    kw.update(state_free=rule, scaling=scaling)
     opt_ref, opt = FRUGAL(ref.parameters(), **kw), FRUGAL(sharded.parameters(), **kw)
     gen = torch.Generator().manual_seed(1)
     for _ in range(5):
@@ -71,7 +75,7 @@ def run(projection: str) -> None:
             assert all(s == seen[0] for s in seen), f"column subspaces differ across ranks: {seen}"
             assert is_dtensor(st["exp_avg"]), "column moments must be sharded DTensors"
             assert local(st["exp_avg"]).shape[0] == local(p).shape[0]
-    print(f"OK {projection} {rank} {state_bytes(opt)} {state_bytes(opt_ref)}", flush=True)
+    print(f"OK {spec} {rank} {state_bytes(opt)} {state_bytes(opt_ref)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -244,7 +244,7 @@ def test_fira_and_apollo_train_a_small_regression():
         losses = []
         for _ in range(60):
             loss = ((x @ w.T - target) ** 2).mean()
-            losses.append(float(loss))
+            losses.append(loss.item())
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -48,6 +48,17 @@ def test_fsdp2_shards_on_the_fused_kernel_path():
 
 
 @pytest.mark.slow
+def test_fsdp2_fira_and_apollo_match_one_process():
+    """columns shards rows (the channels stay local, tensor norms are summed over ranks); the
+    basis kinds gather G and compute redundantly."""
+    specs = ["columns:fira", "columns:apollo:tensor", "columns:fira:tensor", "svd:fira", "gaussian:apollo"]
+    out = torchrun(str(WORKER), *specs)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    seen = set(re.findall(r"OK ([\w:]+) (\d+) ", out.stdout))
+    assert seen == {(s, r) for s in specs for r in ("0", "1")}
+
+
+@pytest.mark.slow
 def test_fsdp2_shards_match_one_process_for_every_projection():
     out = torchrun(str(WORKER))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
