@@ -251,6 +251,11 @@ def test_sharded_backends_need_torchrun(monkeypatch):
             ["distributed.backend=deepspeed", "distributed.zero_stage=2", "optim.name=frugal", "optim.projection=rows"],
             "no flat form",
         ),
+        (["distributed.backend=deepspeed", "distributed.zero_stage=2", "optim.name=apollo"], "needs whole matrices"),
+        (
+            ["distributed.backend=deepspeed", "distributed.zero_stage=1", "optim.name=frugal", "optim.state_free=fira"],
+            "needs whole matrices",
+        ),
         (["distributed.backend=fsdpp"], "did you mean 'fsdp2'"),
     ],
 )

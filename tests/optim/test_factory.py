@@ -30,3 +30,33 @@ def test_adamw_matches_torch_adamw():
 def test_unknown_optimizer():
     with pytest.raises(ValueError, match="unknown optimizer"):
         build_optimizer("lion", [], lr=1.0)
+
+
+@pytest.mark.parametrize(
+    "name,settings,expect",
+    [
+        ("fira", {}, dict(projection="svd", state_free="fira", reset_on_refresh=False)),
+        ("apollo", {}, dict(projection="gaussian", state_free="apollo", scaling="channel", rank=None)),
+        (
+            "apollo",
+            {"rank": 1, "scaling": "tensor", "apollo_scale": 128.0},
+            dict(rank=1, scaling="tensor", proj_lr_scale=128.0**0.5),
+        ),
+        ("frugal", {"state_free": "fira", "rank": 0}, dict(state_free="fira", projection="columns", rank=None)),
+    ],
+)
+def test_config_names_build_the_presets(name, settings, expect):
+    """``optim.name=fira|apollo`` and the new keys reach the optimizer (rank 0 means "from density")."""
+    import dataclasses
+
+    from leanlm.engine.config import load_config
+    from leanlm.optim import optimizer_kwargs
+
+    over = [f"optim.name={name}"] + [f"optim.{k}={v}" for k, v in settings.items()]
+    cfg = load_config(None, over)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    named = [("layers.0.mlp.up_proj.weight", model[0].weight), ("norm.bias", model[0].bias)]
+    opt = build_optimizer(name, named, **optimizer_kwargs(name, dataclasses.asdict(cfg.optim), seed=0))
+    group = opt.param_groups[0]
+    for key, value in expect.items():
+        assert group[key] == pytest.approx(value) if isinstance(value, float) else group[key] == value, key
