@@ -8,10 +8,11 @@ the model)::
     trainer = Trainer(model=model, args=args, train_dataset=data,
                       optimizer_cls_and_kwargs=(TrainerOptimizer, {"lr": 1e-3, "density": 0.25}))
 
-``{"optimizer": "galore", ...}`` or ``"badam"`` pick the presets. Trainer saves the optimizer's
-``state_dict`` in each checkpoint and ``resume_from_checkpoint`` loads it (tested bitwise). With
-an older transformers, whose ``optimizer_cls_and_kwargs`` calls the class with bare parameter
-groups (names lost), pass the optimizer itself instead:
+``{"optimizer": "galore", ...}``, ``"badam"``, ``"fira"``, ``"apollo"`` or ``"apollo_mini"`` pick
+the presets. Trainer saves the optimizer's ``state_dict`` in each checkpoint and
+``resume_from_checkpoint`` loads it (tested bitwise). With an older transformers, whose
+``optimizer_cls_and_kwargs`` calls the class with bare parameter groups (names lost),
+pass the optimizer itself instead:
 ``Trainer(..., optimizers=(FRUGAL(model.named_parameters(), lr=1e-3), None))``.
 
 Accelerate needs nothing special: ``accelerator.prepare(model, FRUGAL(model.named_parameters()))``;
@@ -26,14 +27,21 @@ import torch
 from torch import nn
 
 from leanlm.optim.frugal import FRUGAL
-from leanlm.optim.presets import badam, galore
+from leanlm.optim.presets import apollo, apollo_mini, badam, fira, galore
 
-BUILDERS = {"frugal": FRUGAL, "galore": galore, "badam": badam}
+BUILDERS = {
+    "frugal": FRUGAL,
+    "galore": galore,
+    "badam": badam,
+    "fira": fira,
+    "apollo": apollo,
+    "apollo_mini": apollo_mini,
+}
 
 
 class TrainerOptimizer:
     """An optimizer factory in the Hugging Face Trainer protocol: ``TrainerOptimizer()(model, **kwargs)``
-    builds FRUGAL (or ``optimizer="galore"`` / ``"badam"``) over ``model.named_parameters()``."""
+    builds FRUGAL (or a preset: ``optimizer="galore"``, ``"fira"``, ...) over ``model.named_parameters()``."""
 
     def __call__(self, model: nn.Module, optimizer: str = "frugal", **kwargs: Any) -> torch.optim.Optimizer:
         if optimizer not in BUILDERS:
