@@ -94,6 +94,8 @@ _FRUGAL = ["optim.name=frugal", f"optim.density={RANK_DENSITY}"]
 # name -> (config overrides, lr grid); peers: overrides name the engine's AdamW, the optimizer is swapped in.
 OPTIMIZERS: dict[str, tuple[list[str], list[float]]] = {
     "AdamW": (["optim.name=adamw"], LR3),
+    # the official FRUGAL code's pretraining recipe: whole tensors (blocks, descending), signSGD elsewhere
+    "FRUGAL sign (blocks, official recipe)": ([*_FRUGAL, "optim.projection=blocks"], LR3),
     "FRUGAL sign (columns)": ([*_FRUGAL, "optim.projection=columns"], LR3),
     "FRUGAL sign ×0.1 (columns)": ([*_FRUGAL, "optim.projection=columns", "optim.state_free_lr_scale=0.1"], LR3),
     "FRUGAL fira (columns)": ([*_FRUGAL, "optim.projection=columns", "optim.state_free=fira"], LR3_HIGH),
