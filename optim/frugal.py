@@ -86,6 +86,11 @@ def _check_group(group: dict[str, Any]) -> None:
             f"state_free={group['state_free']!r} with projection='blocks' (the ratio is measured inside each "
             "matrix; blocks leaves inactive matrices no subspace: choose another projection or state_free)"
         )
+    if group["state_free"] in RULES and group["density"] == 0 and not group["rank"]:
+        problems.append(
+            f"state_free={group['state_free']!r} with density=0 (its ratio is measured in the subspace: "
+            "set density > 0 or rank)"
+        )
     if group["scaling"] not in SCALINGS:
         problems.append(f"scaling={group['scaling']!r} (choose {', '.join(SCALINGS)})")
     rank = group["rank"]

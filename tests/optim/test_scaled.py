@@ -209,6 +209,8 @@ def test_blocks_and_flat_partitions_are_refused():
         FRUGAL([p], projection="blocks", state_free="fira")
     with pytest.raises(ValueError, match="scaling='rowwise'"):
         FRUGAL([p], state_free="apollo", scaling="rowwise")
+    with pytest.raises(ValueError, match="density=0"):
+        FRUGAL([p], state_free="fira", density=0.0)
     with pytest.raises(ValueError, match="rank=0"):
         FRUGAL([p], projection="svd", rank=0)
     opt = FRUGAL([p], state_free="fira")
