@@ -120,8 +120,8 @@ def test_config_choices_match_their_owners_constants():
     from leanlm.engine.reweight import STRATEGIES
     from leanlm.kernels import PHIS
     from leanlm.optim import OPTIMIZER_SETTINGS, OPTIMIZERS
-    from leanlm.optim.frugal import STATE_FREE
     from leanlm.optim.lost import SELECTORS, SUPPORTS, VALUES_INIT
+    from leanlm.optim.options import STATE_FREE
     from leanlm.optim.projections import BLOCK_ORDERS, PROJECTIONS
 
     owners = {
