@@ -123,6 +123,7 @@ def test_config_choices_match_their_owners_constants():
     from leanlm.optim.lost import SELECTORS, SUPPORTS, VALUES_INIT
     from leanlm.optim.options import STATE_FREE
     from leanlm.optim.projections import BLOCK_ORDERS, PROJECTIONS
+    from leanlm.optim.scaled import SCALINGS
 
     owners = {
         "model.lost.phi": PHIS,
@@ -133,6 +134,7 @@ def test_config_choices_match_their_owners_constants():
         "optim.projection": PROJECTIONS,
         "optim.state_free": STATE_FREE,
         "optim.block_order": BLOCK_ORDERS,
+        "optim.scaling": SCALINGS,
         "train.reweight.strategy": STRATEGIES,
     }
     choices = {
