@@ -91,6 +91,7 @@ PEERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
 }
 
 _FRUGAL = ["optim.name=frugal", f"optim.density={RANK_DENSITY}"]
+_GALORE_KEEP = ["optim.reset_on_refresh=false"]  # GaLore, Fira and APOLLO keep the moments across refreshes
 # name -> (config overrides, lr grid); peers: overrides name the engine's AdamW, the optimizer is swapped in.
 OPTIMIZERS: dict[str, tuple[list[str], list[float]]] = {
     "AdamW": (["optim.name=adamw"], LR3),
@@ -100,6 +101,11 @@ OPTIMIZERS: dict[str, tuple[list[str], list[float]]] = {
     "FRUGAL sign ×0.1 (columns)": ([*_FRUGAL, "optim.projection=columns", "optim.state_free_lr_scale=0.1"], LR3),
     "FRUGAL fira (columns)": ([*_FRUGAL, "optim.projection=columns", "optim.state_free=fira"], LR3_HIGH),
     "FRUGAL fira (svd)": ([*_FRUGAL, "optim.projection=svd", "optim.state_free=fira"], LR3_HIGH),
+    # GaLore mode (svd, moments kept, low-rank step x0.25) plus Fira's scaled residual at the same x0.25
+    "FRUGAL fira (svd, GaLore scale)": (
+        [*_FRUGAL, "optim.projection=svd", "optim.state_free=fira", *_GALORE_KEEP, "optim.proj_lr_scale=0.25"],
+        LR3_HIGH,
+    ),
     "GaLore mode": (["optim.name=galore", f"optim.density={RANK_DENSITY}"], LR3_HIGH),
     "BAdam mode": (["optim.name=badam", f"optim.density={RANK_DENSITY}"], LR3),
     "APOLLO preset": (["optim.name=apollo", f"optim.density={RANK_DENSITY}"], LR3_HIGH),
