@@ -20,7 +20,7 @@ from leanlm.optim.in_backward import StepInBackward
 from leanlm.optim.lost import LOSTLinear, convert
 from leanlm.optim.memory import state_bytes
 from leanlm.optim.precision import PrecisionHooks, stochastic_round_
-from leanlm.optim.presets import apollo, apollo_mini, badam, fira, galore
+from leanlm.optim.presets import apollo, apollo_mini, badam, fira, galore, galore_fira
 
 __all__ = [
     "FRUGAL",
@@ -37,6 +37,7 @@ __all__ = [
     "fira",
     "frugal_param_groups",
     "galore",
+    "galore_fira",
     "is_projectable_name",
     "optimizer_kwargs",
     "param_groups_by_decay",

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from leanlm.optim.frugal import FRUGAL
-from leanlm.optim.presets import apollo, badam, fira, galore
+from leanlm.optim.presets import apollo, badam, fira, galore, galore_fira
 
 NamedParams = Iterable[tuple[str, nn.Parameter]]
 
@@ -56,6 +56,7 @@ OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "galore": galore,
     "badam": badam,
     "fira": fira,
+    "galore_fira": galore_fira,
     "apollo": apollo,
 }
 
@@ -71,6 +72,7 @@ OPTIMIZER_SETTINGS: dict[str, dict[str, str]] = {
         **{k: k for k in ("proj_lr_scale", "reset_on_refresh", "block_order", "scaling", "rank")},
     },
     "fira": {**_ADAM, "density": "density", "update_gap": "update_gap", "fira_alpha": "alpha", "rank": "rank"},
+    "galore_fira": {**_ADAM, "density": "density", "update_gap": "update_gap", "galore_scale": "scale", "rank": "rank"},
     "apollo": {
         **_ADAM,
         **{k: k for k in ("density", "update_gap", "scaling", "rank")},

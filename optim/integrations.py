@@ -27,13 +27,14 @@ import torch
 from torch import nn
 
 from leanlm.optim.frugal import FRUGAL
-from leanlm.optim.presets import apollo, apollo_mini, badam, fira, galore
+from leanlm.optim.presets import apollo, apollo_mini, badam, fira, galore, galore_fira
 
 BUILDERS = {
     "frugal": FRUGAL,
     "galore": galore,
     "badam": badam,
     "fira": fira,
+    "galore_fira": galore_fira,
     "apollo": apollo,
     "apollo_mini": apollo_mini,
 }

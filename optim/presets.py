@@ -11,6 +11,9 @@
 * ``fira(...)``: the paper's recipe (Chen et al. 2024): GaLore's svd subspace, moments kept across
   refreshes, the residual scaled per channel (``state_free="fira"``). ``alpha``: the fira
   package's scale of the low-rank update (1.0 there by default).
+* ``galore_fira(...)``: leanlm's measured best at ρ 0.25 (BENCHMARKS.md, ``compare_optim``): GaLore
+  mode (svd, moments kept, the low-rank step scaled by 0.25) plus Fira's scaled residual at the
+  same 0.25. Not a paper's recipe: ``galore`` and ``fira`` are those.
 * ``apollo(...)`` / ``apollo_mini(...)``: APOLLO's recipes (Zhu et al. 2024): a Gaussian random
   projection (no SVD), the whole gradient scaled per channel (rank ρ·min(m, n), or ``rank``) or,
   for APOLLO-Mini, per tensor at rank 1 with ``scale`` 128; moments kept across refreshes.
@@ -91,6 +94,33 @@ def fira(
         reset_on_refresh=False,
         proj_lr_scale=alpha,
         state_free_lr_scale=1.0 / alpha,
+        rank=rank,
+        **kwargs,
+    )
+
+
+def galore_fira(
+    params: Iterable[Any],
+    lr: float = 1e-2,
+    density: float = 0.25,
+    update_gap: int = 200,
+    scale: float = 0.25,
+    rank: int | None = None,
+    **kwargs: Any,
+) -> FRUGAL:
+    """GaLore's update plus the Fira residual, both scaled by ``scale``: the low-rank Adam step in
+    the top singular subspace and, off it, the gradient scaled per channel by the Adam/gradient
+    norm ratio (with the growth limiter). The same state as GaLore (and Fira) plus one scalar per
+    matrix; ``lr`` 1e-2 was the best of {3e-3, 1e-2, 3e-2} on the tiny benchmark."""
+    kwargs.setdefault("projection", "svd")
+    return FRUGAL(
+        params,
+        lr=lr,
+        density=density,
+        update_gap=update_gap,
+        state_free="fira",
+        reset_on_refresh=False,
+        proj_lr_scale=scale,
         rank=rank,
         **kwargs,
     )

@@ -135,7 +135,9 @@ class OptimConfig:
     """Optimizer and learning-rate schedule. FRUGAL keys apply to frugal and its presets (galore,
     badam, fira, apollo) as each takes them."""
 
-    name: str = _f("adamw", "optimizer", choices=("adamw", "frugal", "galore", "badam", "fira", "apollo"))
+    name: str = _f(
+        "adamw", "optimizer", choices=("adamw", "frugal", "galore", "badam", "fira", "galore_fira", "apollo")
+    )
     lr: float = _f(1e-3, "peak learning rate", gt=0)
     betas: list[float] = _f([0.9, 0.95], "Adam betas [beta1, beta2]")
     eps: float = _f(1e-8, "Adam epsilon", gt=0)
@@ -172,7 +174,9 @@ class OptimConfig:
     )
     reset_on_refresh: bool = _f(True, "FRUGAL: zero the moments and restart bias correction at each refresh")
     block_order: str = _f("descending", "order of blocks mode", choices=("descending", "ascending", "random"))
-    galore_scale: float = _f(0.25, "galore: scale α of the low-rank update")
+    galore_scale: float = _f(
+        0.25, "galore, galore_fira: scale α of the low-rank update (galore_fira: and of the residual)"
+    )
     state_dtype: str = _f(
         "param",
         "Adam moments between steps: param (the weights' dtype), fp32 or bf16 (computed in float32 either way)",

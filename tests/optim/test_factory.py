@@ -38,6 +38,13 @@ def test_unknown_optimizer():
         ("fira", {}, dict(projection="svd", state_free="fira", reset_on_refresh=False)),
         ("apollo", {}, dict(projection="gaussian", state_free="apollo", scaling="channel", rank=None)),
         (
+            "galore_fira",
+            {},
+            dict(
+                projection="svd", state_free="fira", proj_lr_scale=0.25, state_free_lr_scale=1.0, reset_on_refresh=False
+            ),
+        ),
+        (
             "apollo",
             {"rank": 1, "scaling": "tensor", "apollo_scale": 128.0},
             dict(rank=1, scaling="tensor", proj_lr_scale=128.0**0.5),
