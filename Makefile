@@ -31,6 +31,10 @@ $(VENV)/.installed-dev: pyproject.toml | $(PY)
 	$(PY) -m pip install -q setuptools wheel packaging numpy
 	$(PY) -m pip install -q --no-build-isolation "deepspeed>=0.14"
 	$(PY) -m pip install -q -e ".[dev]"
+	# The peer optimizers the tests reproduce (fira, apollo-torch) and the benchmarks run: test and
+	# benchmark installs only, never leanlm dependencies (apollo-torch is CC-BY-NC). --no-deps: their
+	# metadata asks for tensorly and more that their optimizers never import.
+	$(PY) -m pip install -q --no-deps fira==1.0.2 apollo-torch==1.0.3 galore-torch==1.0 bitsandbytes==0.50.2
 	touch $@ $(VENV)/.installed
 
 train: $(VENV)/.installed
