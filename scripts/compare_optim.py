@@ -276,14 +276,15 @@ def plot(results: dict, scale_name: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    for name in OPTIMIZERS:
+    for i, name in enumerate(OPTIMIZERS):
         runs = [r for r in results.values() if r["optimizer"] == name]
         if not runs:
             continue
         best = min(runs, key=lambda r: r["val_loss"])
         steps, losses = zip(*best["curve"], strict=True)
         style = "--" if name in PEERS else "-"
-        ax.plot(steps, losses, style, marker="o", ms=3, label=f"{name} (lr {best['lr']:g}): {best['val_loss']:.3f}")
+        label = f"{name} (lr {best['lr']:g}): {best['val_loss']:.3f}"
+        ax.plot(steps, losses, style, marker="o", ms=3, color=plt.cm.tab20(i % 20), label=label)
     ax.set_xlabel("step")
     ax.set_ylabel("held-out loss")
     ax.set_title(f"compare_optim, {scale_name} scale, each at its best lr (dashed: peer packages)")
