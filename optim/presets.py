@@ -79,11 +79,13 @@ def fira(
     update_gap: int = 200,
     alpha: float = 1.0,
     rank: int | None = None,
+    residual_scale: float = 1.0,
     **kwargs: Any,
 ) -> FRUGAL:
     """Fira: GaLore's subspace plus the residual scaled per channel, with the norm-growth limiter.
-    The low-rank step is scaled by ``alpha`` and the residual is not, as in the fira package (which
-    also subtracts alpha·P↑P↓G for its residual; here the residual is exact, the same at alpha 1)."""
+    The low-rank step is scaled by ``alpha`` and the residual by ``residual_scale`` (1, as in the
+    fira package, which also subtracts alpha·P↑P↓G for its residual; here the residual is exact,
+    the same at alpha 1)."""
     kwargs.setdefault("projection", "svd")
     return FRUGAL(
         params,
@@ -93,7 +95,7 @@ def fira(
         state_free="fira",
         reset_on_refresh=False,
         proj_lr_scale=alpha,
-        state_free_lr_scale=1.0 / alpha,
+        state_free_lr_scale=residual_scale / alpha,
         rank=rank,
         **kwargs,
     )
@@ -112,18 +114,7 @@ def galore_fira(
     the top singular subspace and, off it, the gradient scaled per channel by the Adam/gradient
     norm ratio (with the growth limiter). The same state as GaLore (and Fira) plus one scalar per
     matrix; ``lr`` 1e-2 was the best of {3e-3, 1e-2, 3e-2} on the tiny benchmark."""
-    kwargs.setdefault("projection", "svd")
-    return FRUGAL(
-        params,
-        lr=lr,
-        density=density,
-        update_gap=update_gap,
-        state_free="fira",
-        reset_on_refresh=False,
-        proj_lr_scale=scale,
-        rank=rank,
-        **kwargs,
-    )
+    return fira(params, lr, density, update_gap, alpha=scale, rank=rank, residual_scale=scale, **kwargs)
 
 
 def apollo(
