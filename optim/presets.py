@@ -11,8 +11,8 @@
 * ``fira(...)``: the paper's recipe (Chen et al. 2024): GaLore's svd subspace, moments kept across
   refreshes, the residual scaled per channel (``state_free="fira"``). ``alpha``: the fira
   package's scale of the low-rank update (1.0 there by default).
-* ``galore_fira(...)``: leanlm's measured best at ρ 0.25 (BENCHMARKS.md, ``compare_optim``): GaLore
-  mode (svd, moments kept, the low-rank step scaled by 0.25) plus Fira's scaled residual at the
+* ``galore_fira(...)``: the best at ρ 0.25 with small batches (BENCHMARKS.md, ``compare_optim``;
+  with 32k-token batches ``fira`` wins): GaLore mode (svd, moments kept, the low-rank step scaled by 0.25) plus Fira's scaled residual at the
   same 0.25. Not a paper's recipe: ``galore`` and ``fira`` are those.
 * ``apollo(...)`` / ``apollo_mini(...)``: APOLLO's recipes (Zhu et al. 2024): a Gaussian random
   projection (no SVD), the whole gradient scaled per channel (rank ρ·min(m, n), or ``rank``) or,
