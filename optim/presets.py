@@ -12,8 +12,9 @@
   refreshes, the residual scaled per channel (``state_free="fira"``). ``alpha``: the fira
   package's scale of the low-rank update (1.0 there by default).
 * ``galore_fira(...)``: the best at ρ 0.25 with small batches (BENCHMARKS.md, ``compare_optim``;
-  with 32k-token batches ``fira`` wins): GaLore mode (svd, moments kept, the low-rank step scaled by 0.25) plus Fira's scaled residual at the
-  same 0.25. Not a paper's recipe: ``galore`` and ``fira`` are those.
+  with 32k-token batches ``fira`` wins): GaLore mode (svd, moments kept, the low-rank step
+  scaled by 0.25) plus Fira's scaled residual at the same 0.25. Not a paper's recipe: ``galore``
+  and ``fira`` are those.
 * ``apollo(...)`` / ``apollo_mini(...)``: APOLLO's recipes (Zhu et al. 2024): a Gaussian random
   projection (no SVD), the whole gradient scaled per channel (rank ρ·min(m, n), or ``rank``) or,
   for APOLLO-Mini, per tensor at rank 1 with ``scale`` 128; moments kept across refreshes.
