@@ -24,15 +24,21 @@ from leanlm.kernels import inverse_index, use_triton
 FREE_CODE = {"sign": 0, "sgd": 1, "none": 2}
 
 
-def adam_direction_(low: torch.Tensor, st: dict[str, Any], betas, eps: float, lr: float) -> torch.Tensor:
-    """Update the moments ``st["exp_avg"]``, ``st["exp_avg_sq"]`` with ``low`` and return the Adam
-    step (already scaled by −lr/bc1). Increments ``st["step"]``."""
+def update_moments_(low: torch.Tensor, st: dict[str, Any], betas) -> float:
+    """Fold ``low`` into the moments ``st["exp_avg"]``, ``st["exp_avg_sq"]``; increments and
+    returns the step count ``st["step"]``."""
     b1, b2 = betas
     st["step"] += 1
-    k = float(st["step"])
     low = low.to(st["exp_avg"].dtype)
     st["exp_avg"].lerp_(low, 1 - b1)
     st["exp_avg_sq"].mul_(b2).addcmul_(low, low, value=1 - b2)
+    return float(st["step"])
+
+
+def adam_direction_(low: torch.Tensor, st: dict[str, Any], betas, eps: float, lr: float) -> torch.Tensor:
+    """Update the moments with ``low`` and return the Adam step (already scaled by −lr/bc1)."""
+    b1, b2 = betas
+    k = update_moments_(low, st, betas)
     out = st["exp_avg_sq"].sqrt().div_(math.sqrt(1 - b2**k)).add_(eps)  # the denominator...
     return torch.div(st["exp_avg"], out, out=out).mul_(-lr / (1 - b1**k))  # ...then the step
 

@@ -59,7 +59,7 @@ from leanlm.optim.projections import (
     select_blocks,
     subspace_generator,
 )
-from leanlm.optim.scaled import RULES, scaled_update_
+from leanlm.optim.scaled import RULES, same, scaled_update_
 from leanlm.optim.sharding import (
     FlatSegment,
     flat_positions,
@@ -487,7 +487,7 @@ class FRUGAL(torch.optim.Optimizer):
                 betas=group["betas"],
                 eps=group["eps"],
                 scratch=self._scratch_like(g, torch.float32, slot=1),
-                allsum=_rank_sum(key) if key is not None and kind == "columns" else _same,
+                allsum=_rank_sum(key) if key is not None and kind == "columns" else same,
             )
             return
         if proj.fused:  # columns / rows: leanlm.kernels does the whole step (fused on CUDA)
@@ -604,10 +604,6 @@ def adam_foreach_(params, grads, states, lr: float, betas, eps: float) -> None:
     torch._foreach_div_(denom, bc2_sqrt)
     torch._foreach_add_(denom, eps)
     torch._foreach_addcdiv_(params, exp_avgs, denom, step_sizes)
-
-
-def _same(t: torch.Tensor) -> torch.Tensor:
-    return t
 
 
 def _rank_sum(key: torch.Tensor):

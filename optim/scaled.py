@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from leanlm.kernels.frugal_update import update_moments_
 from leanlm.optim.projections import Projection
 
 RULES = ("fira", "apollo")
@@ -45,7 +46,8 @@ NORM_EPS = 1e-8  # both packages' guard in φ's denominator
 Sum = Callable[[torch.Tensor], torch.Tensor]  # the sum over ranks of a locally-computed partial sum
 
 
-def _same(t: torch.Tensor) -> torch.Tensor:
+def same(t: torch.Tensor) -> torch.Tensor:
+    """The ``Sum`` of one process: nothing to add."""
     return t
 
 
@@ -53,11 +55,7 @@ def adam_normalized_(low: torch.Tensor, st: dict[str, Any], betas, eps: float) -
     """Update the moments with ``low`` and return (D in float32, the step factor s_t). Increments
     ``st["step"]``."""
     b1, b2 = betas
-    st["step"] += 1
-    k = float(st["step"])
-    st["exp_avg"].lerp_(low.to(st["exp_avg"].dtype), 1 - b1)
-    low32 = low.float()
-    st["exp_avg_sq"].mul_(b2).addcmul_(low32, low32, value=1 - b2)
+    k = update_moments_(low, st, betas)
     bc2 = math.sqrt(1 - b2**k)
     d = st["exp_avg_sq"].float().sqrt().add_(eps)
     return st["exp_avg"].float().div(d), bc2 / (1 - b1**k)
@@ -74,7 +72,7 @@ def channel_ratio(
     return num.sqrt_().div_(den.sqrt_().add_(NORM_EPS))
 
 
-def limit_growth_(s: torch.Tensor, st: dict[str, Any], allsum: Sum = _same) -> None:
+def limit_growth_(s: torch.Tensor, st: dict[str, Any], allsum: Sum = same) -> None:
     """Fira's norm-growth limiter, in place on ``s``; no host synchronisation."""
     norm = allsum(torch.linalg.vector_norm(s).square()).sqrt()
     prev = st["growth_norm"]
@@ -98,7 +96,7 @@ def scaled_update_(
     betas,
     eps: float,
     scratch: torch.Tensor,
-    allsum: Sum = _same,
+    allsum: Sum = same,
 ) -> None:
     """One matrix's Fira or APOLLO step, adding into ``p`` (m, n). ``scratch``: a float32 (m, n)
     buffer (overwritten). ``allsum``: sums partial norms over ranks when ``p`` is one rank's rows of

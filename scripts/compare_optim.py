@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bench_optim import tensor_bytes  # scripts/ is on the path when run as a script
 
 import leanlm.engine.build as build
 from leanlm.engine.checkpoint.checkpointer import Checkpointer
@@ -119,28 +120,6 @@ OPTIMIZERS: dict[str, tuple[list[str], list[float]]] = {
 }
 
 
-def state_bytes_any(opt: torch.optim.Optimizer) -> int:
-    """Bytes of every tensor an optimizer keeps between steps, including the peers' projector
-    objects (their bases live in attributes, not in the state dict)."""
-    seen: set[int] = set()
-
-    def count(v: Any) -> int:
-        if torch.is_tensor(v):
-            if id(v) in seen:
-                return 0
-            seen.add(id(v))
-            return v.numel() * v.element_size()
-        if isinstance(v, (list, tuple)):
-            return sum(count(x) for x in v)
-        if isinstance(v, dict):
-            return sum(count(x) for x in v.values())
-        if hasattr(v, "__dict__") and not isinstance(v, type):
-            return count(vars(v))
-        return 0
-
-    return sum(count(st) for st in opt.state.values())
-
-
 def run_one(name: str, lr: float, scale: dict, out: Path) -> dict[str, Any]:
     over, _ = OPTIMIZERS[name]
     steps, batch, gap = scale["steps"], scale["batch"], scale["update_gap"]
@@ -193,7 +172,7 @@ def run_one(name: str, lr: float, scale: dict, out: Path) -> dict[str, Any]:
         "val_loss": res.final.loss,
         "val_ppl": res.final.ppl,
         "tokens": res.tokens_seen,
-        "state_bytes": state_bytes_any(made[0]),
+        "state_bytes": tensor_bytes(made[0].state),
         "wall_s": time.perf_counter() - t0,
         "curve": curve,
     }

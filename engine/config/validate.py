@@ -85,13 +85,12 @@ def _distributed_problems(cfg: RunConfig) -> list[str]:
         ]
     if dc.backend != "deepspeed":
         return [f"distributed.zero_stage={dc.zero_stage} needs distributed.backend=deepspeed"] if dc.zero_stage else []
-    projection = {"galore": "svd", "badam": "blocks", "fira": "svd", "galore_fira": "svd", "apollo": "gaussian"}.get(
-        o.name, o.projection
-    )
+    projection = {"galore": "svd", "badam": "blocks"}.get(o.name, o.projection)
     if o.name == "adamw" or dc.zero_stage == 0:
         return []
-    if o.name in ("fira", "galore_fira", "apollo") or o.state_free in ("fira", "apollo"):
-        rule = o.name if o.name in ("fira", "galore_fira", "apollo") else o.state_free
+    scaled = o.name in ("fira", "galore_fira", "apollo")
+    if scaled or o.state_free in ("fira", "apollo"):
+        rule = o.name if scaled else o.state_free
         return [
             f"{rule} needs whole matrices (per-channel norms) and has no flat form under ZeRO-{dc.zero_stage}; "
             "use distributed.backend=fsdp2, distributed.zero_stage=0 or optim.state_free=sign"
