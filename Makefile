@@ -40,8 +40,10 @@ $(VENV)/.installed-dev: pyproject.toml | $(PY)
 train: $(VENV)/.installed
 	$(VENV)/bin/leanlm train $(CONFIG) $(ARGS)
 
+# The pytest entry point, not `python -m pytest`: the latter puts the checkout on sys.path, where
+# its engine/, optim/ and kernels/ folders would shadow installed packages of those names.
 test: $(VENV)/.installed-dev
-	$(PY) -m pytest -q $(ARGS)
+	$(VENV)/bin/pytest -q $(ARGS)
 
 # The wheel a user would pip install: built, installed in a fresh venv, `leanlm train tiny` run from it.
 wheel-check: $(VENV)/.installed-dev

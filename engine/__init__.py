@@ -4,4 +4,11 @@ Import the pieces you need from their modules, e.g. ``from leanlm.engine.model i
 this package's import stays cheap (no torch import) so ``leanlm --help`` is instant.
 """
 
+from leanlm.engine.source_tree import drop_source_tree_from_path
+
 __version__ = "0.1.0"
+
+# `python -m leanlm.engine.cli` and `torchrun -m leanlm.engine.cli` run from a checkout put the
+# checkout on sys.path, where its engine/, optim/ and kernels/ folders would shadow installed
+# top-level packages of those names (transformers imports Hugging Face's `kernels`).
+drop_source_tree_from_path()

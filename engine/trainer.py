@@ -25,13 +25,14 @@ from leanlm.engine import distributed as dist
 from leanlm.engine.build import build_model, in_backward_for, parallelize, pick_device
 from leanlm.engine.checkpoint.checkpointer import Checkpointer, TrainState, find_resume
 from leanlm.engine.checkpoint.resume import preload_weights
-from leanlm.engine.config import RunConfig, check_world, save_yaml
+from leanlm.engine.config import RunConfig, save_yaml
 from leanlm.engine.data import Corpus, build_corpus
 from leanlm.engine.errors import ConfigError, TrainingError
 from leanlm.engine.evaluate import EvalResult, evaluate, unigram_loss
 from leanlm.engine.metrics import MetricsLogger, Throughput, peak_flops, peak_memory_gib, trim_records
 from leanlm.engine.model import count_parameters, flops_per_token
 from leanlm.engine.run_lock import RunLock
+from leanlm.engine.runtime_checks import check_world
 from leanlm.engine.scaling import ScalingRecorder, recorder_for
 from leanlm.engine.schedule import build_scheduler
 from leanlm.engine.step import StepResult, train_step

@@ -12,7 +12,6 @@ merges them, coerces every value to its field's type and validates the whole thi
 
 from leanlm.engine.config.load import (
     build_config,
-    check_world,
     load_config,
     merge,
     parse_overrides,
@@ -55,7 +54,6 @@ __all__ = [
     "RunConfig",
     "TrainConfig",
     "build_config",
-    "check_world",
     "describe_keys",
     "leaves",
     "load_config",

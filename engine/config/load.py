@@ -220,22 +220,5 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     return build_config(merge(raw, parse_overrides(overrides or [])))
 
 
-def check_world(cfg: RunConfig, world_size: int) -> None:
-    """Checks that need the world size (known only once the process group exists)."""
-    t = cfg.train
-    if cfg.optim.step_in_backward and world_size > 1 and cfg.distributed.backend != "fsdp2":
-        raise ConfigError(
-            f"optim.step_in_backward=true runs in one process or under distributed.backend=fsdp2, but "
-            f"{world_size} processes run with distributed.backend={cfg.distributed.backend}; set "
-            "distributed.backend=fsdp2 or optim.step_in_backward=false"
-        )
-    micro = t.micro_batch(world_size)
-    if micro == 0 or t.batch_size % (micro * world_size):
-        raise ConfigError(
-            f"train.batch_size={t.batch_size} must be a multiple of micro_batch_size ({micro}) x "
-            f"world size ({world_size}); adjust train.batch_size or train.micro_batch_size"
-        )
-
-
 def save_yaml(cfg: RunConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -4,10 +4,7 @@ the rules that span fields. Every problem is a phrase that names the key and say
 
 from __future__ import annotations
 
-import torch
-
 from leanlm.engine.config.schema import SECTION_TYPES, RunConfig, leaves, suggest
-from leanlm.optim.in_backward import fsdp2_calls_hooks
 
 
 def _bound_problem(key: str, value: float, bounds: dict[str, float]) -> str | None:
@@ -77,11 +74,6 @@ def _distributed_problems(cfg: RunConfig) -> list[str]:
         return [
             f"optim.step_in_backward=true runs in one process or under distributed.backend=fsdp2 "
             f"({dc.backend} reduces gradients after the per-parameter hooks would have stepped); use fsdp2 or none"
-        ]
-    if o.step_in_backward and dc.backend == "fsdp2" and not fsdp2_calls_hooks():
-        return [
-            f"optim.step_in_backward=true under fsdp2 needs torch >= 2.5 (this torch {torch.__version__} "
-            "does not run hooks after FSDP2's reduce-scatter); upgrade torch or use distributed.backend=none"
         ]
     if dc.backend != "deepspeed":
         return [f"distributed.zero_stage={dc.zero_stage} needs distributed.backend=deepspeed"] if dc.zero_stage else []

@@ -165,3 +165,37 @@ def test_presets_are_reachable_by_name_from_anywhere(tmp_path, monkeypatch):
         load_config("tinyy")
     with pytest.raises(ConfigError, match="not found"):
         load_config("sub/tiny.yaml")
+
+
+def test_loading_every_preset_imports_no_torch():
+    """The config package is a leaf: importing it and loading every preset (what ``leanlm keys``,
+    ``leanlm memory --help`` and resume checks pay for) never imports torch."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from leanlm.engine.config import load_config\n"
+        "from leanlm.engine.config.load import presets\n"
+        "for name in presets(): load_config(name)\n"
+        "assert len(presets()) > 10\n"
+        "heavy = ('torch', 'leanlm.optim', 'leanlm.kernels')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch' or m.startswith(heavy[1:])))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("argv", [["keys"], ["memory", "--help"], ["--help"]])
+def test_cli_commands_that_need_no_model_import_no_torch(argv):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from leanlm.engine.cli import main\n"
+        f"try:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
+        "print('torch' in sys.modules, file=sys.stderr)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stderr.strip().splitlines()[-1] == "False"
