@@ -18,7 +18,8 @@ from leanlm.engine.config import RunConfig
 from leanlm.engine.errors import ConfigError
 from leanlm.engine.metrics import available_memory_bytes, release_free_memory
 from leanlm.engine.model import LLaMA, count_parameters
-from leanlm.optim import PrecisionHooks, StepInBackward, build_optimizer, optimizer_kwargs
+from leanlm.optim import PrecisionHooks, StepInBackward, build_optimizer
+from leanlm.optim.factory import optimizer_kwargs
 from leanlm.optim.lost import LLAMA_TARGETS, LOSTLinear, convert
 from leanlm.optim.precision import hooks_of
 

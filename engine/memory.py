@@ -10,7 +10,7 @@ LLaMA block keeps for backward, per token), and the allocator's fragmentation an
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -18,9 +18,11 @@ from leanlm.engine.build import IN_BACKWARD_BUCKET, LOST_SVD_WORKSPACE, build_mo
 from leanlm.engine.config import RunConfig
 from leanlm.engine.metrics import available_memory_bytes
 from leanlm.engine.model import LLaMA
-from leanlm.optim import is_projectable_name, state_bytes
+from leanlm.optim import state_bytes
+from leanlm.optim.groups import is_projectable_name
 from leanlm.optim.lost import LLAMA_TARGETS
 from leanlm.optim.precision import CHUNK_BYTES, SR_CHUNK, chunk_rows, is_elementwise
+from leanlm.optim.registry import REGISTRY
 
 GIB = 2**30
 
@@ -230,7 +232,7 @@ def step_transient_bytes(cfg: RunConfig, model: torch.nn.Module, opt: torch.opti
             copies += IN_BACKWARD_BUCKET // elt * 4 * 2
         copies += SR_CHUNK * 4  # the rounding noise (int32), a slice at a time
     scratch = 0
-    if cfg.optim.name != "adamw" and cfg.optim.state_free != "none":
+    if REGISTRY[cfg.optim.name].rule(asdict(cfg.optim))[1] != "none":
         shapes = {
             tuple(p.shape) for name, p in model.named_parameters() if p.ndim == 2 and is_projectable_name(name, p)
         }

@@ -26,26 +26,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from leanlm.optim.frugal import FRUGAL
-from leanlm.optim.presets import apollo, apollo_mini, badam, fira, galore, galore_fira
-
-BUILDERS = {
-    "frugal": FRUGAL,
-    "galore": galore,
-    "badam": badam,
-    "fira": fira,
-    "galore_fira": galore_fira,
-    "apollo": apollo,
-    "apollo_mini": apollo_mini,
-}
+from leanlm.optim.factory import build_optimizer
 
 
 class TrainerOptimizer:
     """An optimizer factory in the Hugging Face Trainer protocol: ``TrainerOptimizer()(model, **kwargs)``
-    builds FRUGAL (or a preset: ``optimizer="galore"``, ``"fira"``, ...) over ``model.named_parameters()``."""
+    builds FRUGAL (or any registered name: ``optimizer="galore"``, ``"fira"``, ...; see
+    ``leanlm.optim.registry``) over ``model.named_parameters()``."""
 
     def __call__(self, model: nn.Module, optimizer: str = "frugal", **kwargs: Any) -> torch.optim.Optimizer:
-        if optimizer not in BUILDERS:
-            raise ValueError(f"optimizer={optimizer!r}: choose one of {', '.join(BUILDERS)}")
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        return BUILDERS[optimizer](named, **kwargs)
+        return build_optimizer(optimizer, named, **kwargs)

@@ -16,6 +16,9 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+# The registry itself (a live dict, torch-free): an optimizer registered there is a valid choice.
+from leanlm.optim.registry import REGISTRY as OPTIMIZERS
+
 
 def _f(
     default: Any,
@@ -135,9 +138,7 @@ class OptimConfig:
     """Optimizer and learning-rate schedule. FRUGAL keys apply to frugal and its presets (galore,
     badam, fira, apollo) as each takes them."""
 
-    name: str = _f(
-        "adamw", "optimizer", choices=("adamw", "frugal", "galore", "badam", "fira", "galore_fira", "apollo")
-    )
+    name: str = _f("adamw", "optimizer (leanlm.optim.registry)", choices=OPTIMIZERS)
     lr: float = _f(1e-3, "peak learning rate", gt=0)
     betas: list[float] = _f([0.9, 0.95], "Adam betas [beta1, beta2]")
     eps: float = _f(1e-8, "Adam epsilon", gt=0)

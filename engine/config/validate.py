@@ -4,7 +4,10 @@ the rules that span fields. Every problem is a phrase that names the key and say
 
 from __future__ import annotations
 
+import dataclasses
+
 from leanlm.engine.config.schema import SECTION_TYPES, RunConfig, leaves, suggest
+from leanlm.optim.registry import REGISTRY
 
 
 def _bound_problem(key: str, value: float, bounds: dict[str, float]) -> str | None:
@@ -77,12 +80,12 @@ def _distributed_problems(cfg: RunConfig) -> list[str]:
         ]
     if dc.backend != "deepspeed":
         return [f"distributed.zero_stage={dc.zero_stage} needs distributed.backend=deepspeed"] if dc.zero_stage else []
-    projection = {"galore": "svd", "badam": "blocks"}.get(o.name, o.projection)
-    if o.name == "adamw" or dc.zero_stage == 0:
+    if o.name not in REGISTRY or dc.zero_stage == 0:
+        return []  # an unknown name is reported with the choices
+    projection, rule = REGISTRY[o.name].rule(dataclasses.asdict(o))
+    if projection is None:  # AdamW: nothing split
         return []
-    scaled = o.name in ("fira", "galore_fira", "apollo")
-    if scaled or o.state_free in ("fira", "apollo"):
-        rule = o.name if scaled else o.state_free
+    if rule in ("fira", "apollo"):
         return [
             f"{rule} needs whole matrices (per-channel norms) and has no flat form under ZeRO-{dc.zero_stage}; "
             "use distributed.backend=fsdp2, distributed.zero_stage=0 or optim.state_free=sign"

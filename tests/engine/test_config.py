@@ -119,10 +119,10 @@ def test_config_choices_match_their_owners_constants():
     from leanlm.engine.config import SECTION_TYPES, leaves
     from leanlm.engine.reweight import STRATEGIES
     from leanlm.kernels import PHIS
-    from leanlm.optim import OPTIMIZER_SETTINGS, OPTIMIZERS
     from leanlm.optim.lost import SELECTORS, SUPPORTS, VALUES_INIT
     from leanlm.optim.options import STATE_FREE
     from leanlm.optim.projections import BLOCK_ORDERS, PROJECTIONS
+    from leanlm.optim.registry import REGISTRY
     from leanlm.optim.scaled import SCALINGS
 
     owners = {
@@ -130,7 +130,7 @@ def test_config_choices_match_their_owners_constants():
         "model.lost.select": SELECTORS,
         "model.lost.values_init": VALUES_INIT,
         "model.lost.support": SUPPORTS,
-        "optim.name": tuple(OPTIMIZERS),
+        "optim.name": tuple(REGISTRY),
         "optim.projection": PROJECTIONS,
         "optim.state_free": STATE_FREE,
         "optim.block_order": BLOCK_ORDERS,
@@ -145,11 +145,10 @@ def test_config_choices_match_their_owners_constants():
     }
     for key, names in owners.items():
         assert tuple(choices[key]) == tuple(names), key
-    # every optimizer setting the factory reads exists in the config
+    # every optimizer setting the registry reads exists in the config
     fields = {f.name for f in dataclasses.fields(SECTION_TYPES["optim"])}
-    assert set(OPTIMIZER_SETTINGS) == set(OPTIMIZERS)
-    for name, settings in OPTIMIZER_SETTINGS.items():
-        assert set(settings) <= fields, name
+    for name, entry in REGISTRY.items():
+        assert set(entry.settings) <= fields, name
 
 
 def test_presets_are_reachable_by_name_from_anywhere(tmp_path, monkeypatch):
@@ -179,8 +178,9 @@ def test_loading_every_preset_imports_no_torch():
         "from leanlm.engine.config.load import presets\n"
         "for name in presets(): load_config(name)\n"
         "assert len(presets()) > 10\n"
-        "heavy = ('torch', 'leanlm.optim', 'leanlm.kernels')\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch' or m.startswith(heavy[1:])))\n"
+        "light = ('leanlm.optim', 'leanlm.optim.registry')  # the lazy package and the torch-free registry\n"
+        "heavy = ('torch', 'torch.', 'leanlm.optim', 'leanlm.kernels')\n"
+        "print(sorted(m for m in sys.modules if m.startswith(heavy) and m not in light))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

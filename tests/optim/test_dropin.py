@@ -151,7 +151,7 @@ def test_a_state_dict_loads_into_weights_of_another_dtype(projection, to):
 )
 def test_the_name_rule_neither_misses_nor_over_matches_common_trees(name, split):
     """R2: routers, position tables and heads stay state-full; encoder-layer and Mamba projections split."""
-    from leanlm.optim import is_projectable_name
+    from leanlm.optim.groups import is_projectable_name
 
     assert is_projectable_name(name, torch.empty(4, 4)) is split
 

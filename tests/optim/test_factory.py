@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from leanlm.optim import build_optimizer, param_groups_by_decay
+from leanlm.optim import build_optimizer
+from leanlm.optim.factory import optimizer_kwargs, param_groups_by_decay
 
 
 def test_weight_decay_only_on_matrices():
@@ -57,7 +58,6 @@ def test_config_names_build_the_presets(name, settings, expect):
     import dataclasses
 
     from leanlm.engine.config import load_config
-    from leanlm.optim import optimizer_kwargs
 
     over = [f"optim.name={name}"] + [f"optim.{k}={v}" for k, v in settings.items()]
     cfg = load_config(None, over)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from leanlm.optim import FRUGAL, PrecisionHooks, StepInBackward, stochastic_round_
+from leanlm.optim import FRUGAL, PrecisionHooks, StepInBackward
+from leanlm.optim.precision import stochastic_round_
 
 
 def test_stochastic_rounding_is_unbiased():
