@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from leanlm.kernels import inverse_index, use_triton
+from leanlm.kernels.dispatch import inverse_index, use_triton
 
 FREE_CODE = {"sign": 0, "sgd": 1, "none": 2}
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from leanlm.kernels import PHIS, apply_phi, use_triton
+from leanlm.kernels.dispatch import PHIS, apply_phi, use_triton
 
 
 def lost_linear_reference(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from leanlm.kernels import lost_triton
+import leanlm.kernels.lost_triton as lost_triton
 
 
 @torch.library.custom_op("leanlm::lost_linear_fwd", mutates_args=())

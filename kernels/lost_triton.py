@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from leanlm.kernels import PHIS, apply_phi, inverse_index
+from leanlm.kernels.dispatch import PHIS, apply_phi, inverse_index
 
 PHI_CODE = {name: code for code, name in enumerate(PHIS)}  # the kernels' PHI constexpr
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"

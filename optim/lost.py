@@ -33,7 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from leanlm.kernels.lost_linear import PHIS, lost_linear
+from leanlm.kernels.dispatch import PHIS
+from leanlm.kernels.lost_linear import lost_linear
 
 SELECTORS = ("svd_rem_l2", "svd_rem_l1", "random", "w0_colnorm")
 VALUES_INIT = ("w0_cols", "wcomp_cols")

@@ -55,7 +55,7 @@ def main() -> int:
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
-    from leanlm.kernels import lost_triton
+    import leanlm.kernels.lost_triton as lost_triton
     from leanlm.kernels.frugal_triton import _frugal_kernel
 
     lost = {

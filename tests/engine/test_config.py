@@ -118,7 +118,7 @@ def test_config_choices_match_their_owners_constants():
 
     from leanlm.engine.config import SECTION_TYPES, leaves
     from leanlm.engine.reweight import STRATEGIES
-    from leanlm.kernels import PHIS
+    from leanlm.kernels.dispatch import PHIS
     from leanlm.optim.lost import SELECTORS, SUPPORTS, VALUES_INIT
     from leanlm.optim.options import STATE_FREE
     from leanlm.optim.projections import BLOCK_ORDERS, PROJECTIONS

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from leanlm.kernels.lost_linear import PHIS, lost_linear, lost_linear_reference
+from leanlm.kernels.dispatch import PHIS
+from leanlm.kernels.lost_linear import lost_linear, lost_linear_reference
 
 # (N, n, m, r, k): ragged token counts, k off multiples of 16 (1, 25, 68, 273), r 16 / 64 / 128.
 SHAPES = [

@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from leanlm.kernels.lost_linear import PHIS, lost_linear_reference
+from leanlm.kernels.dispatch import PHIS
+from leanlm.kernels.lost_linear import lost_linear_reference
 from leanlm.optim import FRUGAL, frugal_param_groups
 from leanlm.optim.lost import LOSTLinear, convert, num_channels
 
