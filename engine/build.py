@@ -20,7 +20,7 @@ from leanlm.engine.metrics import available_memory_bytes, release_free_memory
 from leanlm.engine.model import LLaMA, count_parameters
 from leanlm.optim import PrecisionHooks, StepInBackward, build_optimizer
 from leanlm.optim.factory import optimizer_kwargs
-from leanlm.optim.lost import LLAMA_TARGETS, LOSTLinear, convert
+from leanlm.optim.lost import ConversionReport, LayerFactory, LOSTLinear, convert, lost_targets
 from leanlm.optim.precision import hooks_of
 
 
@@ -84,9 +84,7 @@ def check_weights_fit(cfg: RunConfig, vocab: int, device: torch.device, dtype: t
     need = n * dtype.itemsize
     if cfg.model.lost.enabled:  # the converted model, plus one dense layer's float32 SVD workspace
         need = count_parameters(build_model(cfg, vocab, "meta")) * dtype.itemsize + LOST_SVD_WORKSPACE * max(
-            m.weight.numel() * 4
-            for name, m in dense.named_modules()
-            if isinstance(m, torch.nn.Linear) and name.split(".")[-1] in LLAMA_TARGETS
+            m.weight.numel() * 4 for _, m in lost_targets(dense)
         )
     if need > free:
         raise ConfigError(
@@ -108,7 +106,7 @@ def _build_in_place(cfg: RunConfig, vocab: int, device: torch.device, dtype: tor
     with torch.device("meta"):
         model = LLaMA(cfg.model, vocab, cfg.train.seq_len)
     if cfg.model.lost.enabled:
-        _lost_in_place(model, cfg, device, dtype, draw)
+        apply_lost(model, cfg, make_layer=_layer_on_device(cfg, device=device, dtype=dtype, draw=draw))
     for module in model.modules():
         if isinstance(module, LOSTLinear):
             continue
@@ -127,43 +125,36 @@ def _build_in_place(cfg: RunConfig, vocab: int, device: torch.device, dtype: tor
     return model
 
 
-def _lost_in_place(model: LLaMA, cfg: RunConfig, device: torch.device, dtype: torch.dtype, draw: bool) -> None:
-    """Replace the meta model's target projections by LOST layers on ``device``, one at a time (the
-    same per-layer seeds as ``convert``)."""
+def _layer_on_device(cfg: RunConfig, *, device: torch.device, dtype: torch.dtype, draw: bool) -> LayerFactory:
+    """``convert``'s layer factory for a meta model: each LOST layer is made on ``device`` in
+    ``dtype`` from its own float32 dense init drawn there (``draw``), or, when a checkpoint will
+    fill every tensor, as storage only (shapes from a meta conversion: no SVD, no draw)."""
     lc, init_std = cfg.model.lost, cfg.model.init_std
-    found = [
-        (name, mod)
-        for name, mod in model.named_modules()
-        if isinstance(mod, torch.nn.Linear) and name.split(".")[-1] in LLAMA_TARGETS
-    ]
-    rank = lc.rank_for(cfg.model.d_model)
-    for i, (name, linear) in enumerate(found):
-        m, n = linear.weight.shape
-        if draw:
-            dense = torch.nn.Linear(n, m, bias=linear.bias is not None, device="meta").to_empty(device=device)
-            dense.weight.normal_(mean=0.0, std=init_std)
-            if dense.bias is not None:
-                dense.bias.zero_()
-            layer = LOSTLinear.from_dense(
-                dense, rank, lc.channel_density, seed=cfg.train.seed + i, **_lost_options(cfg)
-            )
-            del dense
-        else:
-            with torch.device("meta"):
-                layer = LOSTLinear(
-                    n, m, min(rank, m, n), lc.channel_density, lc.gamma, lc.phi, linear.bias is not None, lc.support
-                )
-            layer = layer.to_empty(device=device)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, layer.to(dtype))
-        if draw and device.type == "cpu":
+
+    def make_layer(dense: torch.nn.Linear, seed: int) -> LOSTLinear:
+        rank, options = lc.rank_for(cfg.model.d_model), _lost_options(cfg)
+        if not draw:
+            layer = LOSTLinear.from_dense(dense, rank, lc.channel_density, seed=seed, **options)
+            return layer.to_empty(device=device).to(dtype)
+        real = dense.to_empty(device=device).float()
+        real.weight.normal_(mean=0.0, std=init_std)
+        if real.bias is not None:
+            real.bias.zero_()
+        layer = LOSTLinear.from_dense(real, rank, lc.channel_density, seed=seed, **options).to(dtype)
+        del real
+        if device.type == "cpu":
             release_free_memory()  # this layer's float32 SVD and factors: freed pages back now
+        return layer
+
+    return make_layer
 
 
-def apply_lost(model: LLaMA, cfg: RunConfig) -> LLaMA:
-    """Convert the block projections to LOST layers, SVD-initialised from the dense init."""
+def apply_lost(model: LLaMA, cfg: RunConfig, make_layer: LayerFactory | None = None) -> ConversionReport:
+    """Convert the block projections to LOST layers, SVD-initialised from the dense init (or built
+    by ``make_layer``; see ``leanlm.optim.lost.convert``)."""
     lc = cfg.model.lost
-    return convert(model, lc.rank_for(cfg.model.d_model), lc.channel_density, seed=cfg.train.seed, **_lost_options(cfg))
+    rank = lc.rank_for(cfg.model.d_model)
+    return convert(model, rank, lc.channel_density, make_layer=make_layer, seed=cfg.train.seed, **_lost_options(cfg))
 
 
 def _lost_options(cfg: RunConfig) -> dict:

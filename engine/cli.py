@@ -220,11 +220,11 @@ def cmd_eval(args) -> int:
     res = evaluate(
         model,
         corpus.val_tokens,
-        cfg.train.seq_len,
-        cfg.eval.batch_size,
-        device,
-        autocast_for(cfg.train.precision, device),
-        cfg.train.loss_chunk_tokens,
+        seq_len=cfg.train.seq_len,
+        batch_size=cfg.eval.batch_size,
+        device=device,
+        autocast=autocast_for(cfg.train.precision, device),
+        chunk_tokens=cfg.train.loss_chunk_tokens,
     )
     uni = math.exp(unigram_loss(corpus.train_counts, corpus.val_tokens, cfg.train.seq_len))
     print(
@@ -238,7 +238,16 @@ def cmd_generate(args) -> int:
     from leanlm.engine.generate import sample
 
     _, model, tok, _, _ = _load(args.checkpoint, [])
-    print(sample(model, tok, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed))
+    text = sample(
+        model,
+        tok,
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
+    print(text)
     return 0
 
 
@@ -319,7 +328,7 @@ def cmd_fit(args) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
     if args.plot:
-        plot_fit(result, N, D, L, args.plot)
+        plot_fit(result, N, D, L, path=args.plot)
         print(f"plot: {args.plot}")
     return 0
 

@@ -31,6 +31,7 @@ def eval_windows(val_tokens: np.ndarray, seq_len: int) -> torch.Tensor:
 def evaluate(
     model: nn.Module,
     val_tokens: np.ndarray,
+    *,
     seq_len: int,
     batch_size: int,
     device: torch.device,

@@ -13,6 +13,7 @@ def sample(
     model: LLaMA,
     tok: Tokenizer,
     prompt: str,
+    *,
     max_new_tokens: int = 200,
     temperature: float = 0.8,
     top_k: int = 50,

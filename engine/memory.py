@@ -20,14 +20,14 @@ from leanlm.engine.metrics import available_memory_bytes
 from leanlm.engine.model import LLaMA
 from leanlm.optim import state_bytes
 from leanlm.optim.groups import is_projectable_name
-from leanlm.optim.lost import LLAMA_TARGETS
+from leanlm.optim.lost import lost_targets
 from leanlm.optim.precision import CHUNK_BYTES, SR_CHUNK, chunk_rows, is_elementwise
 from leanlm.optim.registry import REGISTRY
 
 GIB = 2**30
 
 
-@dataclass
+@dataclass(kw_only=True)
 class MemoryReport:
     parameters: int  # count
     param_bytes: int
@@ -151,13 +151,13 @@ def memory_report(cfg: RunConfig, vocab: int, on_gpu: bool = True) -> MemoryRepo
         grads = max(p.numel() for p in params) * elt + IN_BACKWARD_BUCKET
     tokens = cfg.train.micro_batch(1) * cfg.train.seq_len
     return MemoryReport(
-        n,
-        n * elt,
-        grads,
-        optim,
-        act,
-        tokens,
-        block,
+        parameters=n,
+        param_bytes=n * elt,
+        grad_bytes=grads,
+        optim_bytes=optim,
+        activation_bytes=act,
+        tokens_per_micro_batch=tokens,
+        block_bytes=block,
         step_in_backward=grads != n * elt,
         step_bytes=step_transient_bytes(cfg, model, opt, dtype),
         runtime_bytes=0 if on_gpu else CPU_RUNTIME_BYTES,
@@ -180,7 +180,7 @@ def init_residue_bytes(cfg: RunConfig, vocab: int, dtype: torch.dtype) -> int:
     with torch.device("meta"):
         dense = LLaMA(cfg.model, vocab, cfg.train.seq_len)
     sizes = [p.numel() for p in dense.parameters()]
-    targets = [m.weight.numel() for n, m in dense.named_modules() if n.split(".")[-1] in LLAMA_TARGETS]
+    targets = [m.weight.numel() for _, m in lost_targets(dense)]
     free = available_memory_bytes(torch.device("cpu"))
     if free is not None and sum(sizes) * 4 > free:
         if cfg.model.lost.enabled:

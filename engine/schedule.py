@@ -10,7 +10,7 @@ import torch
 from leanlm.engine.config import OptimConfig
 
 
-def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
+def lr_factor(step: int, total: int, *, warmup: int, schedule: str, min_ratio: float) -> float:
     """Multiplier of the peak lr for the update made at ``step`` (0-based)."""
     if warmup and step < warmup:
         return (step + 1) / warmup
@@ -28,7 +28,7 @@ def build_scheduler(
     warmup, schedule, min_ratio = cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio
 
     def factor(step: int) -> float:  # a plain function: LambdaLR's state_dict then holds no object
-        return lr_factor(step, total_steps, warmup, schedule, min_ratio)
+        return lr_factor(step, total_steps, warmup=warmup, schedule=schedule, min_ratio=min_ratio)
 
     fn: Callable[[int], float] = factor
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)

@@ -20,7 +20,18 @@ from leanlm.optim import StepInBackward
 from leanlm.optim.precision import hooks_of
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
+class StepSpec:
+    """What every step of a run shares, built once by the trainer's ``setup``."""
+
+    device: torch.device
+    autocast: contextlib.AbstractContextManager | None = None  # bf16 autocast, or None (full precision)
+    grad_clip: float = 0.0  # global gradient-norm cap (0: none; per tensor with in_backward)
+    chunk_tokens: int = 4096  # tokens per chunk of the head + cross-entropy
+    in_backward: StepInBackward | None = None  # the optimizer steps inside the last backward
+
+
+@dataclass(kw_only=True)
 class StepResult:
     loss: float  # mean training loss over this rank's micro-batches (unweighted)
     grad_norm: float  # global gradient norm before clipping
@@ -64,23 +75,20 @@ class _Tally:
 
     def result(self, grad_norm: float, finite: bool = True) -> StepResult:
         stats = WeightStats.mean(self.stats) if self.stats else None
-        return StepResult(float(self.total.item()), grad_norm, self.tokens, stats, finite)
+        return StepResult(
+            loss=float(self.total.item()), grad_norm=grad_norm, tokens=self.tokens, reweight=stats, finite=finite
+        )
 
 
 def _forward(
-    model: nn.Module,
-    batch: torch.Tensor,
-    device: torch.device,
-    autocast: contextlib.AbstractContextManager | None,
-    reweight: tuple[str, float] | None,
-    chunk_tokens: int,
+    model: nn.Module, batch: torch.Tensor, spec: StepSpec, reweight: tuple[str, float] | None
 ) -> tuple[torch.Tensor, torch.Tensor, int, WeightStats | None]:
     """One micro-batch (micro, T + 1) forward: (the loss to back-propagate, the per-row losses
     (micro,) detached, the target token count, the reweighting stats)."""
-    batch = batch.to(device, non_blocking=True)
+    batch = batch.to(spec.device, non_blocking=True)
     inputs, targets = batch[:, :-1], batch[:, 1:]
-    with autocast or contextlib.nullcontext():
-        rows = model(inputs, targets=targets, chunk_tokens=chunk_tokens)  # (micro,) float32
+    with spec.autocast or contextlib.nullcontext():
+        rows = model(inputs, targets=targets, chunk_tokens=spec.chunk_tokens)  # (micro,) float32
     loss, st = batch_loss(rows, *(reweight or (None,)))
     return loss, rows.detach(), targets.numel(), st
 
@@ -89,36 +97,34 @@ def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     micro_batches: list[torch.Tensor],
-    device: torch.device,
-    autocast: contextlib.AbstractContextManager | None = None,
-    grad_clip: float = 0.0,
+    spec: StepSpec,
+    *,
     reweight: tuple[str, float] | None = None,
-    chunk_tokens: int = 4096,
-    in_backward: StepInBackward | None = None,
 ) -> StepResult:
     """Forward/backward every micro-batch (each (micro, T + 1) tokens), clip, step, zero grads.
 
-    ``reweight``: (strategy, r) to weight rows by their loss, or None for the plain mean.
-    ``in_backward``: the optimizer steps inside the last backward (``leanlm.optim.StepInBackward``,
-    per-tensor clipping), so this only runs the micro-batches.
+    ``reweight``: (strategy, r) to weight rows by their loss, or None for the plain mean (it can
+    change during a run: reweighting starts after its warmup). With ``spec.in_backward`` the
+    optimizer steps inside the last backward (``leanlm.optim.StepInBackward``, per-tensor
+    clipping), so this only runs the micro-batches.
     """
     if dist.is_deepspeed(model):
-        return _deepspeed_step(model, micro_batches, device, autocast, reweight, chunk_tokens)
-    if in_backward is not None:
-        return _step_in_backward(model, in_backward, micro_batches, device, autocast, reweight, chunk_tokens)
+        return _deepspeed_step(model, micro_batches, spec, reweight)
+    if spec.in_backward is not None:
+        return _step_in_backward(model, micro_batches, spec, reweight)
     accum = len(micro_batches)
-    tally = _Tally(accum, torch.zeros((), device=device))
+    tally = _Tally(accum, torch.zeros((), device=spec.device))
     for j, batch in enumerate(micro_batches):
         # DDP / FSDP2: reduce gradients only on the last micro-batch.
         sync = contextlib.nullcontext() if j == accum - 1 or not hasattr(model, "no_sync") else model.no_sync()
         if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
             model.set_requires_gradient_sync(j == accum - 1)
         with sync:
-            loss, rows, tokens, st = _forward(model, batch, device, autocast, reweight, chunk_tokens)
+            loss, rows, tokens, st = _forward(model, batch, spec, reweight)
             (loss / accum).backward()
         tally.add(rows, tokens, st)
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    max_norm = grad_clip if grad_clip > 0 else float("inf")
+    max_norm = spec.grad_clip if spec.grad_clip > 0 else float("inf")
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor holding the global norm
         norm = norm.full_tensor()
@@ -137,26 +143,21 @@ def train_step(
 
 
 def _step_in_backward(
-    model: nn.Module,
-    in_backward: StepInBackward,
-    micro_batches: list[torch.Tensor],
-    device: torch.device,
-    autocast: contextlib.AbstractContextManager | None,
-    reweight: tuple[str, float] | None,
-    chunk_tokens: int,
+    model: nn.Module, micro_batches: list[torch.Tensor], spec: StepSpec, reweight: tuple[str, float] | None
 ) -> StepResult:
     """The step with the update inside backward: each parameter is stepped (and its gradient
     freed) by its hook during the last micro-batch's backward (under FSDP2: each shard, once it is
     reduce-scattered). A non-finite loss on any rank skips backward on every rank, so nothing is
     updated; a non-finite gradient stops the hooks from updating any later tensor."""
+    in_backward = spec.in_backward
     accum = len(micro_batches)
-    tally = _Tally(accum, torch.zeros((), device=device))
+    tally = _Tally(accum, torch.zeros((), device=spec.device))
     in_backward.begin()
     finite = True
     for j, batch in enumerate(micro_batches):
         if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter (and step) on the last
             model.set_requires_gradient_sync(j == accum - 1)
-        loss, rows, tokens, st = _forward(model, batch, device, autocast, reweight, chunk_tokens)
+        loss, rows, tokens, st = _forward(model, batch, spec, reweight)
         tally.add(rows, tokens, st)
         finite = finite and not dist.any_rank(not bool(torch.isfinite(loss.detach())))
         if finite:
@@ -168,14 +169,16 @@ def _step_in_backward(
     return tally.result(in_backward.grad_norm() if finite else math.nan, finite)
 
 
-def _deepspeed_step(engine, micro_batches, device, autocast, reweight, chunk_tokens) -> StepResult:
+def _deepspeed_step(
+    engine, micro_batches: list[torch.Tensor], spec: StepSpec, reweight: tuple[str, float] | None
+) -> StepResult:
     """The same step through a DeepSpeed engine: it scales by the accumulation count, reduces,
     clips (``gradient_clipping`` in its config) and steps at the accumulation boundary."""
     accum = len(micro_batches)
-    tally = _Tally(accum, torch.zeros((), device=device))
+    tally = _Tally(accum, torch.zeros((), device=spec.device))
     measured = None
     for batch in micro_batches:
-        loss, rows, tokens, st = _forward(engine, batch, device, autocast, reweight, chunk_tokens)
+        loss, rows, tokens, st = _forward(engine, batch, spec, reweight)
         engine.backward(loss)
         tally.total += rows.float().mean() / accum
         if engine.is_gradient_accumulation_boundary():
@@ -186,7 +189,7 @@ def _deepspeed_step(engine, micro_batches, device, autocast, reweight, chunk_tok
             total = tally.total.item()
             bad = not math.isfinite(total) or (measured is not None and not math.isfinite(measured))
             if dist.any_rank(bad):  # before DeepSpeed's update: the weights stay finite
-                return StepResult(total, float(measured or math.nan), tally.tokens, None, False)
+                return StepResult(loss=total, grad_norm=float(measured or math.nan), tokens=tally.tokens, finite=False)
         engine.step()
         tally.tokens += tokens
         if st is not None:

@@ -35,11 +35,10 @@ from leanlm.engine.run_lock import RunLock
 from leanlm.engine.runtime_checks import check_world
 from leanlm.engine.scaling import ScalingRecorder, recorder_for
 from leanlm.engine.schedule import build_scheduler
-from leanlm.engine.step import StepResult, train_step
-from leanlm.optim import StepInBackward
+from leanlm.engine.step import StepResult, StepSpec, train_step
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainResult:
     run_dir: Path
     step: int
@@ -53,16 +52,14 @@ class TrainResult:
     tokens_per_s: float = 0.0
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Run:
     """Everything the loop works with, built once by ``setup``."""
 
     cfg: RunConfig
-    device: torch.device
     net: torch.nn.Module  # what the loop calls (the model, DDP, FSDP2 or a DeepSpeed engine)
     optimizer: torch.optim.Optimizer
-    in_backward: StepInBackward | None  # optim.step_in_backward: the update runs inside backward
-    autocast: contextlib.AbstractContextManager | None
+    spec: StepSpec  # device, autocast, clipping, loss chunking, the in-backward hooks: every step's
     corpus: Corpus
     state: TrainState
     checkpointer: Checkpointer
@@ -161,7 +158,9 @@ def setup(cfg: RunConfig, device: torch.device, backend: str) -> Run:
     n_params, n_body = count_parameters(model), count_parameters(model, True)  # before sharding
     net, optimizer, autocast = parallelize(cfg, model, backend, device)
     state = TrainState(build_scheduler(optimizer, cfg.optim, train_cfg.steps), corpus.train, device)
-    checkpointer = Checkpointer(cfg, backend, model, net, optimizer, corpus.tokenizer.proto)
+    checkpointer = Checkpointer(
+        cfg=cfg, backend=backend, model=model, net=net, optimizer=optimizer, tokenizer_proto=corpus.tokenizer.proto
+    )
     if resume_from is not None:
         checkpointer.restore(resume_from, state, device, weights_loaded=preloaded)
     if main:
@@ -179,7 +178,14 @@ def setup(cfg: RunConfig, device: torch.device, backend: str) -> Run:
     recorder = None
     if main and cfg.log.scaling:
         trim_records(run_dir / "scaling.jsonl", state.step)
-        recorder = recorder_for(cfg, run_dir, n_params, n_body, fpt, getattr(corpus.train, "n", None))
+        recorder = recorder_for(
+            cfg,
+            run_dir,
+            num_params=n_params,
+            non_embedding_params=n_body,
+            flops_per_token=fpt,
+            train_sequences=getattr(corpus.train, "n", None),
+        )
     if main:
         t, world = train_cfg, dist.world_size()
         print(
@@ -190,17 +196,34 @@ def setup(cfg: RunConfig, device: torch.device, backend: str) -> Run:
             f"leanlm: run folder {run_dir}"
             + (f", resuming from {resume_from} (step {state.step})" if resume_from else "")
         )
-    unigram = math.exp(unigram_loss(corpus.train_counts, corpus.val_tokens, train_cfg.seq_len))
-    in_backward = in_backward_for(cfg, optimizer)
+    spec = StepSpec(
+        device=device,
+        autocast=autocast,
+        grad_clip=train_cfg.grad_clip,
+        chunk_tokens=train_cfg.loss_chunk_tokens,
+        in_backward=in_backward_for(cfg, optimizer),
+    )
     return Run(
-        cfg, device, net, optimizer, in_backward, autocast, corpus, state, checkpointer, logger, recorder, fpt, unigram
+        cfg=cfg,
+        net=net,
+        optimizer=optimizer,
+        spec=spec,
+        corpus=corpus,
+        state=state,
+        checkpointer=checkpointer,
+        logger=logger,
+        recorder=recorder,
+        flops_per_token=fpt,
+        unigram_ppl=math.exp(unigram_loss(corpus.train_counts, corpus.val_tokens, train_cfg.seq_len)),
     )
 
 
 def _loop(run: Run, stop_at: int | None) -> TrainResult:
     """Step until ``train.steps``, a stop signal or ``stop_at``; evaluate, log and save on cadence."""
     cfg, state, train_cfg = run.cfg, run.state, run.cfg.train
-    result = TrainResult(Path(train_cfg.out_dir), state.step, state.tokens_seen, unigram_ppl=run.unigram_ppl)
+    result = TrainResult(
+        run_dir=Path(train_cfg.out_dir), step=state.step, tokens_seen=state.tokens_seen, unigram_ppl=run.unigram_ppl
+    )
     started, meter = time.perf_counter(), Throughput()
     show = dist.is_main() and cfg.log.progress
     bar = tqdm(total=train_cfg.steps, initial=state.step, disable=not show, dynamic_ncols=True, unit="step")
@@ -208,17 +231,8 @@ def _loop(run: Run, stop_at: int | None) -> TrainResult:
     with bar, StopFlag() as stop:
         while state.step < train_cfg.steps:
             # forward, backward, clip, update: the step's math lives in engine.step
-            res = train_step(
-                run.net,
-                run.optimizer,
-                run.corpus.train.next_step(),
-                run.device,
-                run.autocast,
-                train_cfg.grad_clip,
-                reweight=_reweighting(cfg, state.step),
-                chunk_tokens=train_cfg.loss_chunk_tokens,
-                in_backward=run.in_backward,
-            )
+            batches = run.corpus.train.next_step()
+            res = train_step(run.net, run.optimizer, batches, run.spec, reweight=_reweighting(cfg, state.step))
             # a NaN/Inf step was not applied: stop, pointing at weights known to train
             if not res.finite:
                 raise TrainingError(_nan_message(res, state.step + 1, run.checkpointer.good, run.checkpointer.last))
@@ -226,11 +240,11 @@ def _loop(run: Run, stop_at: int | None) -> TrainResult:
             lr = state.scheduler.get_last_lr()[0]
             state.advance(res.tokens * dist.world_size())
             meter.add(res.tokens * dist.world_size())
-            loss = dist.all_reduce_mean(res.loss, run.device)
+            loss = dist.all_reduce_mean(res.loss, run.spec.device)
             result.losses.append(loss)
             # logging
             if state.step % cfg.log.every == 0 or state.step == train_cfg.steps:
-                _log_step(run, res, loss, lr, meter.rate())
+                _log_step(run, res, loss=loss, lr=lr, tokens_per_s=meter.rate())
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{meter.rate():,.0f}")
                 meter.reset()
             bar.update(1)
@@ -263,15 +277,15 @@ def _reweighting(cfg: RunConfig, step: int) -> tuple[str, float] | None:
     return (rw.strategy, rw.r) if rw.strategy != "uniform" and step >= rw.warmup_steps else None
 
 
-def _log_step(run: Run, res: StepResult, loss: float, lr: float, tokens_per_s: float) -> None:
+def _log_step(run: Run, res: StepResult, *, loss: float, lr: float, tokens_per_s: float) -> None:
     scalars = {
         "train/loss": loss,
         "train/grad_norm": res.grad_norm,
         "optim/lr": lr,
         "perf/tokens_per_s": tokens_per_s,
-        "mem/peak_gib": peak_memory_gib(run.device),
+        "mem/peak_gib": peak_memory_gib(run.spec.device),
     }
-    peak = peak_flops(run.device)
+    peak = peak_flops(run.spec.device)
     if peak:
         scalars["perf/mfu"] = run.flops_per_token * tokens_per_s / (peak * dist.world_size())
     if res.reweight is not None:
@@ -282,19 +296,26 @@ def _log_step(run: Run, res: StepResult, loss: float, lr: float, tokens_per_s: f
 def _evaluate(run: Run, result: TrainResult, started: float) -> EvalResult:
     """Held-out loss now: logged, and a row in scaling.jsonl."""
     cfg, state = run.cfg, run.state
-    seq_len, batch, chunk = cfg.train.seq_len, cfg.eval.batch_size, cfg.train.loss_chunk_tokens
-    res = evaluate(run.net, run.corpus.val_tokens, seq_len, batch, run.device, run.autocast, chunk)
+    res = evaluate(
+        run.net,
+        run.corpus.val_tokens,
+        seq_len=cfg.train.seq_len,
+        batch_size=cfg.eval.batch_size,
+        device=run.spec.device,
+        autocast=run.spec.autocast,
+        chunk_tokens=cfg.train.loss_chunk_tokens,
+    )
     run.logger.log(state.step, {"val/loss": res.loss, "val/ppl": res.ppl}, tokens_seen=state.tokens_seen)
     if run.recorder is not None:
         elapsed = time.perf_counter() - started
         run.recorder.record(
-            state.step,
-            state.tokens_seen,
-            res.loss,
-            result.losses[-1] if result.losses else None,
-            state.scheduler.get_last_lr()[0],
-            elapsed,
-            (state.tokens_seen - result.tokens_seen) / max(elapsed, 1e-9),
-            str(run.checkpointer.last or ""),
+            step=state.step,
+            tokens_seen=state.tokens_seen,
+            val_loss=res.loss,
+            train_loss=result.losses[-1] if result.losses else None,
+            lr=state.scheduler.get_last_lr()[0],
+            wall_s=elapsed,
+            tokens_per_s=(state.tokens_seen - result.tokens_seen) / max(elapsed, 1e-9),
+            checkpoint=str(run.checkpointer.last or ""),
         )
     return res

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -303,15 +304,39 @@ class ConversionReport:
         return "\n".join(lines)
 
 
+def is_lost_target(name: str, module: nn.Module, targets: tuple[str, ...] = LLAMA_TARGETS) -> bool:
+    """Whether ``convert`` replaces this module: a dense layer (``nn.Linear`` or GPT-2's
+    ``Conv1D``) whose name's last part is one of ``targets``."""
+    return _is_dense(module) and name.rpartition(".")[2] in targets
+
+
+def lost_targets(model: nn.Module, targets: tuple[str, ...] = LLAMA_TARGETS) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every layer ``convert`` replaces, in module order (layer i's channel draw
+    is seeded by ``seed + i``)."""
+    return [(name, mod) for name, mod in model.named_modules() if is_lost_target(name, mod, targets)]
+
+
+# make_layer(dense, seed) -> the LOST layer replacing ``dense`` (an nn.Linear, possibly on the meta
+# device); ``seed`` is that layer's own seed.
+LayerFactory = Callable[[nn.Linear, int], "LOSTLinear"]
+
+
 def convert(
     model: nn.Module,
     rank: int,
     channel_density: float = 0.05,
     targets: tuple[str, ...] = LLAMA_TARGETS,
+    *,
+    make_layer: LayerFactory | None = None,
     **options,
 ) -> ConversionReport:
     """Replace every ``nn.Linear`` (or GPT-2-style ``Conv1D``, whose weight is stored transposed)
     whose name ends in one of ``targets`` by ``LOSTLinear.from_dense``.
+
+    ``make_layer(dense, seed)``: builds each LOST layer instead of ``from_dense(dense, rank,
+    channel_density, seed=seed, **options)``, e.g. to materialise a meta model's layer on a device
+    first, one layer at a time (the engine's large-model build); the walk, the per-layer seeds and
+    the swap stay here.
 
     Works on any module tree (ours, a Hugging Face model, an ``nn.Sequential`` with ``targets``
     naming its children). Embeddings, the output head and norms are untouched. ``options`` go to
@@ -327,7 +352,7 @@ def convert(
     """
     report = ConversionReport(total_before=sum(p.numel() for p in model.parameters()))
     seed = options.pop("seed", 0)
-    found = [(name, mod) for name, mod in model.named_modules() if _is_dense(mod) and name.split(".")[-1] in targets]
+    found = lost_targets(model, targets)
     if not found:
         done = [n for n, m in model.named_modules() if isinstance(m, LOSTLinear) and n.split(".")[-1] in targets]
         if done:
@@ -345,10 +370,15 @@ def convert(
                 f"{name}: {type(parent).__name__} reads its .weight, which a LOST layer with phi={phi!r} does not "
                 "have; leave it out of targets or pass phi='identity'"
             )
+    if make_layer is None:
+
+        def make_layer(dense: nn.Linear, layer_seed: int) -> LOSTLinear:
+            return LOSTLinear.from_dense(dense, rank, channel_density, seed=layer_seed, **options)
+
     for i, (name, dense) in enumerate(found):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        lost = LOSTLinear.from_dense(_as_linear(dense), rank, channel_density, seed=seed + i, **options)
+        lost = make_layer(_as_linear(dense), seed + i)
         before, after = dense.weight.numel(), sum(p.numel() for p in lost.parameters())
         if after > before:
             warnings.warn(

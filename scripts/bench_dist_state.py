@@ -20,7 +20,7 @@ from leanlm.engine import distributed as dist
 from leanlm.engine.build import build_model, make_optimizer
 from leanlm.engine.config import load_config
 from leanlm.engine.memory import memory_report
-from leanlm.engine.step import train_step
+from leanlm.engine.step import StepSpec, train_step
 from leanlm.optim import state_bytes
 
 
@@ -37,7 +37,7 @@ def measure(config: str, backend: str, optim: str, vocab: int, seq: int, over: l
         stage = int(backend[-1])
         net = dist.wrap_deepspeed(model, opt, dist.deepspeed_config(1, 1, 1.0, stage, bf16=False))
     tokens = torch.randint(0, vocab, (1, seq + 1))
-    train_step(net, opt, [tokens], torch.device("cpu"), grad_clip=1.0)
+    train_step(net, opt, [tokens], StepSpec(device=torch.device("cpu"), grad_clip=1.0))
     return state_bytes(opt), single
 
 

@@ -15,9 +15,14 @@ from typing import Any
 import torch
 
 from leanlm.engine import distributed as dist
-from leanlm.engine.checkpoint import sharded
-from leanlm.engine.checkpoint import store as ckpt
-from leanlm.engine.checkpoint.resume import check_resume_config, load_state, resume_schedule, zero_stage_of
+from leanlm.engine.checkpoint import sharded, store
+from leanlm.engine.checkpoint.resume import (
+    check_resume_config,
+    hyperparameters,
+    load_state,
+    resume_schedule,
+    zero_stage_of,
+)
 from leanlm.engine.config import RunConfig
 from leanlm.engine.errors import ConfigError
 
@@ -63,8 +68,8 @@ def find_resume(cfg: RunConfig) -> Path | None:
     """The checkpoint ``train.resume`` names (verified, config compatible), or None for a fresh
     start; a fresh start into a folder that holds checkpoints is refused."""
     run_dir, resume = Path(cfg.train.out_dir), cfg.train.resume
-    path = ckpt.resolve_resume(run_dir, resume)
-    if path is None and ckpt.list_checkpoints(run_dir) and resume != "auto":
+    path = store.resolve_resume(run_dir, resume)
+    if path is None and store.list_checkpoints(run_dir) and resume != "auto":
         raise ConfigError(
             f"train.out_dir={cfg.train.out_dir!r} already holds checkpoints; pass train.resume=auto to continue it "
             "or pick a new train.out_dir"
@@ -74,7 +79,7 @@ def find_resume(cfg: RunConfig) -> Path | None:
     return path
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Checkpointer:
     """Saves and restores a run's checkpoints for its backend.
 
@@ -107,7 +112,15 @@ class Checkpointer:
 
     def restore(self, path: Path, state: TrainState, device: torch.device, weights_loaded: bool = False) -> None:
         """Weights (unless ``weights_loaded``), optimizer state and train state from checkpoint ``path``."""
-        saved = load_state(path, self.backend, self.model, self.net, self.optimizer, device, weights_loaded)
+        saved = load_state(
+            path,
+            backend=self.backend,
+            model=self.model,
+            net=self.net,
+            optimizer=self.optimizer,
+            device=device,
+            weights_loaded=weights_loaded,
+        )
         state.load_state_dict(saved)
         self.last = path
 
@@ -126,7 +139,7 @@ class Checkpointer:
             "backend": self.backend,
             "world_size": dist.world_size(),
             "zero_stage": zero_stage_of(self.net),
-            "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups],
+            "param_groups": hyperparameters(self.optimizer),
         }
         files = {
             "config.yaml": (self.run_dir / "config.yaml").read_bytes() if main else b"",
@@ -135,8 +148,14 @@ class Checkpointer:
         tensors: dict[str, Any] = {"train": train_state}
         if writer is None:
             tensors.update(model=self.model.state_dict(), optim=self.optimizer.state_dict())
-        path = ckpt.save_checkpoint(
-            self.run_dir, state.step, tensors, files, self.cfg.checkpoint.keep, writer, self.written
+        path = store.save_checkpoint(
+            self.run_dir,
+            state.step,
+            tensors,
+            files,
+            keep=self.cfg.checkpoint.keep,
+            shared_writer=writer,
+            written=self.written,
         )
         if main:
             self.last = path

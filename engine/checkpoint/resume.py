@@ -17,8 +17,7 @@ from typing import Any
 import torch
 
 from leanlm.engine import distributed as dist
-from leanlm.engine.checkpoint import sharded
-from leanlm.engine.checkpoint import store as ckpt
+from leanlm.engine.checkpoint import sharded, store
 from leanlm.engine.config import RunConfig, leaves, load_config
 from leanlm.engine.errors import CheckpointError
 
@@ -81,12 +80,13 @@ def zero_stage_of(net: torch.nn.Module) -> int:
     return int(net.zero_optimization_stage()) if dist.is_deepspeed(net) else 0
 
 
-def _hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+def hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
     return [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
 
 
 def load_state(
     path: Path,
+    *,
     backend: str,
     model: torch.nn.Module,
     net: torch.nn.Module,
@@ -98,7 +98,7 @@ def load_state(
     ``weights_loaded``: ``preload_weights`` already put the model weights in place.
 
     The optimizer's hyperparameters stay those of the current config (they are not state)."""
-    state = ckpt.load_file(path, "train")
+    state = store.load_file(path, "train")
     if not isinstance(state, dict) or "step" not in state or "scheduler" not in state:
         raise CheckpointError(f"{path}: train.pt is not a leanlm train state")
     fmt = sharded.checkpoint_format(path)
@@ -108,12 +108,12 @@ def load_state(
             f"{path}: written by distributed.backend={state.get('backend', 'none/ddp')} ({fmt} format); "
             f"resume it with that backend, not {backend}"
         )
-    fresh = _hyperparameters(optimizer)
+    fresh = hyperparameters(optimizer)
     if fmt == "torch":
         if not weights_loaded:
-            ckpt.load_model_state(model, ckpt.load_file(path, "model", device), str(path))
+            store.load_model_state(model, store.load_file(path, "model", device), str(path))
         try:
-            optimizer.load_state_dict(ckpt.load_file(path, "optim", device))
+            optimizer.load_state_dict(store.load_file(path, "optim", device))
         except (ValueError, KeyError, RuntimeError) as e:
             msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise CheckpointError(
@@ -143,7 +143,7 @@ def preload_weights(path: Path, model: torch.nn.Module, backend: str, device: to
     the single-file format of backends none / ddp; returns whether it loaded."""
     if backend not in ("none", "ddp") or sharded.checkpoint_format(path) != "torch":
         return False
-    ckpt.load_model_state(model, ckpt.load_file(path, "model", device), str(path), assign=True)
+    store.load_model_state(model, store.load_file(path, "model", device), str(path), assign=True)
     return True
 
 

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from leanlm.engine import distributed as dist
-from leanlm.engine.checkpoint import store as ckpt
+from leanlm.engine.checkpoint import store
 from leanlm.engine.checkpoint.safe_load import dcp_reader_and_planner, read_dcp_metadata, scan_torch_files
 from leanlm.engine.errors import CheckpointError
 from leanlm.optim.sharding import is_dtensor, local, sharded_zeros
@@ -159,7 +159,7 @@ def load_weights(path: Path, model: nn.Module, device: torch.device) -> None:
     (for eval and generate)."""
     fmt = checkpoint_format(path)
     if fmt == "torch":
-        ckpt.load_model_state(model, ckpt.load_file(path, "model", device), str(path))
+        store.load_model_state(model, store.load_file(path, "model", device), str(path))
     elif fmt == "dcp":
         load_dcp(path / DCP_DIR, model)
     else:
@@ -168,4 +168,4 @@ def load_weights(path: Path, model: nn.Module, device: torch.device) -> None:
 
         # Works for every ZeRO stage: stage 3 keeps only partitions in the model file.
         state = get_fp32_state_dict_from_zero_checkpoint(str(path / DS_DIR), tag=DS_TAG)
-        ckpt.load_model_state(model, {k: v.to(device) for k, v in state.items()}, str(path))
+        store.load_model_state(model, {k: v.to(device) for k, v in state.items()}, str(path))

@@ -93,6 +93,7 @@ def save_checkpoint(
     step: int,
     tensors: dict[str, Any],
     files: dict[str, bytes],
+    *,
     keep: int = 0,
     shared_writer: Callable[[Path], None] | None = None,
     written: set[Path] | None = None,

@@ -79,6 +79,7 @@ class PackedTokens:
         self,
         tokens: np.ndarray,
         seq_len: int,
+        *,
         batch_size: int,
         micro: int,
         rank: int,
@@ -145,6 +146,7 @@ class StreamedTokens:
         self,
         make_dataset,
         tok: Tokenizer,
+        *,
         text_field: str,
         holdout: float,
         seq_len: int,
@@ -356,8 +358,8 @@ def _ensure_token_cache(source: FileSource, tok: Tokenizer, fraction: float, fol
     _tokenize_files(source, tok, fraction, folder)
 
 
-def _file_corpus(cfg: RunConfig, source: FileSource, tokenizer_file: Path | None, rank: int, world: int) -> Corpus:
-    d, t = cfg.data, cfg.train
+def _file_corpus(cfg: RunConfig, source: FileSource, tokenizer_file: Path | None) -> Corpus:
+    d, t, rank, world = cfg.data, cfg.train, dist.rank(), dist.world_size()
     if dist.is_main():
         fingerprint = source.fingerprint()
         sample = _file_sample(source, d.val_fraction, d.tokenizer_sample_mb * 1e6)
@@ -375,14 +377,16 @@ def _file_corpus(cfg: RunConfig, source: FileSource, tokenizer_file: Path | None
     train = np.memmap(folder / "train.bin", dtype=dtype, mode="r")
     val = np.memmap(folder / "val.bin", dtype=dtype, mode="r") if meta["tokens"]["val"] else np.zeros(0, dtype)
     micro = t.micro_batch(world)
-    stream = PackedTokens(train, t.seq_len, t.batch_size, micro, rank, world, t.seed, d.shuffle)
+    stream = PackedTokens(
+        train, t.seq_len, batch_size=t.batch_size, micro=micro, rank=rank, world=world, seed=t.seed, shuffle=d.shuffle
+    )
     sample = train[:50_000_000]
     counts = np.bincount(sample, minlength=tok.vocab_size)
     desc = (
         f"{d.source}: {meta['documents']['train']} train / {meta['documents']['val']} held-out segments, "
         f"{meta['tokens']['train']:,} / {meta['tokens']['val']:,} tokens (cache {folder})"
     )
-    return Corpus(tok, stream, _held_out(val, cfg), counts, desc)
+    return Corpus(tokenizer=tok, train=stream, val_tokens=_held_out(val, cfg), train_counts=counts, description=desc)
 
 
 def _held_out(val: np.ndarray, cfg: RunConfig) -> np.ndarray:
@@ -401,10 +405,10 @@ def _held_out(val: np.ndarray, cfg: RunConfig) -> np.ndarray:
     return np.asarray(val[:want]).astype(np.int64)
 
 
-def _hf_corpus(cfg: RunConfig, tokenizer_file: Path | None, rank: int, world: int) -> Corpus:
+def _hf_corpus(cfg: RunConfig, tokenizer_file: Path | None) -> Corpus:
     from datasets.distributed import split_dataset_by_node
 
-    d, t = cfg.data, cfg.train
+    d, t, rank, world = cfg.data, cfg.train, dist.rank(), dist.world_size()
     holdout = 0.0 if d.hf_val_split else d.val_fraction
     check_hub(d.source, d.hf_timeout_s)
 
@@ -450,10 +454,18 @@ def _hf_corpus(cfg: RunConfig, tokenizer_file: Path | None, rank: int, world: in
     if counts.sum() == 0:
         raise DataError(f"data.source={d.source!r}: split {d.hf_split!r} has no text in field '{d.text_field}'")
     stream = StreamedTokens(
-        make_train, tok, d.text_field, holdout, t.seq_len, t.batch_size, t.micro_batch(world), world
+        make_train,
+        tok,
+        text_field=d.text_field,
+        holdout=holdout,
+        seq_len=t.seq_len,
+        batch_size=t.batch_size,
+        micro=t.micro_batch(world),
+        world=world,
     )
     desc = f"{d.source} (streamed; train split {d.hf_split!r}, held-out {val_split!r}{' by hash' if holdout else ''})"
-    return Corpus(tok, stream, _held_out(np.asarray(val), cfg), counts, desc)
+    val_tokens = _held_out(np.asarray(val), cfg)
+    return Corpus(tokenizer=tok, train=stream, val_tokens=val_tokens, train_counts=counts, description=desc)
 
 
 def build_corpus(cfg: RunConfig, tokenizer_file: Path | None = None) -> Corpus:
@@ -461,9 +473,8 @@ def build_corpus(cfg: RunConfig, tokenizer_file: Path | None = None) -> Corpus:
 
     ``tokenizer_file`` forces a tokenizer (a checkpoint's own, when resuming or evaluating).
     """
-    rank, world = dist.rank(), dist.world_size()
     spec = cfg.data.source
     if spec.startswith("hf:"):
-        return _hf_corpus(cfg, tokenizer_file, rank, world)
+        return _hf_corpus(cfg, tokenizer_file)
     source = stdlib_source() if spec == "stdlib" else path_source(spec, cfg.data.text_field)
-    return _file_corpus(cfg, source, tokenizer_file, rank, world)
+    return _file_corpus(cfg, source, tokenizer_file)

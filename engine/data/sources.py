@@ -14,7 +14,7 @@ import os
 import sysconfig
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 
 from leanlm.engine.errors import DataError
@@ -49,6 +49,7 @@ class Piece:
     key: str
     text: str
     held_out: bool
+    _: KW_ONLY
     bos: bool = True
     eos: bool = True
 
@@ -134,7 +135,7 @@ class FileSource:
             for i, part in enumerate(parts):
                 bos = i == 0 or held[i - 1] != held[i]
                 eos = i == len(parts) - 1 or held[i + 1] != held[i]
-                yield Piece(f"{key}@{i}", part, held[i], bos, eos)
+                yield Piece(f"{key}@{i}", part, held[i], bos=bos, eos=eos)
 
     def _skip(self, why: str) -> None:
         self.skipped[why] = self.skipped.get(why, 0) + 1

@@ -118,7 +118,7 @@ def _huber_objective(x: np.ndarray, logN, logD, logL, delta: float) -> tuple[flo
     return float(h.sum()), grad
 
 
-def _fit_chinchilla(N, D, L, delta: float, grid: str) -> tuple[np.ndarray, float]:
+def _fit_chinchilla(N, D, L, *, delta: float, grid: str) -> tuple[np.ndarray, float]:
     from scipy.optimize import minimize
 
     logN, logD, logL = np.log(N), np.log(D), np.log(L)
@@ -195,14 +195,16 @@ def fit(
     # L-BFGS-B calls BLAS on 5-vectors thousands of times; a multi-threaded OpenBLAS turns each
     # call into a thread hand-off and, on a loaded machine, the fit 50x slower. One thread.
     with threadpool_limits(limits=1, user_api="blas"):
-        x, obj = _fit_chinchilla(N, D, L, delta, grid) if method == "chinchilla" else _fit_colpret(N, D, L)
+        x, obj = _fit_chinchilla(N, D, L, delta=delta, grid=grid) if method == "chinchilla" else _fit_colpret(N, D, L)
         result = _to_result(x, obj, len(L), method)
         if bootstrap:
-            result.intervals = _bootstrap(N, D, L, x, method, delta, bootstrap, groups, seed)
+            result.intervals = _bootstrap(
+                N, D, L, x, method=method, delta=delta, rounds=bootstrap, groups=groups, seed=seed
+            )
     return result
 
 
-def _bootstrap(N, D, L, x_best, method, delta, rounds, groups, seed) -> dict[str, tuple[float, float]]:
+def _bootstrap(N, D, L, x_best, *, method, delta, rounds, groups, seed) -> dict[str, tuple[float, float]]:
     from scipy.optimize import minimize
 
     rng = np.random.default_rng(seed)

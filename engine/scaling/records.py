@@ -56,6 +56,7 @@ class ScalingRecorder:
 
     def record(
         self,
+        *,
         step: int,
         tokens_seen: int,
         val_loss: float,
@@ -87,6 +88,7 @@ class ScalingRecorder:
 def recorder_for(
     cfg: RunConfig,
     run_dir: Path,
+    *,
     num_params: int,
     non_embedding_params: int,
     flops_per_token: float,
@@ -243,7 +245,7 @@ def holdout_are(
     return result, absolute_relative_error(result, N[sel], D[sel], L[sel]), int(sel.sum())
 
 
-def plot_fit(result: FitResult, N, D, L, path: str | Path) -> None:
+def plot_fit(result: FitResult, N, D, L, *, path: str | Path) -> None:
     """Loss vs tokens per model size: data as points, the fitted law as lines."""
     import matplotlib
 

@@ -69,7 +69,7 @@ def test_resume_continues_with_the_next_unseen_sequence():
 
 
 def test_state_from_another_corpus_is_rejected():
-    s = PackedTokens(np.arange(501, dtype=np.uint16), 10, 4, 4, 0, 1, 0)
+    s = PackedTokens(np.arange(501, dtype=np.uint16), 10, batch_size=4, micro=4, rank=0, world=1, seed=0)
     with pytest.raises(DataError, match="different corpus"):
         s.load_state_dict({"kind": "packed_tokens", "position": 3, "n": 7})
 

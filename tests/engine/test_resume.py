@@ -191,7 +191,8 @@ def test_lr_override_on_resume_rescales_the_schedule_and_is_recorded(finished, t
     o = cfg.optim
     lrs = {r["step"]: r["optim/lr"] for r in records(finished)}
     for step in (7, 8, 9):  # the update of step s uses lr_factor(s - 1)
-        assert lrs[step] == pytest.approx(5e-4 * lr_factor(step - 1, 9, o.warmup_steps, o.schedule, o.min_lr_ratio))
+        factor = lr_factor(step - 1, 9, warmup=o.warmup_steps, schedule=o.schedule, min_ratio=o.min_lr_ratio)
+        assert lrs[step] == pytest.approx(5e-4 * factor)
     saved = load_config(finished / "config.yaml")
     assert saved.optim.lr == 5e-4 and saved.optim.weight_decay == 0.3
     groups = ckpt.load_file(finished / "checkpoints" / "step-00000009", "optim")["param_groups"]
@@ -243,7 +244,8 @@ def test_nan_step_is_not_applied(tiny_cfg):
             return self.inner(inputs.float()).squeeze(-1) * float("nan")
 
     before = [p.detach().clone() for p in model.parameters()]
-    res = step_mod.train_step(NaNModel(), opt, [torch.ones(2, 5, dtype=torch.long)], torch.device("cpu"))
+    spec = step_mod.StepSpec(device=torch.device("cpu"))
+    res = step_mod.train_step(NaNModel(), opt, [torch.ones(2, 5, dtype=torch.long)], spec)
     assert not res.finite
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     assert os.environ.get("LEANLM_FAULT_AT") is None
