@@ -30,10 +30,10 @@ Sharded parameters (see ``leanlm.optim.sharding``): under FSDP2 (``DTensor``, ro
 moments sharded like the parameter; ``rows``, ``randk``, ``svd`` and ``random`` gather the full
 gradient (one all-gather per matrix per step), compute the update redundantly on every rank and
 keep their state replicated (every rank holds all of it). Under DeepSpeed ZeRO-1/2/3 the optimizer
-sees flat 1-D partitions; ``attach_flat_layout`` (or
-``leanlm.optim.zero.attach_deepspeed``) maps it back to the parameters' (offset, shape) so
-``columns`` and ``randk`` become masks on the flat slice with the same subspaces and the same
-moment memory as on whole matrices.
+sees flat 1-D partitions; ``attach_flat_layout`` (or ``leanlm.optim.zero.attach_deepspeed``) maps
+them back to the parameters' (offset, shape) so ``columns`` and ``randk`` become masks on the flat
+slice with the same subspaces and the same moment memory as on whole matrices
+(``leanlm.optim.flat``).
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ from leanlm.kernels.frugal_update import (
     state_free_update,
     use_triton,
 )
+from leanlm.optim.flat import FlatLayouts, FlatSegment
 from leanlm.optim.groups import BLOCK_LINEAR_KEYS, frugal_param_groups, is_named_params
 from leanlm.optim.options import check_group
 from leanlm.optim.projections import (
@@ -61,8 +62,6 @@ from leanlm.optim.projections import (
 )
 from leanlm.optim.scaled import RULES, same, scaled_update_
 from leanlm.optim.sharding import (
-    FlatSegment,
-    flat_positions,
     is_dtensor,
     local,
     local_view,
@@ -121,9 +120,8 @@ class FRUGAL(torch.optim.Optimizer):
         # filled by add_param_group, which the base class calls for each group.
         self._index: dict[int, int] = {}
         self._scratch: dict[tuple, torch.Tensor] = {}
-        # DeepSpeed ZeRO-1/2/3: flat partition -> its segments, and cached state-full positions.
-        self._flat: dict[int, list[FlatSegment]] = {}
-        self._flat_pos: dict[int, tuple[int, torch.Tensor]] = {}
+        # DeepSpeed ZeRO-1/2/3: the flat partitions stepped instead of matrices (leanlm.optim.flat).
+        self._flat = FlatLayouts()
         # Fused kernel: parameter -> (the index it was built from, its inverse map).
         self._inverses: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         groups = _as_groups(params)
@@ -231,27 +229,12 @@ class FRUGAL(torch.optim.Optimizer):
             group = next((g for g in self.param_groups if any(p is flat for p in g["params"])), None)
         if group is None:
             raise ValueError("attach_flat_layout: the tensor is not in any parameter group")
-        if group["projectable"] and group["state_free"] in RULES:
-            raise ValueError(
-                f"FRUGAL state_free={group['state_free']!r} needs whole matrices (per-channel norms); on flat "
-                "(ZeRO) partitions use state_free='sign', or shard with FSDP2"
-            )
-        if group["projectable"] and group["projection"] not in ("columns", "randk"):
-            raise ValueError(
-                f"FRUGAL on flat (ZeRO) partitions supports projection columns or randk, not {group['projection']!r}"
-            )
-        if group["projectable"] and any(len(s.shape) != 2 for s in segments):
-            raise ValueError(
-                "FRUGAL on flat partitions: a projectable group may hold only matrices; put 1-D "
-                "tensors in a non-projectable group (frugal_param_groups does)"
-            )
-        self._flat[id(flat)] = list(segments)
-        self._flat_pos.pop(id(flat), None)
+        self._flat.attach(flat, segments, group)
 
     # ------------------------------------------------------------------ bookkeeping + dispatch
 
     def is_projectable(self, group: dict[str, Any], p: torch.Tensor) -> bool:
-        return bool(group["projectable"]) and (p.ndim == 2 or id(p) in self._flat)
+        return bool(group["projectable"]) and (p.ndim == 2 or p in self._flat)
 
     def elementwise(self, p: torch.Tensor) -> bool:
         """Whether ``p``'s update is elementwise (its state-full AdamW part, not a projected one):
@@ -312,7 +295,7 @@ class FRUGAL(torch.optim.Optimizer):
         return (
             PROJECTORS[group["projection"]].fused
             and group["state_free"] not in RULES
-            and id(p) not in self._flat
+            and p not in self._flat
             and not is_dtensor(p)
             and p.is_contiguous()
             and use_triton(p)
@@ -353,30 +336,10 @@ class FRUGAL(torch.optim.Optimizer):
             return
         for p in proj:
             if not self.state[p] or int(self.state[p]["age"]) >= gap:
-                (self._refresh_flat if id(p) in self._flat else self._refresh)(group, p)
-
-    def _refresh_flat(self, group: dict[str, Any], p: torch.Tensor) -> None:
-        st = self.state[p]
-        refresh = int(st["refresh"]) + 1 if st else 0
-        count = self._positions(group, p, refresh).numel()
-        keep = "exp_avg" in st and not group["reset_on_refresh"]
-        if not keep:
-            st["exp_avg"] = torch.zeros(count, dtype=p.dtype, device=p.device)
-            st["exp_avg_sq"] = torch.zeros(count, dtype=p.dtype, device=p.device)
-            st["step"] = torch.zeros((), dtype=torch.float32)
-        st["age"] = torch.zeros((), dtype=torch.int64)
-        st["refresh"] = torch.tensor(refresh, dtype=torch.int64)
-
-    def _positions(self, group: dict[str, Any], p: torch.Tensor, refresh: int) -> torch.Tensor:
-        """State-full positions in a flat partition (recomputed from the generator, never saved:
-        they cost no more state than the subspace indices of whole matrices would)."""
-        cached = self._flat_pos.get(id(p))
-        if cached is None or cached[0] != refresh:
-            pos = flat_positions(self._flat[id(p)], group["projection"], group["density"], group["seed"], refresh).to(
-                p.device
-            )
-            cached = self._flat_pos[id(p)] = (refresh, pos)
-        return cached[1]
+                if p in self._flat:
+                    self._flat.refresh(group, p, self.state[p])
+                else:
+                    self._refresh(group, p)
 
     def _refresh(self, group: dict[str, Any], p: torch.Tensor) -> None:
         """Draw this matrix's next subspace (``PROJECTORS[kind].draw``) and reset its moments."""
@@ -388,7 +351,9 @@ class FRUGAL(torch.optim.Optimizer):
         def whole_grad() -> torch.Tensor:  # svd needs all of G
             return p.grad.full_tensor() if is_dtensor(p.grad) else p.grad
 
-        drawn, shape, dtype = PROJECTORS[kind].draw(tuple(p.shape), group["density"], gen, whole_grad, group["rank"])
+        drawn, shape, dtype = PROJECTORS[kind].draw(
+            tuple(p.shape), group["density"], gen, whole_grad, rank=group["rank"]
+        )
         st.update({name: t.to(p.device) for name, t in drawn.items()})
         dtype = dtype or p.dtype
         keep = "exp_avg" in st and not group["reset_on_refresh"] and st["exp_avg"].shape == shape
@@ -411,7 +376,9 @@ class FRUGAL(torch.optim.Optimizer):
         first = self.state[tensors[0]]
         refresh = int(first["refresh"]) + 1 if first else 0
         gen = subspace_generator(group["seed"], self._index[id(tensors[0])], refresh)
-        active = set(select_blocks(len(tensors), group["density"], refresh, group["block_order"], gen))
+        active = set(
+            select_blocks(len(tensors), group["density"], refresh=refresh, order=group["block_order"], gen=gen)
+        )
         for i, p in enumerate(tensors):
             st = self.state[p]
             st.clear()  # frees the moments of tensors leaving the active set
@@ -429,10 +396,10 @@ class FRUGAL(torch.optim.Optimizer):
     def _update(self, group: dict[str, Any], p: torch.Tensor, decay: float = 1.0) -> None:
         """Route to the whole-matrix math: directly, on the local shard, gathered, or flat.
         ``decay``: weight decay still to apply (only the fused kernel's path gets one)."""
-        if id(p) in self._flat:
-            self._update_flat(group, p)
+        if p in self._flat:
+            self._flat.update(group, p, self.state[p], self._combine)
         elif not is_dtensor(p):
-            self._update_projectable(group, self.state[p], p, p.grad, decay)
+            self._update_projectable(group, self.state[p], p, p.grad, decay=decay)
         elif group["projection"] in ("columns", "blocks"):  # whole columns / tensors are local
             self._update_projectable(group, local_view(self.state[p]), local(p), local(p.grad), key=p)
         else:  # rows / randk / svd / random need all of G: gather, update redundantly, keep ours
@@ -442,27 +409,13 @@ class FRUGAL(torch.optim.Optimizer):
             lo, hi = row_range(p)
             local(p).add_(upd[lo:hi])
 
-    def _update_flat(self, group: dict[str, Any], p: torch.Tensor) -> None:
-        """A ZeRO flat partition: the randk-style update with positions from the layout."""
-        st, g = self.state[p], p.grad
-        pos = self._positions(group, p, int(st["refresh"]))
-        lr_full = group["lr"] * group["proj_lr_scale"]
-        lr_free = lr_full * group["state_free_lr_scale"]
-        st["age"] += 1
-        low = g.index_select(0, pos)
-        upd = adam_direction_(low, st, group["betas"], group["eps"], lr_full) if low.numel() else low
-
-        def put(values: torch.Tensor, target: torch.Tensor, add: bool) -> None:
-            (target.index_add_ if add else target.index_copy_)(0, pos, values.to(target.dtype))
-
-        self._combine(p, g, upd, group["state_free"], lr_free, put)
-
     def _update_projectable(
         self,
         group: dict[str, Any],
         st: dict[str, Any],
         p: torch.Tensor,
         g: torch.Tensor,
+        *,
         decay: float = 1.0,
         key: torch.Tensor | None = None,
     ) -> None:
@@ -521,10 +474,16 @@ class FRUGAL(torch.optim.Optimizer):
                 p.add_(state_free_update(resid, free, resid), alpha=-lr_free)
             p.add_(proj.lift(upd, st, shape, out=self._scratch_like(g, torch.float32, slot=2)))
             return
-        # an active block has no complement: every coordinate is state-full
-        self._combine(p, g, upd, "none" if proj.whole else free, lr_free, lambda v, t, add: proj.put(v, st, t, add))
 
-    def _combine(self, p: torch.Tensor, g: torch.Tensor, upd: torch.Tensor, free: str, lr_free: float, put) -> None:
+        # an active block has no complement: every coordinate is state-full
+        def put(values: torch.Tensor, target: torch.Tensor, add: bool) -> None:
+            proj.put(values, st, target, add)
+
+        self._combine(p, g, upd, free="none" if proj.whole else free, lr_free=lr_free, put=put)
+
+    def _combine(
+        self, p: torch.Tensor, g: torch.Tensor, upd: torch.Tensor, *, free: str, lr_free: float, put: Callable
+    ) -> None:
         """p += the Adam step ``upd`` on the state-full coordinates (``put`` scatters them) and the
         state-free step on their complement: the state-free step is taken everywhere, then the
         selected coordinates are overwritten with the Adam step, so each gets exactly one of the two.
@@ -566,7 +525,7 @@ class FRUGAL(torch.optim.Optimizer):
         this optimizer would create them in (the parameter's, or the projection's), as torch's
         AdamW does, so a state saved with float32 weights loads into bf16 ones and back."""
         super().load_state_dict(state_dict)
-        self._flat_pos.clear()
+        self._flat.forget_positions()
         groups = [(g, p) for g in self.param_groups for p in g["params"]]
         for idx, saved in state_dict["state"].items():
             if not isinstance(idx, int) or idx >= len(groups):
@@ -579,7 +538,7 @@ class FRUGAL(torch.optim.Optimizer):
 
     def _moment_dtype(self, group: dict[str, Any], p: torch.Tensor) -> torch.dtype:
         """The dtype ``_refresh`` / ``_adam_dense`` create moments in for ``p``."""
-        if self.is_projectable(group, p) and id(p) not in self._flat:
+        if self.is_projectable(group, p) and p not in self._flat:
             return PROJECTORS[group["projection"]].moment_dtype or p.dtype
         return p.dtype
 

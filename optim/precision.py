@@ -170,7 +170,7 @@ class PrecisionHooks:
             st = optimizer.state[p]
             if self.rounding == "stochastic" and p.device.type != "meta":  # meta: shapes only (leanlm memory)
                 count = int(st.get("sr_count", 0))
-                self._round(low, p.data, p, count)
+                self._round(low, p.data, p, count=count)
                 st["sr_count"] = torch.tensor(count + 1, dtype=torch.int64)
             else:
                 low.copy_(p.data)
@@ -196,7 +196,7 @@ class PrecisionHooks:
                 for p, g in zip(others, grads, strict=True):
                     p.grad = g
 
-    def _round(self, low: torch.Tensor, x: torch.Tensor, p: torch.Tensor, count: int, piece: int = -1) -> None:
+    def _round(self, low: torch.Tensor, x: torch.Tensor, p: torch.Tensor, *, count: int, piece: int = -1) -> None:
         """Round float32 ``x`` into bf16 ``low`` (stochastically: noise seeded by parameter, update
         count and slice)."""
         if self.rounding == "stochastic":
@@ -235,7 +235,7 @@ class PrecisionHooks:
                             whole[k][part].copy_(v)
                     else:
                         after[k] = v
-                self._round(low[part], p.data, p, count, piece)
+                self._round(low[part], p.data, p, count=count, piece=piece)
         finally:
             p.data, p.grad = low, grad
         st.clear()

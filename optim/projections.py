@@ -53,7 +53,7 @@ def select_entries(numel: int, count: int, gen: torch.Generator) -> torch.Tensor
     return torch.randperm(numel, generator=gen)[:count].sort().values.to(torch.int32)
 
 
-def select_blocks(n_tensors: int, density: float, refresh: int, order: str, gen: torch.Generator) -> list[int]:
+def select_blocks(n_tensors: int, density: float, *, refresh: int, order: str, gen: torch.Generator) -> list[int]:
     """Which of a group's projectable tensors are state-full after this refresh.
 
     k = round(ρ·n) tensors. ``descending`` starts from the last tensor (the deepest layer) and moves

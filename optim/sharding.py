@@ -1,4 +1,5 @@
-"""How FRUGAL sees sharded parameters: FSDP2's ``DTensor`` shards and ZeRO's flat partitions.
+"""How FRUGAL sees FSDP2's sharded parameters (``DTensor`` shards; ZeRO's flat partitions are
+``leanlm.optim.flat``'s).
 
 FSDP2 (``fully_shard``) shards every parameter on dim 0 (``Shard(0)``, torch.chunk sizes): a rank
 holds whole rows, so it holds every column of its rows. Column-wise state (the ``columns``
@@ -6,25 +7,13 @@ projection's moments, shape (m, k)) is therefore sharded exactly like the parame
 communication; we keep it as a ``DTensor`` with the parameter's placement so that
 ``torch.distributed.checkpoint`` saves each rank's rows (plain per-rank tensors would be taken as
 replicated and collapsed to one rank's copy) and reshards it on a different world size.
-
-DeepSpeed ZeRO-1/2/3 hands the optimizer flat 1-D partitions (ZeRO-1/2: one per group). A
-``FlatSegment`` says which slice of which parameter sits where in it; ``flat_positions`` turns a
-subspace choice on whole matrices into the positions of the partition it covers.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-
-from leanlm.optim.projections import (
-    num_selected,
-    select_entries,
-    select_indices,
-    subspace_generator,
-)
 
 try:  # torch >= 2.5
     from torch.distributed.tensor import DTensor, Shard
@@ -82,45 +71,3 @@ def sharded_zeros(p: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -
         shape=torch.Size(shape),
         stride=stride,
     )
-
-
-@dataclass(frozen=True)
-class FlatSegment:
-    """``length`` elements of parameter ``index`` (construction order in the optimizer; shape
-    ``shape``), starting at element ``start`` of its flattened form, stored at ``offset`` of the
-    flat partition."""
-
-    index: int
-    shape: tuple[int, ...]
-    start: int
-    length: int
-    offset: int
-
-
-def flat_positions(
-    segments: list[FlatSegment], projection: str, density: float, seed: int, refresh: int
-) -> torch.Tensor:
-    """Sorted int64 positions of a flat partition that are state-full after ``refresh``.
-
-    For each 2-D segment the subspace is drawn exactly as for the whole matrix (same generator,
-    same (seed, index, refresh)), then restricted to the segment: ``columns`` keeps the elements
-    whose column is selected, ``randk`` the selected flat entries.
-    """
-    parts = []
-    for s in segments:
-        span = torch.arange(s.start, s.start + s.length)  # element ids within the parameter
-        m, n = s.shape
-        gen = subspace_generator(seed, s.index, refresh)
-        if projection == "columns":
-            chosen = torch.zeros(n, dtype=torch.bool)
-            chosen[select_indices(n, num_selected(density, n), gen)] = True
-            keep = span[chosen[span % n]]
-        elif projection == "randk":
-            entries = select_entries(m * n, num_selected(density, m * n), gen).long()
-            keep = entries[(entries >= s.start) & (entries < s.start + s.length)]
-        else:
-            raise ValueError(f"no flat form for projection {projection!r}; use columns or randk")
-        parts.append(keep - s.start + s.offset)
-    if not parts:
-        return torch.zeros(0, dtype=torch.long)
-    return torch.cat(parts)

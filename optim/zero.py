@@ -21,12 +21,12 @@ from typing import Any
 
 import torch
 
+from leanlm.optim.flat import FlatSegment
 from leanlm.optim.frugal import FRUGAL
-from leanlm.optim.sharding import FlatSegment
 
 
 def zero_segments(
-    params: list[torch.Tensor], offsets: list[int], part_start: int, part_size: int, index: Any
+    params: list[torch.Tensor], offsets: list[int], *, part_start: int, part_size: int, index: Any
 ) -> list[FlatSegment]:
     """Segments of the partition [part_start, part_start + part_size) of a flat group holding
     ``params`` at ``offsets``; ``index(p)`` is the parameter's index in the client optimizer."""
@@ -35,7 +35,11 @@ def zero_segments(
     for p, off in zip(params, offsets, strict=True):
         lo, hi = max(off, part_start), min(off + p.numel(), part_end)
         if lo < hi:
-            out.append(FlatSegment(index(p), tuple(p.shape), lo - off, hi - lo, lo - part_start))
+            out.append(
+                FlatSegment(
+                    index=index(p), shape=tuple(p.shape), start=lo - off, length=hi - lo, offset=lo - part_start
+                )
+            )
     return out
 
 
@@ -71,7 +75,8 @@ def attach_deepspeed(zero_optimizer: Any) -> None:
         pg = zero_optimizer.real_dp_process_group[i]
         size = int(zero_optimizer.partition_size[i])
         flat = group["params"][0]
-        segments = zero_segments(params, offsets, tdist.get_rank(group=pg) * size, size, inner.param_index)
+        start = tdist.get_rank(group=pg) * size
+        segments = zero_segments(params, offsets, part_start=start, part_size=size, index=inner.param_index)
         inner.attach_flat_layout(flat, segments)
 
 
@@ -91,7 +96,9 @@ def stage3_segments(zero_optimizer: Any, index: Any) -> list[tuple[int, torch.Te
             start = tdist.get_rank(group=pg) * part
             length = max(0, min(p.ds_numel - start, part))
             if length:
-                segments.append(FlatSegment(index(p), tuple(p.ds_shape), start, length, offset))
+                segments.append(
+                    FlatSegment(index=index(p), shape=tuple(p.ds_shape), start=start, length=length, offset=offset)
+                )
             offset += part
         flat = zero_optimizer.fp32_partitioned_groups_flat[sub]
         out.append((sub, flat, zero_optimizer.sub_group_to_group_id[sub], segments))

@@ -214,7 +214,7 @@ def test_blocks_and_flat_partitions_are_refused():
     with pytest.raises(ValueError, match="rank=0"):
         FRUGAL([p], projection="svd", rank=0)
     opt = FRUGAL([p], state_free="fira")
-    from leanlm.optim.sharding import FlatSegment
+    from leanlm.optim.flat import FlatSegment
 
     flat = torch.nn.Parameter(torch.randn(64))
     opt.add_param_group({"params": [flat]})

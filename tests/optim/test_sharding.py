@@ -13,13 +13,13 @@ import pytest
 import torch
 
 from leanlm.optim import FRUGAL, state_bytes
+from leanlm.optim.flat import flat_positions
 from leanlm.optim.projections import (
     num_selected,
     select_entries,
     select_indices,
     subspace_generator,
 )
-from leanlm.optim.sharding import flat_positions
 from leanlm.optim.zero import zero_segments
 
 WORKER = Path(__file__).with_name("sharded_worker.py")
@@ -102,9 +102,13 @@ def test_flat_positions_are_the_whole_matrix_subspace(projection):
     chosen = {i: set() for i in range(len(SHAPES))}
     for rank in range(world):
         segs = zero_segments(
-            params, offsets, rank * part, part, lambda p: next(i for i, q in enumerate(params) if q is p)
+            params,
+            offsets,
+            part_start=rank * part,
+            part_size=part,
+            index=lambda p: next(i for i, q in enumerate(params) if q is p),
         )
-        pos = flat_positions(segs, projection, 0.25, seed=5, refresh=2)
+        pos = flat_positions(segs, projection=projection, density=0.25, seed=5, refresh=2)
         for s in segs:
             inside = pos[(pos >= s.offset) & (pos < s.offset + s.length)]
             chosen[s.index] |= set((inside - s.offset + s.start).tolist())
@@ -138,7 +142,7 @@ def test_flat_partitions_step_exactly_like_whole_matrices(projection):
             flat[off : off + p.numel()] = p.detach().reshape(-1)
         mine = flat[rank * part : (rank + 1) * part].clone().requires_grad_(True)
         opt.param_groups[0]["params"] = [mine]  # what DeepSpeed does to the client optimizer
-        segs = zero_segments(originals, offsets, rank * part, part, opt.param_index)
+        segs = zero_segments(originals, offsets, part_start=rank * part, part_size=part, index=opt.param_index)
         opt.attach_flat_layout(mine, segs)
         ranks.append((opt, mine))
     for step_grads in grads:
@@ -171,6 +175,6 @@ def test_flat_layout_rejects_what_has_no_flat_form():
     opt = FRUGAL([{"params": [p, b], "projectable": True}])
     flat = torch.zeros(20, requires_grad=True)
     opt.param_groups[0]["params"] = [flat]
-    segs = zero_segments([p, b], [0, 16], 0, 20, opt.param_index)
+    segs = zero_segments([p, b], [0, 16], part_start=0, part_size=20, index=opt.param_index)
     with pytest.raises(ValueError, match="only matrices"):
         opt.attach_flat_layout(flat, segs)
