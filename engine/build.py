@@ -16,7 +16,7 @@ import torch
 from leanlm.engine import distributed as dist
 from leanlm.engine.config import RunConfig
 from leanlm.engine.errors import ConfigError
-from leanlm.engine.metrics import available_memory_bytes, release_free_memory
+from leanlm.engine.host import available_memory_bytes, release_free_memory
 from leanlm.engine.model import LLaMA, count_parameters
 from leanlm.optim import PrecisionHooks, StepInBackward, build_optimizer
 from leanlm.optim.factory import optimizer_kwargs

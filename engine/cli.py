@@ -205,8 +205,6 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    import math
-
     from leanlm.engine.build import autocast_for
     from leanlm.engine.data import build_corpus
     from leanlm.engine.evaluate import evaluate, unigram_loss

@@ -221,8 +221,6 @@ def fault_injection_due(step: int) -> bool:
 
 def parse_fault_spec(spec: str) -> tuple[int, int]:
     """``LEANLM_FAULT_AT=step[:rank]`` -> (step, rank); a ``ConfigError`` when malformed."""
-    from leanlm.engine.errors import ConfigError
-
     at, _, who = spec.partition(":")
     try:
         return int(at), int(who or 0)

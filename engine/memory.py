@@ -16,7 +16,7 @@ import torch
 
 from leanlm.engine.build import IN_BACKWARD_BUCKET, LOST_SVD_WORKSPACE, build_model, make_optimizer
 from leanlm.engine.config import RunConfig
-from leanlm.engine.metrics import available_memory_bytes
+from leanlm.engine.host import available_memory_bytes
 from leanlm.engine.model import LLaMA
 from leanlm.optim import state_bytes
 from leanlm.optim.groups import is_projectable_name

@@ -54,6 +54,7 @@ from leanlm.kernels.frugal_update import (
 )
 from leanlm.optim.flat import FlatLayouts, FlatSegment
 from leanlm.optim.groups import BLOCK_LINEAR_KEYS, frugal_param_groups, is_named_params
+from leanlm.optim.memory import state_bytes
 from leanlm.optim.options import check_group
 from leanlm.optim.projections import (
     PROJECTORS,
@@ -210,8 +211,6 @@ class FRUGAL(torch.optim.Optimizer):
                 lines.append(f"group {i}: {len(split)} {what}: {_short(split)}")
             if dense:
                 lines.append(f"group {i}: {len(dense)} plain AdamW: {_short(dense)}")
-        from leanlm.optim.memory import state_bytes
-
         n_split, n_all, state = len(self.projectable_names()), len(self._index), state_bytes(self)
         lines.append(f"total: {n_split} of {n_all} tensors split; optimizer state now {state:,} bytes")
         return "\n".join(lines)

@@ -15,6 +15,7 @@ The fitter lives in ``leanlm.engine.scaling.fitter``.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import warnings
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from leanlm.engine import __version__
 from leanlm.engine.config import RunConfig
 from leanlm.engine.errors import DataError
 from leanlm.engine.scaling.fitter import FitResult, absolute_relative_error, fit
+from leanlm.optim.registry import REGISTRY
 
 COLPRET_COLUMNS = (
     "model_name",
@@ -95,7 +97,8 @@ def recorder_for(
     train_sequences: int | None,
 ) -> ScalingRecorder:
     """The run's ``scaling.jsonl`` writer with its constant columns filled in."""
-    o = cfg.optim
+    o, lost = cfg.optim, cfg.model.lost
+    projection, _ = REGISTRY[o.name].rule(dataclasses.asdict(o))  # None: AdamW splits nothing
     static = {
         "model_name": cfg.log.model_name or run_dir.resolve().name,
         "model_type": "leanlm-llama",
@@ -109,10 +112,10 @@ def recorder_for(
         "arch": "dec",
         "domain": "LM",
         "optimizer": o.name,
-        "density": None if o.name == "adamw" else o.density,
-        "projection": o.projection if o.name == "frugal" else None,
-        "lost_rank": None,
-        "lost_density": None,
+        "density": None if projection is None else o.density,
+        "projection": projection,
+        "lost_rank": lost.rank_for(cfg.model.d_model) if lost.enabled else None,
+        "lost_density": lost.channel_density if lost.enabled else None,
         "seq_len": cfg.train.seq_len,
         "global_batch_tokens": cfg.train.tokens_per_step(),
         "flops_per_token": flops_per_token,

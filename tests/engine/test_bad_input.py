@@ -12,6 +12,7 @@ import pytest
 
 from leanlm.engine.cli import main
 from leanlm.engine.config import load_config
+from leanlm.engine.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -51,7 +52,7 @@ def test_list_overrides_are_coerced_to_their_element_type():
     """F12: optim.betas=0.9,0.95 on the command line is two numbers, not two strings."""
     assert load_config(None, ["optim.betas=0.9,0.95"]).optim.betas == [0.9, 0.95]
     assert load_config(None, ["optim.betas=[0.8, 0.99]"]).optim.betas == [0.8, 0.99]
-    with pytest.raises(Exception, match=r"optim.betas\[1\]='x': expected a number"):
+    with pytest.raises(ConfigError, match=r"optim.betas\[1\]='x': expected a number"):
         load_config(None, ["optim.betas=0.9,x"])
 
 

@@ -160,6 +160,6 @@ def test_freed_heap_pages_are_handed_back_after_a_build():
     not stay resident for the whole run; off glibc it says it could not."""
     import sys
 
-    from leanlm.engine.metrics import release_free_memory
+    from leanlm.engine.host import release_free_memory
 
     assert release_free_memory() is sys.platform.startswith("linux")

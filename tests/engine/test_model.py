@@ -82,3 +82,32 @@ def test_activation_checkpointing_gives_the_same_gradients():
 def test_sequence_longer_than_max_seq_len_is_rejected():
     with pytest.raises(ValueError, match="exceeds"):
         small_model()(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_row_losses_are_per_sequence_means_and_ignore_padding():
+    from leanlm.engine.model import row_losses
+
+    hidden, weight = torch.randn(2, 4, 5), torch.randn(7, 5)
+    targets = torch.tensor([[1, 2, 3, 4], [5, 6, -100, -100]])
+    logits = hidden @ weight.T
+    tok = torch.nn.functional.cross_entropy(
+        logits.reshape(8, 7), targets.reshape(8), reduction="none", ignore_index=-100
+    )
+    expected = torch.stack([tok[:4].mean(), tok[4:6].mean()])
+    torch.testing.assert_close(row_losses(hidden, weight, targets), expected)
+    torch.testing.assert_close(row_losses(hidden, weight, targets, chunk_tokens=2), expected)  # chunks of 1 position
+
+
+def test_chunked_loss_gives_the_same_gradients():
+    from leanlm.engine.model import row_losses
+
+    hidden = torch.randn(3, 10, 6, requires_grad=True)
+    weight = torch.randn(11, 6, requires_grad=True)
+    targets = torch.randint(0, 11, (3, 10))
+    grads = []
+    for chunk in (0, 6):  # one chunk vs five checkpointed chunks of 2 positions
+        hidden.grad = weight.grad = None
+        row_losses(hidden, weight, targets, chunk).pow(2).sum().backward()
+        grads.append((hidden.grad.clone(), weight.grad.clone()))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[0][1], grads[1][1])

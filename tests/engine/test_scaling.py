@@ -192,3 +192,28 @@ def test_trajectory_points_drop_each_runs_early_checkpoints():
     ]
     _, D, _, G = trajectory_points(rows, drop_fraction=0.1)
     assert sorted(D.tolist()) == [10, 10, 100, 100] and set(G) == {"a", "b"}
+
+
+@pytest.mark.parametrize(
+    "over,expect",
+    [
+        ([], dict(optimizer="adamw", density=None, projection=None, lost_rank=None, lost_density=None)),
+        (["optim.name=galore"], dict(density=0.25, projection="svd", lost_rank=None)),
+        (["optim.name=frugal", "optim.projection=rows"], dict(projection="rows")),
+        (["optim.name=apollo_mini"], dict(projection="gaussian")),
+        (
+            ["model.lost.enabled=true", "model.d_model=256", "model.lost.rank=32", "model.lost.channel_density=0.1"],
+            dict(lost_rank=32, lost_density=0.1),
+        ),
+    ],
+)
+def test_scaling_records_tell_optimizers_and_lost_runs_apart(tmp_path, over, expect):
+    """scaling.jsonl's constant columns name the subspace each optimizer runs with and the LOST
+    shape, so LOST and FRUGAL runs can be told apart in a fit."""
+    from leanlm.engine.scaling import recorder_for
+
+    cfg = load_config(None, over)
+    static = recorder_for(
+        cfg, tmp_path, num_params=1, non_embedding_params=1, flops_per_token=6.0, train_sequences=None
+    ).static
+    assert {k: static[k] for k in expect} == expect

@@ -92,7 +92,7 @@ def test_bf16_weights_on_cpu_hand_freed_pages_back_after_each_bucket():
     import torch
 
     from leanlm.engine.build import build_model, in_backward_for, make_optimizer
-    from leanlm.engine.metrics import release_free_memory
+    from leanlm.engine.host import release_free_memory
 
     for dtype, expect in (("bf16", release_free_memory), ("fp32", None)):
         cfg = load_config(None, ["optim.step_in_backward=true", f"train.param_dtype={dtype}", "optim.name=frugal"])
