@@ -52,6 +52,8 @@ wheel-check: $(VENV)/.installed-dev
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
+	scripts/typecheck.sh $(PY)
+	$(PY) scripts/code_health.py
 
 format: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff format .

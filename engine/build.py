@@ -84,7 +84,7 @@ def check_weights_fit(cfg: RunConfig, vocab: int, device: torch.device, dtype: t
     need = n * dtype.itemsize
     if cfg.model.lost.enabled:  # the converted model, plus one dense layer's float32 SVD workspace
         need = count_parameters(build_model(cfg, vocab, "meta")) * dtype.itemsize + LOST_SVD_WORKSPACE * max(
-            m.weight.numel() * 4 for _, m in lost_targets(dense)
+            m.weight.numel() * 4 for _, m in lost_targets(dense) if isinstance(m, torch.nn.Linear)
         )
     if need > free:
         raise ConfigError(
@@ -118,8 +118,8 @@ def _build_in_place(cfg: RunConfig, vocab: int, device: torch.device, dtype: tor
         if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
             draw_f32 = torch.empty(module.weight.shape, dtype=torch.float32, device=device)
             module.weight.copy_(draw_f32.normal_(mean=0.0, std=cfg.model.init_std))
-        elif getattr(module, "weight", None) is not None and module.weight.ndim == 1:
-            module.weight.fill_(1.0)  # RMSNorm
+        elif isinstance(weight := getattr(module, "weight", None), torch.Tensor) and weight.ndim == 1:
+            weight.fill_(1.0)  # RMSNorm
     model._build_rope(device)
     model.rope_cos, model.rope_sin = model.rope_cos.to(dtype), model.rope_sin.to(dtype)  # as model.to(dtype)
     return model

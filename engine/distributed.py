@@ -7,6 +7,7 @@ degrades to the single-process answer, so the same code runs in a notebook.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from datetime import timedelta
 from typing import Any
@@ -202,11 +203,22 @@ def is_deepspeed(model: nn.Module) -> bool:
     return hasattr(model, "is_gradient_accumulation_boundary") and hasattr(model, "backward")
 
 
+def gradient_sync(model: Any, last: bool) -> contextlib.AbstractContextManager:
+    """Reduce gradients only on a step's last micro-batch: FSDP2's ``set_requires_gradient_sync``,
+    or the context of DDP's ``no_sync`` before it; nothing to do for other models."""
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(last)
+    if last or not hasattr(model, "no_sync"):
+        return contextlib.nullcontext()
+    return model.no_sync()  # DDP
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The user's module inside a DDP / DeepSpeed (or compile) wrapper. FSDP2 wraps nothing."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or model._orig_mod
-    return model
+    inner: Any = model
+    while hasattr(inner, "module") or hasattr(inner, "_orig_mod"):
+        inner = getattr(inner, "module", None) or inner._orig_mod
+    return inner
 
 
 def fault_injection_due(step: int) -> bool:

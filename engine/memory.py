@@ -180,7 +180,7 @@ def init_residue_bytes(cfg: RunConfig, vocab: int, dtype: torch.dtype) -> int:
     with torch.device("meta"):
         dense = LLaMA(cfg.model, vocab, cfg.train.seq_len)
     sizes = [p.numel() for p in dense.parameters()]
-    targets = [m.weight.numel() for _, m in lost_targets(dense)]
+    targets = [m.weight.numel() for _, m in lost_targets(dense) if isinstance(m, torch.nn.Linear)]
     free = available_memory_bytes(torch.device("cpu"))
     if free is not None and sum(sizes) * 4 > free:
         if cfg.model.lost.enabled:

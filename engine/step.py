@@ -115,11 +115,7 @@ def train_step(
     accum = len(micro_batches)
     tally = _Tally(accum, torch.zeros((), device=spec.device))
     for j, batch in enumerate(micro_batches):
-        # DDP / FSDP2: reduce gradients only on the last micro-batch.
-        sync = contextlib.nullcontext() if j == accum - 1 or not hasattr(model, "no_sync") else model.no_sync()
-        if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
-            model.set_requires_gradient_sync(j == accum - 1)
-        with sync:
+        with dist.gradient_sync(model, last=j == accum - 1):  # DDP / FSDP2: reduce on the last only
             loss, rows, tokens, st = _forward(model, batch, spec, reweight)
             (loss / accum).backward()
         tally.add(rows, tokens, st)
@@ -128,10 +124,10 @@ def train_step(
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor holding the global norm
         norm = norm.full_tensor()
-    loss, grad_norm = tally.total.item(), norm.item()
+    mean_loss, grad_norm = tally.total.item(), norm.item()
     # Checked before the update, on every rank alike: a NaN step never reaches the weights, so
     # the last checkpoint stays a good one to resume from.
-    finite = not dist.any_rank(not (math.isfinite(loss) and math.isfinite(grad_norm)))
+    finite = not dist.any_rank(not (math.isfinite(mean_loss) and math.isfinite(grad_norm)))
     if finite:
         hooks = hooks_of(optimizer)
         if hooks is not None:  # bf16 weights: float32 step copies for one tensor at a time
@@ -150,14 +146,14 @@ def _step_in_backward(
     reduce-scattered). A non-finite loss on any rank skips backward on every rank, so nothing is
     updated; a non-finite gradient stops the hooks from updating any later tensor."""
     in_backward = spec.in_backward
+    assert in_backward is not None  # train_step routes here only with one
     accum = len(micro_batches)
     tally = _Tally(accum, torch.zeros((), device=spec.device))
     in_backward.begin()
     finite = True
     for j, batch in enumerate(micro_batches):
-        if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter (and step) on the last
-            model.set_requires_gradient_sync(j == accum - 1)
-        loss, rows, tokens, st = _forward(model, batch, spec, reweight)
+        with dist.gradient_sync(model, last=j == accum - 1):  # FSDP2: reduce-scatter (and step) on the last
+            loss, rows, tokens, st = _forward(model, batch, spec, reweight)
         tally.add(rows, tokens, st)
         finite = finite and not dist.any_rank(not bool(torch.isfinite(loss.detach())))
         if finite:

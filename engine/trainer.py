@@ -15,7 +15,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from tqdm import tqdm
@@ -74,7 +74,7 @@ class StopFlag:
 
     def __init__(self) -> None:
         self.signal: int | None = None
-        self._old: dict[int, object] = {}
+        self._old: dict[int, Any] = {}
 
     def __enter__(self) -> StopFlag:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -170,7 +170,7 @@ def setup(cfg: RunConfig, device: torch.device, backend: str) -> Run:
         if main:
             print("leanlm: train.compile is ignored under DeepSpeed (its engine wraps the module)")
     elif train_cfg.compile:
-        net = torch.compile(net)
+        net = cast(torch.nn.Module, torch.compile(net))
     # Records past the restart step (all of them on a fresh start) belong to an attempt that
     # crashed before saving them: dropped, so the logs read as one uninterrupted run.
     logger = MetricsLogger(run_dir, main, cfg.log.tensorboard, resume_step=state.step)
@@ -237,7 +237,7 @@ def _loop(run: Run, stop_at: int | None) -> TrainResult:
             if not res.finite:
                 raise TrainingError(_nan_message(res, state.step + 1, run.checkpointer.good, run.checkpointer.last))
             run.checkpointer.confirm()
-            lr = state.scheduler.get_last_lr()[0]
+            lr = float(state.scheduler.get_last_lr()[0])
             state.advance(res.tokens * dist.world_size())
             meter.add(res.tokens * dist.world_size())
             loss = dist.all_reduce_mean(res.loss, run.spec.device)
@@ -313,7 +313,7 @@ def _evaluate(run: Run, result: TrainResult, started: float) -> EvalResult:
             tokens_seen=state.tokens_seen,
             val_loss=res.loss,
             train_loss=result.losses[-1] if result.losses else None,
-            lr=state.scheduler.get_last_lr()[0],
+            lr=float(state.scheduler.get_last_lr()[0]),
             wall_s=elapsed,
             tokens_per_s=(state.tokens_seen - result.tokens_seen) / max(elapsed, 1e-9),
             checkpoint=str(run.checkpointer.last or ""),

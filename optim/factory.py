@@ -20,7 +20,8 @@ NamedParams = Iterable[tuple[str, nn.Parameter]]
 
 def param_groups_by_decay(named_params: NamedParams, weight_decay: float) -> list[dict[str, Any]]:
     """Two groups: weight decay on matrices (ndim >= 2), none on norms, biases and other 1-D tensors."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for _, p in named_params:
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)

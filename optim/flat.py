@@ -135,6 +135,8 @@ class FlatLayouts:
     def update(self, group: dict[str, Any], p: torch.Tensor, st: dict[str, Any], combine: Combine) -> None:
         """The randk-style split update of partition ``p`` (1-D) at its state-full positions."""
         g = p.grad
+        if g is None:  # FRUGAL steps only tensors with a gradient
+            return
         pos = self.positions(group, p, int(st["refresh"]))
         lr_full = group["lr"] * group["proj_lr_scale"]
         st["age"] += 1

@@ -41,7 +41,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -313,7 +313,7 @@ class FRUGAL(torch.optim.Optimizer):
         states = [local_view(self.state[p]) for p in params]
         adam_foreach_(
             [local(p) for p in params],
-            [local(p.grad) for p in params],
+            [local(_grad(p)) for p in params],
             states,
             group["lr"],
             group["betas"],
@@ -348,7 +348,7 @@ class FRUGAL(torch.optim.Optimizer):
         kind = group["projection"]
 
         def whole_grad() -> torch.Tensor:  # svd needs all of G
-            return p.grad.full_tensor() if is_dtensor(p.grad) else p.grad
+            return _whole_grad(p)
 
         drawn, shape, dtype = PROJECTORS[kind].draw(
             tuple(p.shape), group["density"], gen, whole_grad, rank=group["rank"]
@@ -398,11 +398,11 @@ class FRUGAL(torch.optim.Optimizer):
         if p in self._flat:
             self._flat.update(group, p, self.state[p], self._combine)
         elif not is_dtensor(p):
-            self._update_projectable(group, self.state[p], p, p.grad, decay=decay)
+            self._update_projectable(group, self.state[p], p, _grad(p), decay=decay)
         elif group["projection"] in ("columns", "blocks"):  # whole columns / tensors are local
-            self._update_projectable(group, local_view(self.state[p]), local(p), local(p.grad), key=p)
+            self._update_projectable(group, local_view(self.state[p]), local(p), local(_grad(p)), key=p)
         else:  # rows / randk / svd / random need all of G: gather, update redundantly, keep ours
-            g = p.grad.full_tensor()  # (m, n) on every rank
+            g = _whole_grad(p)  # (m, n) on every rank
             upd = self._scratch_like(g, slot=3).zero_()
             self._update_projectable(group, self.state[p], upd, g, key=p)
             lo, hi = row_range(p)
@@ -564,7 +564,18 @@ def adam_foreach_(params, grads, states, lr: float, betas, eps: float) -> None:
     torch._foreach_addcdiv_(params, exp_avgs, denom, step_sizes)
 
 
-def _rank_sum(key: torch.Tensor):
+def _grad(p: torch.Tensor) -> torch.Tensor:
+    """``p.grad`` of a tensor the step updates (the step skips those whose gradient is None)."""
+    return cast(torch.Tensor, p.grad)
+
+
+def _whole_grad(p: torch.Tensor) -> torch.Tensor:
+    """All of ``p``'s gradient: gathered from the shards of a DTensor (every rank gets all of it)."""
+    g = _grad(p)
+    return g.full_tensor() if is_dtensor(g) else g
+
+
+def _rank_sum(key: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     """For one rank's rows of a sharded matrix: partial sums -> the sum over its mesh."""
     import torch.distributed as tdist
 

@@ -105,7 +105,8 @@ def frugal_param_groups(
     ``rule(name, tensor)``: which tensors are projectable (default: ``is_projectable_name``), e.g.
     ``lambda n, p: p.ndim == 2 and ".mixer." in n`` for a tree the default does not know."""
     named = model_or_named.named_parameters() if isinstance(model_or_named, nn.Module) else model_or_named
-    proj, rest = [], []
+    proj: list[Any] = []  # tensors, or (name, tensor) pairs with ``names``
+    rest: list[Any] = []
     for name, p in named:
         if p.requires_grad:
             (proj if rule(name, p) else rest).append((name, p) if names else p)

@@ -121,18 +121,20 @@ class StepInBackward:
 
     @torch.no_grad()
     def _hook(self, p: torch.Tensor) -> None:
+        grad = p.grad
+        if grad is None:  # the hook runs after accumulation, so there is one
+            return
         if not self.armed:  # accumulating: keep the gradient aside (``step`` must see only ``p``'s)
             pending = self._pending.get(id(p))
             if pending is None:
-                self._pending[id(p)] = p.grad
+                self._pending[id(p)] = grad
             else:
-                pending.add_(p.grad)
+                pending.add_(grad)
             p.grad = None
             return
         pending = self._pending.pop(id(p), None)
         if pending is not None:  # the same sum, in the same order, as autograd's accumulation
-            p.grad = pending.add_(p.grad)
-        grad = p.grad
+            grad = p.grad = pending.add_(grad)
         shard = local(grad)  # this rank's shard under FSDP2, else the gradient itself
         norm = _norm(shard)
         if is_dtensor(grad):  # the whole tensor's norm, the same on every rank (NaN/Inf included)

@@ -248,7 +248,7 @@ class LOSTLinear(nn.Module):
             else:
                 source = (W if values_init == "w0_cols" else W_comp).reshape(-1)
                 layer.sparse.copy_(source[layer.index].to(W0.dtype))
-            if linear.bias is not None:
+            if linear.bias is not None and layer.bias is not None:
                 layer.bias.copy_(linear.bias)
         return layer
 
@@ -378,8 +378,9 @@ def convert(
     for i, (name, dense) in enumerate(found):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        lost = make_layer(_as_linear(dense), seed + i)
-        before, after = dense.weight.numel(), sum(p.numel() for p in lost.parameters())
+        linear = _as_linear(dense)
+        lost = make_layer(linear, seed + i)
+        before, after = linear.weight.numel(), sum(p.numel() for p in lost.parameters())
         if after > before:
             warnings.warn(
                 f"LOST rank {lost.rank} makes {name} ({lost.out_features} x {lost.in_features}) larger than dense: "
@@ -412,11 +413,14 @@ def _as_linear(module: nn.Module) -> nn.Linear:
     """The module as an ``nn.Linear`` (a Conv1D's weight transposed into (out, in))."""
     if isinstance(module, nn.Linear):
         return module
-    n, m = module.weight.shape
-    linear = nn.Linear(n, m, bias=module.bias is not None, device="meta")
-    linear.weight = nn.Parameter(module.weight.detach().T, requires_grad=False)
-    if module.bias is not None:
-        linear.bias = nn.Parameter(module.bias.detach(), requires_grad=False)
+    weight, bias = module.weight, getattr(module, "bias", None)
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{type(module).__name__} has no weight tensor to convert")
+    n, m = weight.shape
+    linear = nn.Linear(n, m, bias=bias is not None, device="meta")
+    linear.weight = nn.Parameter(weight.detach().T, requires_grad=False)
+    if isinstance(bias, torch.Tensor):
+        linear.bias = nn.Parameter(bias.detach(), requires_grad=False)
     return linear
 
 

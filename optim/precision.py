@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import weakref
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -148,8 +148,9 @@ class PrecisionHooks:
         if self._inner:
             return
         for p in self._stepped():
+            grad = cast(torch.Tensor, p.grad)  # _stepped: only tensors with a gradient
             if self._chunked(p):  # hidden from this step; stepped slice by slice in _after
-                self._deferred.append((p, p.grad))
+                self._deferred.append((p, grad))
                 p.grad = None
                 continue
             st = optimizer.state[p]
@@ -157,9 +158,9 @@ class PrecisionHooks:
                 if key in st and st[key].dtype != torch.float32 and st[key].is_floating_point():
                     st[key] = st[key].float()
             if p.dtype == torch.bfloat16 and not is_dtensor(p):  # FSDP2 shards step in bf16 as before
-                self._low[id(p)] = (p.data, p.grad)
+                self._low[id(p)] = (p.data, grad)
                 p.data = p.data.float()
-                p.grad = p.grad.float()
+                p.grad = grad.float()
 
     @torch.no_grad()
     def _after(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:

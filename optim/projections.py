@@ -120,6 +120,20 @@ def project_up(
 Grad = Callable[[], torch.Tensor]  # the whole gradient, fetched only by the kinds that need it
 
 
+# What a kind lacks (a basis has no coordinates to put into, coordinates need no lift, blocks have
+# no subspace inside a matrix): callers check ``coordinates`` / refuse blocks before reaching these.
+def _no_put(values: torch.Tensor, st: dict, target: torch.Tensor, add: bool) -> None:
+    raise NotImplementedError("a basis projection has no coordinates to put into: lift instead")
+
+
+def _no_lift(values: torch.Tensor, st: dict, shape: tuple[int, ...], out: torch.Tensor | None = None) -> torch.Tensor:
+    raise NotImplementedError("a coordinate projection needs no lift: put instead")
+
+
+def _no_channels(x: torch.Tensor, st: dict, shape: tuple[int, int]) -> torch.Tensor:
+    raise NotImplementedError("blocks have no subspace inside a matrix to measure channels in")
+
+
 @dataclass(frozen=True)
 class Projection:
     """One subspace kind, as FRUGAL's update uses it (all state is plain tensors in ``st``).
@@ -133,22 +147,22 @@ class Projection:
     ``whole``: every coordinate is state-full (an active block). ``fused``: the kernels' columns /
     rows update (``leanlm.kernels.frugal_update``) does the whole step. ``channels(x, st, shape)``:
     per-channel sums of a moment-shaped ``x``, shaped to broadcast over (m, n) (see
-    ``leanlm.optim.scaled``); None where there is no subspace inside the matrix (blocks).
+    ``leanlm.optim.scaled``); it raises where there is no subspace inside the matrix (blocks).
     """
 
     # draw(shape, density, gen, grad, rank=None): rank, when given, fixes a basis kind's rank
     draw: Callable[..., tuple[dict, tuple[int, ...], torch.dtype | None]]
     down: Callable[[torch.Tensor, dict], torch.Tensor]
-    put: Callable[[torch.Tensor, dict, torch.Tensor, bool], None] | None = None
-    lift: Callable[..., torch.Tensor] | None = None
+    put: Callable[[torch.Tensor, dict, torch.Tensor, bool], None] = _no_put
+    lift: Callable[..., torch.Tensor] = _no_lift
     whole: bool = False
     fused: bool = False
     moment_dtype: torch.dtype | None = None  # what ``draw`` gives: None for the parameter's dtype
-    channels: Callable[[torch.Tensor, dict, tuple[int, int]], torch.Tensor] | None = None
+    channels: Callable[[torch.Tensor, dict, tuple[int, int]], torch.Tensor] = _no_channels
 
     @property
     def coordinates(self) -> bool:
-        return self.put is not None
+        return self.put is not _no_put
 
 
 def _put_index(dim: int) -> Callable[[torch.Tensor, dict, torch.Tensor, bool], None]:

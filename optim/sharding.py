@@ -11,20 +11,23 @@ replicated and collapsed to one rank's copy) and reshards it on a different worl
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
 
-try:  # torch >= 2.5
+if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor, Shard
-except ImportError:  # torch 2.4
-    try:
-        from torch.distributed._tensor import DTensor, Shard
-    except ImportError:  # a build without distributed support
-        DTensor, Shard = None, None
+else:
+    try:  # torch >= 2.5
+        from torch.distributed.tensor import DTensor, Shard
+    except ImportError:  # torch 2.4
+        try:
+            from torch.distributed._tensor import DTensor, Shard
+        except ImportError:  # a build without distributed support
+            DTensor, Shard = None, None
 
 
-def is_dtensor(t: Any) -> bool:
+def is_dtensor(t: object) -> TypeGuard[DTensor]:
     return DTensor is not None and isinstance(t, DTensor)
 
 
@@ -39,7 +42,7 @@ def local_view(state: dict[str, Any]) -> dict[str, Any]:
     return {k: local(v) if torch.is_tensor(v) else v for k, v in state.items()}
 
 
-def _check_row_sharded(p: torch.Tensor) -> None:
+def _check_row_sharded(p: DTensor) -> None:
     mesh, placements = p.device_mesh, p.placements
     if mesh.ndim != 1 or len(placements) != 1 or placements[0] != Shard(0):
         raise NotImplementedError(
@@ -48,7 +51,7 @@ def _check_row_sharded(p: torch.Tensor) -> None:
         )
 
 
-def row_range(p: torch.Tensor) -> tuple[int, int]:
+def row_range(p: DTensor) -> tuple[int, int]:
     """[lo, hi): the global rows this rank holds of a ``Shard(0)`` DTensor (torch.chunk layout)."""
     _check_row_sharded(p)
     m, world = p.shape[0], p.device_mesh.size()
@@ -57,7 +60,7 @@ def row_range(p: torch.Tensor) -> tuple[int, int]:
     return lo, lo + p.to_local().shape[0]
 
 
-def sharded_zeros(p: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+def sharded_zeros(p: DTensor, shape: tuple[int, ...], dtype: torch.dtype) -> DTensor:
     """Zeros of global ``shape`` whose rows are sharded like the DTensor ``p``'s rows."""
     _check_row_sharded(p)
     lo, hi = row_range(p)

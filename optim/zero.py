@@ -52,9 +52,8 @@ def attach_deepspeed(zero_optimizer: Any) -> None:
     if hasattr(zero_optimizer, "fp32_partitioned_groups_flat"):  # ZeRO-3
         if getattr(zero_optimizer, "offload_optimizer", False):
             raise ValueError("FRUGAL under ZeRO-3 does not support optimizer offload")
-        for sub, flat, group, segments in stage3_segments(zero_optimizer, inner.param_index):
-            del sub
-            inner.attach_flat_layout(flat, segments, group=inner.param_groups[group])
+        for _, flat, group_index, segments in stage3_segments(zero_optimizer, inner.param_index):
+            inner.attach_flat_layout(flat, segments, group=inner.param_groups[group_index])
         return
     if not hasattr(zero_optimizer, "round_robin_bit16_groups"):
         raise ValueError(f"FRUGAL cannot map {type(zero_optimizer).__name__} partitions; use ZeRO stage 0-3 or FSDP2")

@@ -76,7 +76,8 @@ def check_resume_config(cfg: RunConfig, path: Path) -> None:
             )
 
 
-def zero_stage_of(net: torch.nn.Module) -> int:
+def zero_stage_of(net: Any) -> int:
+    """The ZeRO stage of a DeepSpeed engine; 0 for any other module."""
     return int(net.zero_optimization_stage()) if dist.is_deepspeed(net) else 0
 
 

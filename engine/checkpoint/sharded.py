@@ -87,7 +87,7 @@ def load_dcp(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer | 
     if optimizer is not None:
         layout = _read_layout(folder)
         params = dict(model.named_parameters())
-        optim_dest = {}
+        optim_dest: dict[str, torch.Tensor] = {}
         for key, kind in layout.items():
             fqn, _, name = key.rpartition("::")
             if fqn not in params or f"optim.{key}" not in meta:
@@ -110,8 +110,9 @@ def load_dcp(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer | 
         except CheckpointError:
             raise
         except Exception as e:  # DCP wraps rank failures in its own exception types
-            if isinstance(getattr(e, "failures", None), dict):
-                inner = next(iter(e.failures.values()), None)
+            failures = getattr(e, "failures", None)
+            if isinstance(failures, dict):
+                inner = next(iter(failures.values()), None)
                 if isinstance(inner, CheckpointError):
                     raise inner from None
             raise CheckpointError(

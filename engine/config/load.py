@@ -178,7 +178,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str, problems: list[str]) 
             problems.append(f"unknown key '{prefix}.{k}'{suggest(k, names)}")
             continue
         tp = field_type(cls, k)
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             if not isinstance(v, dict):
                 problems.append(
                     f"'{prefix}.{k}' must be a mapping of {', '.join(f.name for f in dataclasses.fields(tp))}"

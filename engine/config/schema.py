@@ -9,10 +9,13 @@ merges them, coerces every value to its field's type and validates the whole thi
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import functools
 import types
 import typing
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +26,7 @@ from leanlm.optim.registry import REGISTRY as OPTIMIZERS
 def _f(
     default: Any,
     help: str,
-    choices: tuple[Any, ...] | None = None,
+    choices: Collection[Any] | None = None,
     *,
     ge: float | None = None,
     gt: float | None = None,
@@ -35,7 +38,7 @@ def _f(
     bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
     meta = {"help": help, "choices": choices, "bounds": bounds}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+        return field(default_factory=functools.partial(copy.copy, default), metadata=meta)
     return field(default=default, metadata=meta)
 
 

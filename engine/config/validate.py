@@ -25,13 +25,15 @@ def _bound_problem(key: str, value: float, bounds: dict[str, float]) -> str | No
     def fmt(x: float) -> str:
         return f"{x:,}" if isinstance(x, int) else f"{x:g}"
 
-    low, high = (ge, "[") if ge is not None else (gt, "("), (le, "]") if le is not None else (lt, ")")
-    if low[0] is not None and high[0] is not None:
-        what = f"in {low[1]}{fmt(low[0])}, {fmt(high[0])}{high[1]}"
-    elif low[0] is not None:
-        what = f"{'>=' if ge is not None else '>'} {fmt(low[0])}"
+    low, low_bracket = (ge, "[") if ge is not None else (gt, "(")
+    high, high_bracket = (le, "]") if le is not None else (lt, ")")
+    if low is not None and high is not None:
+        what = f"in {low_bracket}{fmt(low)}, {fmt(high)}{high_bracket}"
+    elif low is not None:
+        what = f"{'>=' if ge is not None else '>'} {fmt(low)}"
     else:
-        what = f"{'<=' if le is not None else '<'} {fmt(high[0])}"
+        assert high is not None  # a bound failed, so one exists
+        what = f"{'<=' if le is not None else '<'} {fmt(high)}"
     return f"{key}={value}: must be {what}"
 
 

@@ -19,9 +19,10 @@ import json
 import os
 import shutil
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -161,11 +162,11 @@ class StreamedTokens:
             holdout,
         )
         self.seq_len, self.micro, self.accum = seq_len, micro, batch_size // (micro * world)
-        self.epoch, self.buffer = 0, []
+        self.epoch, self.buffer = 0, cast(list[int], [])
         self.ds = make_dataset(0)
-        self._it = None
+        self._it: Iterator[str] | None = None
 
-    def _docs(self):
+    def _docs(self) -> Iterator[str]:
         while True:
             for rec in self.ds:
                 text = rec.get(self.text_field)
@@ -177,8 +178,9 @@ class StreamedTokens:
     def _take(self, n: int) -> list[int]:
         if self._it is None:
             self._it = self._docs()
+        docs = self._it
         while len(self.buffer) < n:
-            self.buffer += self.tok.encode(next(self._it), bos=True, eos=True)
+            self.buffer += self.tok.encode(next(docs), bos=True, eos=True)
         out, self.buffer = self.buffer[:n], self.buffer[n - 1 :]  # windows overlap by one token
         return out
 

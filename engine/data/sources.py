@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from leanlm.engine.errors import DataError
 
@@ -241,8 +242,9 @@ def check_hub(spec: str, timeout_s: float) -> None:
     import huggingface_hub
     from huggingface_hub import HfApi
 
-    huggingface_hub.constants.HF_HUB_ETAG_TIMEOUT = timeout_s
-    huggingface_hub.constants.HF_HUB_DOWNLOAD_TIMEOUT = timeout_s
+    constants: Any = huggingface_hub.constants  # declared int there; requests takes float seconds
+    constants.HF_HUB_ETAG_TIMEOUT = timeout_s
+    constants.HF_HUB_DOWNLOAD_TIMEOUT = timeout_s
     try:
         HfApi().dataset_info(name, timeout=timeout_s)
     except Exception as e:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -31,10 +32,14 @@ MUENNIGHOFF_P0 = (6.255414, 7.3049974, 0.6254804, 0.3526596, 0.3526596)  # ColPr
 
 def chinchilla_grid(size: str = "full") -> list[tuple[float, ...]]:
     """Starts (a, b, e, α, β): ``full`` is Hoffmann's 4,500-point grid; ``small`` a 108-point subset."""
+    alphas: Sequence[float]
+    betas: Sequence[float]
+    es: Sequence[float]
+    abs_: Sequence[float]
     if size == "full":
-        alphas = betas = np.arange(0.0, 2.01, 0.5)
-        es = np.arange(-1.0, 1.01, 0.5)
-        abs_ = np.arange(0.0, 25.1, 5.0)
+        alphas = betas = np.arange(0.0, 2.01, 0.5).tolist()
+        es = np.arange(-1.0, 1.01, 0.5).tolist()
+        abs_ = np.arange(0.0, 25.1, 5.0).tolist()
     else:
         alphas = betas = (0.5, 1.0)
         es = (-1.0, 0.0, 1.0)
