@@ -66,6 +66,7 @@ from leanlm.optim.sharding import (
     is_dtensor,
     local,
     local_view,
+    mesh_sum,
     row_range,
     sharded_zeros,
 )
@@ -439,7 +440,7 @@ class FRUGAL(torch.optim.Optimizer):
                 betas=group["betas"],
                 eps=group["eps"],
                 scratch=self._scratch_like(g, torch.float32, slot=1),
-                allsum=_rank_sum(key) if key is not None and kind == "columns" else same,
+                allsum=mesh_sum(key) if is_dtensor(key) and kind == "columns" else same,
             )
             return
         if proj.fused:  # columns / rows: leanlm.kernels does the whole step (fused on CUDA)
@@ -573,17 +574,6 @@ def _whole_grad(p: torch.Tensor) -> torch.Tensor:
     """All of ``p``'s gradient: gathered from the shards of a DTensor (every rank gets all of it)."""
     g = _grad(p)
     return g.full_tensor() if is_dtensor(g) else g
-
-
-def _rank_sum(key: Any) -> Callable[[torch.Tensor], torch.Tensor]:
-    """For one rank's rows of a sharded matrix: partial sums -> the sum over its mesh."""
-    import torch.distributed as tdist
-
-    def total(t: torch.Tensor) -> torch.Tensor:
-        tdist.all_reduce(t, group=key.device_mesh.get_group())
-        return t
-
-    return total
 
 
 def _short(names: list[str], shown: int = 4) -> str:

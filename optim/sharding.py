@@ -11,6 +11,7 @@ replicated and collapsed to one rank's copy) and reshards it on a different worl
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
@@ -74,3 +75,15 @@ def sharded_zeros(p: DTensor, shape: tuple[int, ...], dtype: torch.dtype) -> DTe
         shape=torch.Size(shape),
         stride=stride,
     )
+
+
+def mesh_sum(p: DTensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """For one rank's rows of the sharded matrix ``p``: partial sums -> the sum over its mesh
+    (in place, one all-reduce)."""
+    import torch.distributed as tdist
+
+    def total(t: torch.Tensor) -> torch.Tensor:
+        tdist.all_reduce(t, group=p.device_mesh.get_group())
+        return t
+
+    return total
