@@ -14,7 +14,8 @@ python3 - "$WHEEL" <<'PY'
 import sys, zipfile
 names = zipfile.ZipFile(sys.argv[1]).namelist()
 need = ["leanlm/configs/tiny.yaml", "leanlm/configs/frugal_7b.yaml", "leanlm/engine/cli.py", "leanlm/optim/frugal.py",
-        "leanlm/kernels/lost_triton.py"]
+        "leanlm/kernels/lost_triton.py", "leanlm/optim/registry.py", "leanlm/engine/py.typed", "leanlm/optim/py.typed",
+        "leanlm/kernels/py.typed"]
 missing = [n for n in need if n not in names]
 assert not missing, f"wheel lacks {missing}"
 assert not any(n.startswith(("engine/", "optim/", "kernels/", "tests/")) for n in names), "top-level packages shipped"
