@@ -43,6 +43,25 @@ def adam_direction_(low: torch.Tensor, st: dict[str, Any], betas, eps: float, lr
     return torch.div(st["exp_avg"], out, out=out).mul_(-lr / (1 - b1**k))  # ...then the step
 
 
+def adam_foreach_(params, grads, states, lr: float, betas, eps: float) -> None:
+    """Plain AdamW moments + update for same-role tensors (weight decay applied by the caller)."""
+    b1, b2 = betas
+    exp_avgs = [s["exp_avg"] for s in states]
+    exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+    for s in states:
+        s["step"] += 1
+    torch._foreach_lerp_(exp_avgs, grads, 1 - b1)
+    torch._foreach_mul_(exp_avg_sqs, b2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - b2)
+    steps = [float(s["step"]) for s in states]
+    step_sizes = [-lr / (1 - b1**k) for k in steps]
+    bc2_sqrt = [math.sqrt(1 - b2**k) for k in steps]
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, bc2_sqrt)
+    torch._foreach_add_(denom, eps)
+    torch._foreach_addcdiv_(params, exp_avgs, denom, step_sizes)
+
+
 def state_free_update(residual: torch.Tensor, rule: str, out: torch.Tensor | None = None) -> torch.Tensor:
     """The state-free direction (before −lr scaling): sign(residual) or the residual itself."""
     out = torch.empty_like(residual) if out is None else out

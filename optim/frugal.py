@@ -38,7 +38,6 @@ slice with the same subspaces and the same moment memory as on whole matrices
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, cast
@@ -47,17 +46,27 @@ import torch
 
 from leanlm.kernels.frugal_update import (
     adam_direction_,
+    adam_foreach_,
     frugal_update,
     inverse_index,
     state_free_update,
     use_triton,
 )
+from leanlm.optim.defaults import GROUP_DEFAULTS
 from leanlm.optim.flat import FlatLayouts, FlatSegment
-from leanlm.optim.groups import BLOCK_LINEAR_KEYS, frugal_param_groups, is_named_params
+from leanlm.optim.groups import (
+    BLOCK_LINEAR_KEYS,
+    as_groups,
+    check_naming,
+    frugal_param_groups,
+    is_named_params,
+    short_list,
+)
 from leanlm.optim.memory import state_bytes
 from leanlm.optim.options import check_group
 from leanlm.optim.projections import (
     PROJECTORS,
+    residual_is_signal,
     select_blocks,
     subspace_generator,
 )
@@ -70,6 +79,8 @@ from leanlm.optim.sharding import (
     row_range,
     sharded_zeros,
 )
+
+_D = GROUP_DEFAULTS  # the constructor's defaults (one table: leanlm.optim.defaults)
 
 
 class FRUGAL(torch.optim.Optimizer):
@@ -84,23 +95,23 @@ class FRUGAL(torch.optim.Optimizer):
     def __init__(
         self,
         params: Iterable[Any],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        density: float = 0.25,
-        projection: str = "columns",
-        update_gap: int = 200,
-        state_free: str = "sign",
-        state_free_lr_scale: float = 1.0,
-        proj_lr_scale: float = 1.0,
-        reset_on_refresh: bool = True,
-        block_order: str = "descending",
-        seed: int = 0,
-        scaling: str = "channel",
-        rank: int | None = None,
+        lr: float | torch.Tensor = _D["lr"],
+        betas: tuple[float, float] = _D["betas"],
+        eps: float = _D["eps"],
+        weight_decay: float = _D["weight_decay"],
+        density: float = _D["density"],
+        projection: str = _D["projection"],
+        update_gap: int = _D["update_gap"],
+        state_free: str = _D["state_free"],
+        state_free_lr_scale: float = _D["state_free_lr_scale"],
+        proj_lr_scale: float = _D["proj_lr_scale"],
+        reset_on_refresh: bool = _D["reset_on_refresh"],
+        block_order: str = _D["block_order"],
+        seed: int = _D["seed"],
+        scaling: str = _D["scaling"],
+        rank: int | None = _D["rank"],
     ) -> None:
-        defaults = dict(
+        given = dict(
             lr=lr,
             betas=tuple(betas),
             eps=eps,
@@ -116,8 +127,11 @@ class FRUGAL(torch.optim.Optimizer):
             seed=seed,
             scaling=scaling,
             rank=rank,
-            projectable=True,
         )
+        if given.keys() - GROUP_DEFAULTS.keys():  # a keyword added without a default to fill old states
+            raise RuntimeError(f"FRUGAL: {sorted(given.keys() - GROUP_DEFAULTS.keys())} missing from GROUP_DEFAULTS")
+        defaults = {**GROUP_DEFAULTS, **given}
+        check_group(defaults)  # hyperparameters before parameters, as torch's optimizers check them
         # Stable parameter index (the order parameters joined) for the subspace generator's seed;
         # filled by add_param_group, which the base class calls for each group.
         self._index: dict[int, int] = {}
@@ -126,7 +140,7 @@ class FRUGAL(torch.optim.Optimizer):
         self._flat = FlatLayouts()
         # Fused kernel: parameter -> (the index it was built from, its inverse map).
         self._inverses: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        groups = _as_groups(params)
+        groups = as_groups(params, who="FRUGAL")
         super().__init__(groups, defaults)
         self._warn_unsplit()
 
@@ -145,7 +159,7 @@ class FRUGAL(torch.optim.Optimizer):
         if fused:
             dims = "/".join(sorted({str(p.ndim) for _, p in fused}))
             warnings.warn(
-                f"FRUGAL: {_short([n for n, _ in fused])} are {dims}-D "
+                f"FRUGAL: {short_list([n for n, _ in fused])} are {dims}-D "
                 "(fused MoE experts?) and get plain AdamW; to split them, register each expert's 2-D weight as its "
                 "own parameter (or view them per expert) and pass them in a projectable group",
                 stacklevel=3,
@@ -209,9 +223,9 @@ class FRUGAL(torch.optim.Optimizer):
                 f"refresh every {group['update_gap']})"
             )
             if split:
-                lines.append(f"group {i}: {len(split)} {what}: {_short(split)}")
+                lines.append(f"group {i}: {len(split)} {what}: {short_list(split)}")
             if dense:
-                lines.append(f"group {i}: {len(dense)} plain AdamW: {_short(dense)}")
+                lines.append(f"group {i}: {len(dense)} plain AdamW: {short_list(dense)}")
         n_split, n_all, state = len(self.projectable_names()), len(self._index), state_bytes(self)
         lines.append(f"total: {n_split} of {n_all} tensors split; optimizer state now {state:,} bytes")
         return "\n".join(lines)
@@ -259,6 +273,8 @@ class FRUGAL(torch.optim.Optimizer):
             with_grad = [p for p in group["params"] if p.grad is not None]
             if not with_grad:
                 continue
+            if torch.is_tensor(group["lr"]):  # a tensor lr (a scheduler may change it): its value now
+                group = {**group, "lr": float(group["lr"])}  # a view for this step; param_groups untouched
             lr, wd = group["lr"], group["weight_decay"]
             dense = [p for p in with_grad if not self.is_projectable(group, p)]
             proj = [p for p in with_grad if self.is_projectable(group, p)]
@@ -471,7 +487,10 @@ class FRUGAL(torch.optim.Optimizer):
             if free != "none":
                 resid = self._scratch_like(g, torch.float32, slot=1)
                 torch.sub(g, proj.lift(low, st, shape, out=resid), out=resid)
-                p.add_(state_free_update(resid, free, resid), alpha=-lr_free)
+                # sign() would turn a round-off residual (G inside the subspace) into ±lr everywhere
+                keep = residual_is_signal(resid, g) if free == "sign" else None
+                step = state_free_update(resid, free, resid)
+                p.add_(step if keep is None else step.mul_(keep), alpha=-lr_free)
             p.add_(proj.lift(upd, st, shape, out=self._scratch_like(g, torch.float32, slot=2)))
             return
 
@@ -519,11 +538,25 @@ class FRUGAL(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ state round trip
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickling and ``load_state_dict`` end here: every group key a saved state lacks (it
+        was written before the key existed) gets this optimizer's default, as torch's optimizers
+        fill theirs, instead of a ``KeyError`` at the next refresh."""
+        super().__setstate__(state)
+        for key, value in GROUP_DEFAULTS.items():
+            self.defaults.setdefault(key, value)
+        for group in self.param_groups:
+            for key in GROUP_DEFAULTS:
+                group.setdefault(key, self.defaults[key])
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Like the base class, but keeps the saved dtype of the subspace indices and bases (the
         base class would cast them to the parameter's dtype); the moments are cast to the dtype
         this optimizer would create them in (the parameter's, or the projection's), as torch's
-        AdamW does, so a state saved with float32 weights loads into bf16 ones and back."""
+        AdamW does, so a state saved with float32 weights loads into bf16 ones and back. A state
+        saved by a FRUGAL built with parameter names into one built without (or the reverse) is
+        refused with the way to build the matching optimizer: names decide what is split."""
+        check_naming(state_dict["param_groups"], self.param_groups)
         super().load_state_dict(state_dict)
         self._flat.forget_positions()
         groups = [(g, p) for g in self.param_groups for p in g["params"]]
@@ -546,25 +579,6 @@ class FRUGAL(torch.optim.Optimizer):
 # ---------------------------------------------------------------------- free functions (the math)
 
 
-def adam_foreach_(params, grads, states, lr: float, betas, eps: float) -> None:
-    """Plain AdamW moments + update for same-role tensors (weight decay applied by the caller)."""
-    b1, b2 = betas
-    exp_avgs = [s["exp_avg"] for s in states]
-    exp_avg_sqs = [s["exp_avg_sq"] for s in states]
-    for s in states:
-        s["step"] += 1
-    torch._foreach_lerp_(exp_avgs, grads, 1 - b1)
-    torch._foreach_mul_(exp_avg_sqs, b2)
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - b2)
-    steps = [float(s["step"]) for s in states]
-    step_sizes = [-lr / (1 - b1**k) for k in steps]
-    bc2_sqrt = [math.sqrt(1 - b2**k) for k in steps]
-    denom = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(denom, bc2_sqrt)
-    torch._foreach_add_(denom, eps)
-    torch._foreach_addcdiv_(params, exp_avgs, denom, step_sizes)
-
-
 def _grad(p: torch.Tensor) -> torch.Tensor:
     """``p.grad`` of a tensor the step updates (the step skips those whose gradient is None)."""
     return cast(torch.Tensor, p.grad)
@@ -574,18 +588,3 @@ def _whole_grad(p: torch.Tensor) -> torch.Tensor:
     """All of ``p``'s gradient: gathered from the shards of a DTensor (every rank gets all of it)."""
     g = _grad(p)
     return g.full_tensor() if is_dtensor(g) else g
-
-
-def _short(names: list[str], shown: int = 4) -> str:
-    return ", ".join(names[:shown]) + (f", ... (+{len(names) - shown})" if len(names) > shown else "")
-
-
-def _as_groups(params: Iterable[Any]) -> list[dict[str, Any]]:
-    """Tensors, (name, tensor) pairs or group dicts -> group dicts (``add_param_group`` splits
-    named ones by the name rule unless they say ``projectable``)."""
-    params = list(params)
-    if not params:
-        raise ValueError("FRUGAL got an empty parameter list")
-    if isinstance(params[0], dict):
-        return [dict(g) for g in params]
-    return [{"params": params}]

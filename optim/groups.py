@@ -114,3 +114,41 @@ def frugal_param_groups(
         {"params": proj, "projectable": True, **projectable_options},
         {"params": rest, "projectable": False},
     ]
+
+
+def short_list(names: list[str], shown: int = 4) -> str:
+    """The first ``shown`` names and how many more (for one-line messages)."""
+    return ", ".join(names[:shown]) + (f", ... (+{len(names) - shown})" if len(names) > shown else "")
+
+
+def as_groups(params: Iterable[Any], who: str) -> list[dict[str, Any]]:
+    """Tensors, (name, tensor) pairs or group dicts -> group dicts (``add_param_group`` splits
+    named ones by the name rule unless they say ``projectable``)."""
+    if torch.is_tensor(params):  # torch's message: a bare tensor would be iterated row by row
+        raise TypeError(
+            "params argument given to the optimizer should be an iterable of Tensors or dicts, but got "
+            + torch.typename(params)
+        )
+    params = list(params)
+    if not params:
+        raise ValueError(f"{who} got an empty parameter list")
+    if isinstance(params[0], dict):
+        return [dict(g) for g in params]
+    return [{"params": params}]
+
+
+def check_naming(saved: list[dict[str, Any]], mine: list[dict[str, Any]]) -> None:
+    """Refuse, in one line, a state whose groups come from the other way of passing parameters."""
+    saved_named, mine_named = (any("param_names" in g for g in groups) for groups in (saved, mine))
+    if saved_named == mine_named or len(saved) == len(mine):
+        return
+    how = "model.named_parameters()" if saved_named else "model.parameters() (bare tensors)"
+
+    def kind(named: bool, n: int) -> str:
+        return f"{'named' if named else 'unnamed'} parameters ({n} group{'' if n == 1 else 's'})"
+
+    raise ValueError(
+        f"FRUGAL: this state was saved by a FRUGAL built from {kind(saved_named, len(saved))}, this one from "
+        f"{kind(mine_named, len(mine))}; with names the embedding, head and norms stay state-full, without them "
+        f"every 2-D tensor is split: build it from {how} to load it"
+    )

@@ -1,8 +1,11 @@
-"""FRUGAL's hyperparameters: the choices each takes and the check that names a bad one."""
+"""FRUGAL's hyperparameters: the choices each takes and the check that names a bad one (their
+defaults: ``leanlm.optim.defaults``)."""
 
 from __future__ import annotations
 
 from typing import Any
+
+import torch
 
 from leanlm.optim.projections import BLOCK_ORDERS, PROJECTIONS
 from leanlm.optim.scaled import RULES, SCALINGS
@@ -10,8 +13,15 @@ from leanlm.optim.scaled import RULES, SCALINGS
 STATE_FREE = ("sign", "sgd", "none", *RULES)
 
 
+def check_lr(lr: Any) -> None:
+    """torch's rule for ``lr``: a number, or a 1-element tensor."""
+    if torch.is_tensor(lr) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+
+
 def check_group(group: dict[str, Any]) -> None:
     """Reject bad hyperparameters at construction with a message that names the key."""
+    check_lr(group["lr"])
     problems = []
     if group["projection"] not in PROJECTIONS:
         problems.append(f"projection={group['projection']!r} (choose {', '.join(PROJECTIONS)})")

@@ -26,14 +26,15 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
+from leanlm.optim.defaults import GROUP_DEFAULTS as _D
 from leanlm.optim.frugal import FRUGAL
 
 
 def galore(
     params: Iterable[Any],
-    lr: float = 1e-3,
-    density: float = 0.25,
-    update_gap: int = 200,
+    lr: float = _D["lr"],
+    density: float = _D["density"],
+    update_gap: int = _D["update_gap"],
     scale: float = 0.25,
     **kwargs: Any,
 ) -> FRUGAL:
@@ -53,10 +54,10 @@ def galore(
 
 def badam(
     params: Iterable[Any],
-    lr: float = 1e-3,
-    density: float = 0.25,
-    update_gap: int = 200,
-    block_order: str = "descending",
+    lr: float = _D["lr"],
+    density: float = _D["density"],
+    update_gap: int = _D["update_gap"],
+    block_order: str = _D["block_order"],
     **kwargs: Any,
 ) -> FRUGAL:
     """BAdam-style block coordinate descent over whole projectable tensors."""
@@ -75,9 +76,9 @@ def badam(
 
 def fira(
     params: Iterable[Any],
-    lr: float = 1e-3,
-    density: float = 0.25,
-    update_gap: int = 200,
+    lr: float = _D["lr"],
+    density: float = _D["density"],
+    update_gap: int = _D["update_gap"],
     alpha: float = 1.0,
     rank: int | None = None,
     residual_scale: float = 1.0,
@@ -105,8 +106,8 @@ def fira(
 def galore_fira(
     params: Iterable[Any],
     lr: float = 1e-2,
-    density: float = 0.25,
-    update_gap: int = 200,
+    density: float = _D["density"],
+    update_gap: int = _D["update_gap"],
     scale: float = 0.25,
     rank: int | None = None,
     **kwargs: Any,
@@ -120,11 +121,11 @@ def galore_fira(
 
 def apollo(
     params: Iterable[Any],
-    lr: float = 1e-3,
-    density: float = 0.25,
-    update_gap: int = 200,
+    lr: float = _D["lr"],
+    density: float = _D["density"],
+    update_gap: int = _D["update_gap"],
     scale: float = 1.0,
-    scaling: str = "channel",
+    scaling: str = _D["scaling"],
     rank: int | None = None,
     **kwargs: Any,
 ) -> FRUGAL:
@@ -145,6 +146,8 @@ def apollo(
     )
 
 
-def apollo_mini(params: Iterable[Any], lr: float = 1e-3, update_gap: int = 200, scale: float = 128.0, **kwargs: Any):
+def apollo_mini(
+    params: Iterable[Any], lr: float = _D["lr"], update_gap: int = _D["update_gap"], scale: float = 128.0, **kwargs: Any
+) -> FRUGAL:
     """APOLLO-Mini: rank 1, one ratio per tensor, √128 update scale (the paper's recipe)."""
     return apollo(params, lr=lr, update_gap=update_gap, scale=scale, scaling="tensor", rank=1, **kwargs)

@@ -56,11 +56,14 @@ def select_entries(numel: int, count: int, gen: torch.Generator) -> torch.Tensor
 def select_blocks(n_tensors: int, density: float, *, refresh: int, order: str, gen: torch.Generator) -> list[int]:
     """Which of a group's projectable tensors are state-full after this refresh.
 
-    k = round(ρ·n) tensors. ``descending`` starts from the last tensor (the deepest layer) and moves
-    k tensors towards the input at each refresh, wrapping around; ``ascending`` the reverse;
-    ``random`` draws k from the generator.
+    k = round(ρ·n) tensors, but at least one when ρ > 0: the official FRUGAL ``BlockOptimizer``
+    rounds to zero blocks in a group of one or two matrices at ρ 0.25, so BAdam mode (no
+    residual) silently never trained them; here every group with projectable tensors trains one.
+    ``descending`` starts from the last tensor (the deepest layer) and moves k tensors towards the
+    input at each refresh, wrapping around; ``ascending`` the reverse; ``random`` draws k from the
+    generator.
     """
-    k = round(density * n_tensors)
+    k = max(1, round(density * n_tensors)) if density > 0 and n_tensors else 0
     if k == 0:
         return []
     if order == "random":
@@ -70,6 +73,20 @@ def select_blocks(n_tensors: int, density: float, *, refresh: int, order: str, g
     if order == "descending":
         picks = [n_tensors - 1 - i for i in picks]
     return sorted(picks)
+
+
+def residual_is_signal(residual: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """0-d, in ``residual``'s dtype: 1 when the residual G − P↑P↓G of a basis projection is more
+    than round-off, 0 when G lies inside the subspace (its rank at most the basis rank: few tokens
+    per step, or a ``rank`` at or above the gradient's) and the residual is only the arithmetic's
+    error. The test is the one ``torch.linalg.matrix_rank`` uses for a numerically zero singular
+    value, on norms: ‖R‖ <= max(m, n)·eps·‖G‖, eps of the dtype the residual is computed in. No
+    host sync (a tensor, multiplied into the step)."""
+    eps = torch.finfo(residual.dtype).eps
+    tol = max(residual.shape) * eps
+    r = torch.linalg.vector_norm(residual)
+    g = torch.linalg.vector_norm(grad, dtype=torch.promote_types(grad.dtype, residual.dtype))
+    return (r > tol * g).to(residual.dtype)
 
 
 def svd_basis(grad: torch.Tensor, rank: int) -> torch.Tensor:

@@ -18,6 +18,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from leanlm.optim.defaults import GROUP_DEFAULTS
+
 _ADAM = {"lr": "lr", "betas": "betas", "eps": "eps", "weight_decay": "weight_decay"}
 
 
@@ -61,17 +63,12 @@ class Entry:
         return projection, state_free
 
 
-_FRUGAL_KEYS = ("density", "projection", "update_gap", "state_free", "state_free_lr_scale", "proj_lr_scale")
-
 REGISTRY: dict[str, Entry] = {
     "adamw": Entry(build="leanlm.optim.factory:adamw", settings=_ADAM, seeded=False),
+    # every FRUGAL group key but the seed (the run's) and projectable (per group, from the names)
     "frugal": Entry(
         build="leanlm.optim.factory:frugal",
-        settings={
-            **_ADAM,
-            **{k: k for k in _FRUGAL_KEYS},
-            **{k: k for k in ("reset_on_refresh", "block_order", "scaling", "rank")},
-        },
+        settings={k: k for k in GROUP_DEFAULTS if k not in ("seed", "projectable")},
     ),
     "galore": Entry(
         build="leanlm.optim.presets:galore",

@@ -178,7 +178,7 @@ def test_loading_every_preset_imports_no_torch():
         "from leanlm.engine.config.load import presets\n"
         "for name in presets(): load_config(name)\n"
         "assert len(presets()) > 10\n"
-        "light = ('leanlm.optim', 'leanlm.optim.registry')  # the lazy package and the torch-free registry\n"
+        "light = ('leanlm.optim', 'leanlm.optim.registry', 'leanlm.optim.defaults')  # torch-free\n"
         "heavy = ('torch', 'torch.', 'leanlm.optim', 'leanlm.kernels')\n"
         "print(sorted(m for m in sys.modules if m.startswith(heavy) and m not in light))\n"
     )
