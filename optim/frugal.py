@@ -11,7 +11,8 @@ random: semi-orthogonal). The step then is::
     W <- W + U
 
 For columns/rows/randk/blocks the residual is exactly the complement (disjoint coordinates); for
-svd/random/gaussian it is the dense orthogonal-complement residual. ``state_free="sgd"`` uses the
+svd/random/gaussian it is the dense orthogonal-complement residual, and the sign step is skipped when
+that residual is round-off (``projections.residual_is_signal``). ``state_free="sgd"`` uses the
 raw residual, ``"none"`` drops it (plain low-rank or block training: GaLore and BAdam are presets of
 this class, see ``leanlm.optim.presets``). ``"fira"`` scales the residual per channel by the ratio
 of the Adam direction's norm to the gradient's norm in the subspace, and ``"apollo"`` scales the
