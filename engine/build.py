@@ -178,7 +178,9 @@ def make_optimizer(cfg: RunConfig, named_params: Iterable[tuple[str, torch.nn.Pa
     name = cfg.optim.name
     opt = build_optimizer(name, named_params, **optimizer_kwargs(name, dataclasses.asdict(cfg.optim), cfg.train.seed))
     bf16 = cfg.train.param_dtype == "bf16"
-    state = {"param": torch.bfloat16 if bf16 else None, "fp32": None, "bf16": torch.bfloat16}[cfg.optim.state_dtype]
+    # fp32 moments beside bf16 weights are named explicitly: a resume must restore them as float32
+    fp32 = torch.float32 if bf16 else None
+    state = {"param": torch.bfloat16 if bf16 else None, "fp32": fp32, "bf16": torch.bfloat16}[cfg.optim.state_dtype]
     if bf16 or state is not None:
         PrecisionHooks(opt, rounding=cfg.train.bf16_rounding, state_dtype=state, seed=cfg.train.seed)
     return opt

@@ -12,6 +12,10 @@ import sys
 import warnings
 from pathlib import Path
 
+# `generate` has no KV cache (a sanity check, not a server): each token is a full forward over the
+# context, and the text is printed when done; 10,000 tokens is minutes on a CPU already.
+MAX_NEW_TOKENS = 10_000
+
 USAGE_EXAMPLES = """examples:
   leanlm train configs/tiny.yaml
   leanlm train configs/llama_60m.yaml data.source=hf:allenai/c4:en data.tokenizer=t5.model train.steps=10000
@@ -71,10 +75,10 @@ def _parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="sample text from a checkpoint")
     g.add_argument("checkpoint", help="a checkpoint folder or a run folder (newest checkpoint)")
     g.add_argument("--prompt", default="", help="text to continue")
-    g.add_argument("--max-new-tokens", type=_number(int, 0), default=200)
+    g.add_argument("--max-new-tokens", type=_number(int, 0, MAX_NEW_TOKENS), default=200)
     g.add_argument("--temperature", type=_number(float, 0), default=0.8, help="0 = greedy")
     g.add_argument("--top-k", type=_number(int, 0), default=50, help="0 = no top-k cut")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=_number(int, 0, 2**63 - 1), default=0)
     mm = sub.add_parser("memory", help="parameter, gradient, optimizer-state and activation memory of a config")
     mm.add_argument("config", help="YAML preset, e.g. configs/frugal_1b.yaml")
     mm.add_argument(

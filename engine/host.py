@@ -6,7 +6,9 @@ Plumbing the builders and ``leanlm memory`` ask of the machine; kept apart from 
 from __future__ import annotations
 
 import ctypes
+import mmap
 import sys
+from pathlib import Path
 
 import torch
 
@@ -40,3 +42,42 @@ def available_memory_bytes(device: torch.device) -> int | None:
     except OSError:
         pass
     return None
+
+
+def file_mappings(folder: str | Path) -> list[tuple[int, int]]:
+    """[start, end) addresses of this process's mappings of files under ``folder`` (Linux
+    ``/proc/self/maps``; empty elsewhere)."""
+    prefix = str(Path(folder).resolve()) + "/"
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].startswith(prefix):
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            out.append((start, end))
+    return out
+
+
+_MADV_DONTNEED = 4  # Linux
+_PAGE = mmap.PAGESIZE
+
+
+def drop_mapped_pages(t: torch.Tensor, mappings: list[tuple[int, int]]) -> None:
+    """Drop ``t``'s pages from the process where they lie in one of ``mappings`` (read-only uses
+    of a private file mapping: a later read would fetch them from the file again), so copying a
+    memory-mapped checkpoint into private memory holds one copy of the weights, not two. Only
+    whole pages inside the given file mappings are touched: never the heap, never a neighbour's
+    partial page."""
+    if not mappings or t.device.type != "cpu" or not sys.platform.startswith("linux"):
+        return
+    lo = t.data_ptr()  # the first element's address (the storage offset included)
+    hi = lo + t.numel() * t.element_size()
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    for start, end in mappings:
+        a, b = max(lo, start), min(hi, end)
+        a, b = -(-a // _PAGE) * _PAGE, b // _PAGE * _PAGE  # whole pages only, inward
+        if a < b:
+            libc.madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), _MADV_DONTNEED)

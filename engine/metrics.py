@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from leanlm.engine.run_files import append_no_follow, write_no_follow
+
 # Dense bf16 peak FLOP/s by device name substring, for MFU (datasheet numbers, no sparsity).
 PEAK_BF16_FLOPS = {
     "H200": 989e12,
@@ -87,8 +89,8 @@ def trim_records(path: Path, last_step: int) -> None:
     if "".join(kept) == text:
         return
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept), encoding="utf-8")
-    tmp.replace(path)
+    write_no_follow(tmp, "".join(kept).encode("utf-8"))
+    tmp.replace(path)  # a rename replaces a link itself, never its target
 
 
 class MetricsLogger:
@@ -107,9 +109,7 @@ class MetricsLogger:
         path = run_dir / "metrics.jsonl"
         if resume_step is not None:
             trim_records(path, resume_step)
-        self.jsonl = open(  # noqa: SIM115 (closed in close(); lives as long as the run)
-            run_dir / "metrics.jsonl", "a", buffering=1
-        )  # line-buffered: survives crashes
+        self.jsonl = append_no_follow(path)  # line-buffered: survives crashes; closed in close()
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 

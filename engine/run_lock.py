@@ -15,6 +15,7 @@ import socket
 from pathlib import Path
 
 from leanlm.engine.errors import ConfigError
+from leanlm.engine.run_files import open_no_follow, refuse_links
 
 LOCK_FILE = ".lock"
 
@@ -30,7 +31,8 @@ class RunLock:
     def acquire(self) -> RunLock:
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+            refuse_links(self.run_dir)
+            fd = open_no_follow(self.run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT)
         except OSError as e:
             raise ConfigError(
                 f"{self.key}={str(self.run_dir)!r}: cannot write there ({e.strerror}); pick a writable folder"

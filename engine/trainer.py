@@ -27,7 +27,7 @@ from leanlm.engine.checkpoint.checkpointer import Checkpointer, TrainState, find
 from leanlm.engine.checkpoint.resume import preload_weights
 from leanlm.engine.config import RunConfig, save_yaml
 from leanlm.engine.data import Corpus, build_corpus
-from leanlm.engine.errors import ConfigError, TrainingError
+from leanlm.engine.errors import CheckpointError, ConfigError, TrainingError
 from leanlm.engine.evaluate import EvalResult, evaluate, unigram_loss
 from leanlm.engine.metrics import MetricsLogger, Throughput, peak_flops, peak_memory_gib, trim_records
 from leanlm.engine.model import count_parameters, flops_per_token
@@ -117,7 +117,8 @@ def _hold_run_folder(lock: RunLock) -> None:
     if dist.is_main():
         try:
             lock.acquire()
-        except ConfigError as e:
+            ckpt.check_writable(lock.run_dir)  # said now, not after checkpoint.every steps of work
+        except (ConfigError, CheckpointError) as e:
             error = e
     if dist.any_rank(error is not None):
         raise error or ConfigError(f"rank 0 could not take the run folder {lock.run_dir}")
@@ -126,11 +127,14 @@ def _hold_run_folder(lock: RunLock) -> None:
             print(f"leanlm: removed {stale.name}, left by a save that did not finish")
 
 
-def _nan_message(res: Any, step: int, good: Path | None, latest: Path | None) -> str:
+def _nan_message(res: Any, step: int, good: Path | None, latest: Path | None, *, in_backward: bool = False) -> str:
     """The NaN stop's one line. ``good``: the newest checkpoint whose weights then trained a
     finite step (resuming it with a lower lr works); ``latest`` may be the one that blew up."""
     what = f"loss became {res.loss}" if not math.isfinite(res.loss) else f"gradient norm became {res.grad_norm}"
-    what += f" at step {step} (the update was not applied)"
+    if in_backward:  # the tensors updated in that backward before the bad one keep their update
+        what += f" at step {step} (tensors stepped before it in that backward were updated; none of it was saved)"
+    else:
+        what += f" at step {step} (the update was not applied)"
     if good is not None and good.is_dir():
         return (
             f"{what}; {good} is the last checkpoint known to train finitely: continue from it with "
@@ -148,6 +152,7 @@ def setup(cfg: RunConfig, device: torch.device, backend: str) -> Run:
     train_cfg, main, run_dir = cfg.train, dist.is_main(), Path(cfg.train.out_dir)
     check_world(cfg, dist.world_size())
     resume_from = find_resume(cfg)
+    _check_steps_left(cfg, resume_from)
     if train_cfg.threads:
         torch.set_num_threads(train_cfg.threads)
     torch.manual_seed(train_cfg.seed)
@@ -218,6 +223,17 @@ def setup(cfg: RunConfig, device: torch.device, backend: str) -> Run:
     )
 
 
+def _check_steps_left(cfg: RunConfig, resume_from: Path | None) -> None:
+    """A resume asked to stop before the step it resumes from is refused, before config.yaml is
+    rewritten with the smaller ``train.steps``."""
+    match = ckpt.store.STEP_RE.match(resume_from.name) if resume_from is not None else None
+    if match and int(match.group(1)) > cfg.train.steps:
+        raise ConfigError(
+            f"train.steps={cfg.train.steps} is below the step of the checkpoint it resumes from "
+            f"({resume_from}); raise train.steps to train on, or pick a new train.out_dir"
+        )
+
+
 def _loop(run: Run, stop_at: int | None) -> TrainResult:
     """Step until ``train.steps``, a stop signal or ``stop_at``; evaluate, log and save on cadence."""
     cfg, state, train_cfg = run.cfg, run.state, run.cfg.train
@@ -235,7 +251,9 @@ def _loop(run: Run, stop_at: int | None) -> TrainResult:
             res = train_step(run.net, run.optimizer, batches, run.spec, reweight=_reweighting(cfg, state.step))
             # a NaN/Inf step was not applied: stop, pointing at weights known to train
             if not res.finite:
-                raise TrainingError(_nan_message(res, state.step + 1, run.checkpointer.good, run.checkpointer.last))
+                good, last = run.checkpointer.good, run.checkpointer.last
+                in_backward = run.spec.in_backward is not None
+                raise TrainingError(_nan_message(res, state.step + 1, good, last, in_backward=in_backward))
             run.checkpointer.confirm()
             lr = float(state.scheduler.get_last_lr()[0])
             state.advance(res.tokens * dist.world_size())
@@ -264,8 +282,10 @@ def _loop(run: Run, stop_at: int | None) -> TrainResult:
                 break
     result.wall_s = time.perf_counter() - started
     result.tokens_per_s = (state.tokens_seen - result.tokens_seen) / max(result.wall_s, 1e-9)
-    if state.step == train_cfg.steps:
-        result.final = _evaluate(run, result, started)
+    if state.step == train_cfg.steps and state.step > result.step:  # a run resumed at its end trains
+        result.final = _evaluate(run, result, started)  # nothing and logs no second final evaluation
+    elif state.step == train_cfg.steps and dist.is_main():
+        print(f"leanlm: {train_cfg.out_dir} is already at train.steps={train_cfg.steps}; nothing left to train")
     result.step, result.tokens_seen, result.checkpoint = state.step, state.tokens_seen, run.checkpointer.last
     dist.barrier()
     return result

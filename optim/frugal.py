@@ -79,6 +79,7 @@ from leanlm.optim.sharding import (
     mesh_sum,
     row_range,
     sharded_zeros,
+    whole_grad,
 )
 
 _D = GROUP_DEFAULTS  # the constructor's defaults (one table: leanlm.optim.defaults)
@@ -365,12 +366,10 @@ class FRUGAL(torch.optim.Optimizer):
         gen = subspace_generator(group["seed"], self._index[id(p)], refresh)
         kind = group["projection"]
 
-        def whole_grad() -> torch.Tensor:  # svd needs all of G
-            return _whole_grad(p)
+        def all_of_g() -> torch.Tensor:  # svd needs all of G (fetched only by the kinds that use it)
+            return whole_grad(p)
 
-        drawn, shape, dtype = PROJECTORS[kind].draw(
-            tuple(p.shape), group["density"], gen, whole_grad, rank=group["rank"]
-        )
+        drawn, shape, dtype = PROJECTORS[kind].draw(tuple(p.shape), group["density"], gen, all_of_g, rank=group["rank"])
         st.update({name: t.to(p.device) for name, t in drawn.items()})
         dtype = dtype or p.dtype
         keep = "exp_avg" in st and not group["reset_on_refresh"] and st["exp_avg"].shape == shape
@@ -420,7 +419,7 @@ class FRUGAL(torch.optim.Optimizer):
         elif group["projection"] in ("columns", "blocks"):  # whole columns / tensors are local
             self._update_projectable(group, local_view(self.state[p]), local(p), local(_grad(p)), key=p)
         else:  # rows / randk / svd / random need all of G: gather, update redundantly, keep ours
-            g = _whole_grad(p)  # (m, n) on every rank
+            g = whole_grad(p)  # (m, n) on every rank
             upd = self._scratch_like(g, slot=3).zero_()
             self._update_projectable(group, self.state[p], upd, g, key=p)
             lo, hi = row_range(p)
@@ -549,17 +548,13 @@ class FRUGAL(torch.optim.Optimizer):
         for group in self.param_groups:
             for key in GROUP_DEFAULTS:
                 group.setdefault(key, self.defaults[key])
+        loading = self.__dict__.pop("_loading", None)
+        if loading is not None:  # inside load_state_dict: before its post-hooks (PrecisionHooks') run
+            self._restore_dtypes(loading)
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Like the base class, but keeps the saved dtype of the subspace indices and bases (the
-        base class would cast them to the parameter's dtype); the moments are cast to the dtype
-        this optimizer would create them in (the parameter's, or the projection's), as torch's
-        AdamW does, so a state saved with float32 weights loads into bf16 ones and back. A state
-        saved by a FRUGAL built with parameter names into one built without (or the reverse) is
-        refused with the way to build the matching optimizer: names decide what is split."""
-        check_naming(state_dict["param_groups"], self.param_groups)
-        super().load_state_dict(state_dict)
-        self._flat.forget_positions()
+    def _restore_dtypes(self, state_dict: dict[str, Any]) -> None:
+        """Undo the base class's cast of every saved tensor to the parameter's dtype: indices and
+        bases keep their saved dtype, moments get the dtype this optimizer creates them in."""
         groups = [(g, p) for g in self.param_groups for p in g["params"]]
         for idx, saved in state_dict["state"].items():
             if not isinstance(idx, int) or idx >= len(groups):
@@ -569,6 +564,21 @@ class FRUGAL(torch.optim.Optimizer):
                 if torch.is_tensor(value) and key != "step":
                     dtype = self._moment_dtype(group, p) if key in ("exp_avg", "exp_avg_sq") else value.dtype
                     self.state[p][key] = value.to(device=p.device, dtype=dtype, copy=True)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Like the base class, but keeps the saved dtype of the subspace indices and bases (the
+        base class would cast them to the parameter's dtype); the moments are cast to the dtype
+        this optimizer would create them in (the parameter's, or the projection's), as torch's
+        AdamW does, so a state saved with float32 weights loads into bf16 ones and back. A state
+        saved by a FRUGAL built with parameter names into one built without (or the reverse) is
+        refused with the way to build the matching optimizer: names decide what is split."""
+        check_naming(state_dict["param_groups"], self.param_groups)
+        self._loading = state_dict  # __setstate__, which the base class ends with, restores dtypes
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            self.__dict__.pop("_loading", None)
+        self._flat.forget_positions()
 
     def _moment_dtype(self, group: dict[str, Any], p: torch.Tensor) -> torch.dtype:
         """The dtype ``_refresh`` / ``_adam_dense`` create moments in for ``p``."""
@@ -583,9 +593,3 @@ class FRUGAL(torch.optim.Optimizer):
 def _grad(p: torch.Tensor) -> torch.Tensor:
     """``p.grad`` of a tensor the step updates (the step skips those whose gradient is None)."""
     return cast(torch.Tensor, p.grad)
-
-
-def _whole_grad(p: torch.Tensor) -> torch.Tensor:
-    """All of ``p``'s gradient: gathered from the shards of a DTensor (every rank gets all of it)."""
-    g = _grad(p)
-    return g.full_tensor() if is_dtensor(g) else g

@@ -112,11 +112,38 @@ class PrecisionHooks:
         params = [p for g in optimizer.param_groups for p in g["params"]]
         self._index = {id(p): i for i, p in enumerate(params)}
         self._low: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._loading: dict[str, Any] | None = None
         self._handles = [
             optimizer.register_step_pre_hook(self._before),
             optimizer.register_step_post_hook(self._after),
+            optimizer.register_load_state_dict_pre_hook(self._before_load),
+            optimizer.register_load_state_dict_post_hook(self._after_load),
         ]
         _HOOKS[optimizer] = self
+
+    def _before_load(self, optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:
+        self._loading = state_dict
+
+    def _after_load(self, optimizer: torch.optim.Optimizer) -> None:
+        """Undo what ``load_state_dict`` casts to the bf16 weights' dtype: the moments come back in
+        ``state_dtype`` from the saved values (float32 ones would otherwise be rounded to bf16) and
+        the rounding count as the integer it was (bf16 holds integers exactly only up to 256), so a
+        resume is exactly the uninterrupted run."""
+        saved, self._loading = self._loading, None
+        if saved is None:
+            return
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        for idx, entry in saved["state"].items():
+            if not isinstance(idx, int) or idx >= len(params):
+                continue
+            p, st = params[idx], optimizer.state[params[idx]]
+            for key, value in entry.items():
+                if not torch.is_tensor(value):
+                    continue
+                if key == "sr_count":
+                    st[key] = value.to(dtype=torch.int64, copy=True)
+                elif key in MOMENT_KEYS and self.state_dtype is not None and value.is_floating_point():
+                    st[key] = value.to(device=p.device, dtype=self.state_dtype, copy=True)
 
     def step(self) -> None:
         """``optimizer.step()`` one tensor at a time, each gradient freed after its update: the

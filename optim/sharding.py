@@ -12,7 +12,7 @@ replicated and collapsed to one rank's copy) and reshards it on a different worl
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeGuard
+from typing import TYPE_CHECKING, Any, TypeGuard, cast
 
 import torch
 
@@ -87,3 +87,9 @@ def mesh_sum(p: DTensor) -> Callable[[torch.Tensor], torch.Tensor]:
         return t
 
     return total
+
+
+def whole_grad(p: torch.Tensor) -> torch.Tensor:
+    """All of ``p``'s gradient: gathered from the shards of a DTensor (every rank gets all of it)."""
+    g = cast(torch.Tensor, p.grad)  # called for tensors with a gradient
+    return g.full_tensor() if is_dtensor(g) else g

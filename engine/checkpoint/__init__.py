@@ -11,6 +11,7 @@ The folder-level API (``save_checkpoint``, ``verify``, ``resolve_resume``, ...) 
 
 from leanlm.engine.checkpoint.store import (
     FORMAT_VERSION,
+    check_writable,
     checkpoint_dir,
     list_checkpoints,
     load_file,
@@ -25,6 +26,7 @@ from leanlm.engine.checkpoint.store import (
 
 __all__ = [
     "FORMAT_VERSION",
+    "check_writable",
     "checkpoint_dir",
     "list_checkpoints",
     "load_file",

@@ -20,6 +20,7 @@ from leanlm.engine import distributed as dist
 from leanlm.engine.checkpoint import sharded, store
 from leanlm.engine.config import RunConfig, leaves, load_config
 from leanlm.engine.errors import CheckpointError
+from leanlm.engine.host import drop_mapped_pages, file_mappings
 
 # Keys a resume must keep (dotted, as in ``leanlm keys``); a prefix ending in "." covers a section.
 FIXED_KEYS = (
@@ -121,6 +122,7 @@ def load_state(
                 f"{path}: the optimizer state does not fit this optimizer ({msg}); resume with the "
                 "optim.* settings the checkpoint was trained with"
             ) from None
+        own_state_memory(optimizer, path)  # the loaded moments may alias the memory-mapped optim.pt
     elif fmt == "dcp":
         sharded.load_dcp(path / sharded.DCP_DIR, model, optimizer)
     else:
@@ -145,7 +147,44 @@ def preload_weights(path: Path, model: torch.nn.Module, backend: str, device: to
     if backend not in ("none", "ddp") or sharded.checkpoint_format(path) != "torch":
         return False
     store.load_model_state(model, store.load_file(path, "model", device), str(path), assign=True)
+    own_model_memory(model, path)
     return True
+
+
+# A training run must not keep the checkpoint it resumed from memory-mapped: writing into that
+# file (rsync --inplace, truncate) would crash it with SIGBUS or change weights not yet updated, and
+# pruning it would not free its disk space until the run ends. So the loaded tensors are copied into
+# the process's own memory one tensor at a time, each copied tensor's mapped pages dropped at once
+# (madvise): the weights are held once, plus one tensor. `leanlm eval` and `generate` keep the
+# zero-copy path.
+
+
+def _own(t: torch.Tensor, mappings: list[tuple[int, int]]) -> torch.Tensor:
+    copy = t.clone()
+    drop_mapped_pages(t, mappings)
+    return copy
+
+
+@torch.no_grad()
+def own_model_memory(model: torch.nn.Module, checkpoint: Path) -> None:
+    """Give every parameter and buffer of ``model`` its own memory instead of ``checkpoint``'s
+    mapped pages (parameters stay the same objects, so references to them stay valid)."""
+    mappings = file_mappings(checkpoint)
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            p.data = _own(p.data, mappings)
+        for name, b in module.named_buffers(recurse=False):
+            if b is not None:
+                module._buffers[name] = _own(b, mappings)
+
+
+def own_state_memory(optimizer: torch.optim.Optimizer, checkpoint: Path) -> None:
+    """Give every tensor of ``optimizer``'s state its own memory (dtype, device and values kept)."""
+    mappings = file_mappings(checkpoint)
+    for st in optimizer.state.values():
+        for key, value in st.items():
+            if torch.is_tensor(value):
+                st[key] = _own(value, mappings)
 
 
 def resume_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> None:

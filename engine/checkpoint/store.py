@@ -70,6 +70,37 @@ def _disk_full(error: BaseException, root: Path, need: int) -> bool:
         return False
 
 
+def _save_error(error: BaseException, root: Path, step: int) -> CheckpointError:
+    """One line for a save that failed for another reason than a full disk: the OS's reason (a
+    file-size limit, permissions, a read-only file system) and what is safe."""
+    e: BaseException | None = error
+    while e is not None and not (isinstance(e, OSError) and e.strerror):
+        e = e.__cause__ or e.__context__
+    if isinstance(e, OSError):
+        why = f"{e.strerror}" + (f": {e.filename}" if e.filename else "")
+    else:  # torch.save's writer reports a short write without an errno ("unexpected pos ...")
+        why = f"{str(error).strip().splitlines()[0][:120]}; a file-size limit (ulimit -f) or a quota?"
+    return CheckpointError(
+        f"cannot save checkpoint step {step} under {root} ({why}); fix that, then continue with "
+        "train.resume=auto (earlier checkpoints are intact)"
+    )
+
+
+def check_writable(run_dir: str | Path) -> None:
+    """Raise one ``CheckpointError`` now, before any step, when checkpoints cannot be written
+    under ``run_dir`` (permissions, a read-only or immutable folder), instead of at the first save."""
+    root = checkpoint_dir(run_dir)
+    probe = root / f".probe-{os.getpid()}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe.mkdir(exist_ok=True)
+        probe.rmdir()
+    except OSError as e:
+        raise CheckpointError(
+            f"cannot write checkpoints under {root} ({e.strerror}); make it writable or pick another train.out_dir"
+        ) from None
+
+
 def _write_files(tmp: Path, tensors: dict[str, Any], files: dict[str, bytes], step: int) -> None:
     """Write the tensors and files, fsync them, then the manifest (last: it marks completion)."""
     entries = {}
@@ -114,10 +145,13 @@ def save_checkpoint(
     tmp = root / (f".tmp-{step_name(step)}" + ("" if collective else f"-{os.getpid()}"))
     main = dist.is_main() or not collective
     if main:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        except OSError as e:
+            raise _save_error(e, root, step) from None
     if shared_writer is not None:
         dist.barrier()
         shared_writer(tmp)
@@ -136,7 +170,23 @@ def save_checkpoint(
                 f"{need / 2**20:.0f} MiB); free space or lower checkpoint.keep, then continue with "
                 "train.resume=auto (earlier checkpoints are intact)"
             ) from None
-        raise
+        raise _save_error(e, root, step) from None
+    try:
+        _move_into_place(tmp, final, written)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _save_error(e, root, step) from None
+    if written is not None:
+        written.add(final.resolve())
+    prune(root, keep, step)
+    if collective:
+        dist.barrier()
+    return final
+
+
+def _move_into_place(tmp: Path, final: Path, written: set[Path] | None) -> None:
+    """Rename the finished temp folder to its step's name (an earlier attempt's folder of that
+    step is moved aside, one of this run's own is replaced)."""
     if final.exists():
         if written is not None and final.resolve() in written:  # re-saving a step (interrupted right after a save)
             shutil.rmtree(final)
@@ -145,12 +195,6 @@ def save_checkpoint(
             os.replace(final, aside)
             warnings.warn(f"checkpoint {final} of an earlier attempt moved to {aside}", stacklevel=2)
     os.replace(tmp, final)
-    if written is not None:
-        written.add(final.resolve())
-    prune(root, keep, step)
-    if collective:
-        dist.barrier()
-    return final
 
 
 def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:

@@ -7,14 +7,33 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from leanlm.engine.config.schema import SECTION_TYPES, RunConfig, field_type, item_type, suggest
+from leanlm.engine.config.schema import SECTION_TYPES, RunConfig, field_type, item_type, shown, suggest
 from leanlm.engine.config.validate import validate
 from leanlm.engine.errors import ConfigError
+from leanlm.engine.run_files import write_no_follow
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """Safe YAML without aliases. Configs never need them, and an alias tree (a "billion laughs"
+    bomb: 1 KB that expands to 10^9 strings) is cheap to write and ruinous to format or copy, also
+    from a downloaded checkpoint's config.yaml."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in leanlm configs", mark)
+        return super().compose_node(parent, index)
+
+
+def load_yaml(text: str) -> Any:
+    """A config's YAML: safe, and refused in one line when it uses aliases."""
+    return yaml.load(text, Loader=_ConfigLoader)  # a SafeLoader subclass: safe
 
 
 def presets() -> dict[str, Path]:
@@ -36,6 +55,12 @@ def resolve_preset(spec: str | Path) -> Path:
         raise ConfigError(
             f"no config file or preset named {str(spec)!r}; presets: {', '.join(presets())} (or pass a path)"
         )
+    local = path.with_name(path.name.removesuffix(".yaml") + ".yaml")
+    if local.is_file() and local != path:  # a name means the preset; say which file that shadows
+        warnings.warn(
+            f"config {str(spec)!r} is the shipped preset {found.name}, not ./{local}; pass ./{local} for that file",
+            stacklevel=2,
+        )
     return found
 
 
@@ -50,7 +75,7 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if path.resolve() in _seen:
         raise ConfigError(f"config {str(path)!r} extends itself through {[str(p) for p in _seen]}")
     try:
-        raw = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+        raw = load_yaml(path.read_bytes().decode("utf-8")) or {}
     except UnicodeDecodeError as e:
         raise ConfigError(
             f"config {str(path)!r} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
@@ -68,10 +93,24 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         return raw
     if not isinstance(parent, str) or not parent.strip():
         raise ConfigError(
-            f"config {str(path)!r}: extends must be one preset file name such as tiny.yaml, got {parent!r}"
+            f"config {str(path)!r}: extends must be one preset file name such as tiny.yaml, got {shown(parent)}"
         )
-    base = read_yaml(path.parent / parent, (*_seen, path.resolve()))
-    return merge(base, raw)
+    return merge(read_yaml(_extended(path, parent), (*_seen, path.resolve())), raw)
+
+
+def _extended(path: Path, parent: str) -> Path:
+    """What ``extends: parent`` in ``path`` names: a file next to it, else a shipped preset (from a
+    config in any folder, and after a pip install, where there is no configs/ folder to point at)."""
+    beside = path.parent / parent
+    if beside.is_file() or Path(parent).parent != Path("."):
+        return beside
+    found = presets().get(Path(parent).name.removesuffix(".yaml"))
+    if found is None:
+        raise ConfigError(
+            f"config {str(path)!r}: extends {shown(parent)} is neither a file next to it ({beside}) nor a preset "
+            f"({', '.join(presets())})"
+        )
+    return found
 
 
 def _check_sections(raw: dict[str, Any], where: str) -> None:
@@ -83,7 +122,7 @@ def _check_sections(raw: dict[str, Any], where: str) -> None:
             return
         if not isinstance(values, dict):
             raise ConfigError(
-                f"config {where!r}: '{prefix}' must be a mapping of keys (e.g. {prefix}: {{...}}), got {values!r}"
+                f"config {where!r}: '{prefix}' must be a mapping of keys (e.g. {prefix}: {{...}}), got {shown(values)}"
             )
         for f in dataclasses.fields(cls):
             if f.name in values and dataclasses.is_dataclass(field_type(cls, f.name)):
@@ -111,13 +150,13 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or "." not in key:
-            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.steps=100)")
+            raise ConfigError(f"override {shown(item)} must look like section.key=value (e.g. train.steps=100)")
         *parents, name = key.strip().split(".")
         node = out
         for part in parents:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r} conflicts with another override of {part!r}")
+                raise ConfigError(f"override {shown(item)} conflicts with another override of {part!r}")
         node[name] = value
     return out
 
@@ -134,35 +173,38 @@ def _coerce(value: Any, tp: Any, key: str, item: Any = None) -> Any:
             return False
         if isinstance(value, int) and value in (0, 1):
             return bool(value)
-        raise ValueError(f"{key}={value!r}: expected true or false")
+        raise ValueError(f"{key}={shown(value)}: expected true or false")
     if tp is int:
         if isinstance(value, bool):
-            raise ValueError(f"{key}={value!r}: expected an integer")
+            raise ValueError(f"{key}={shown(value)}: expected an integer")
         try:
             f = float(value)
             if not f.is_integer():
                 raise ValueError
             return int(f)
         except (TypeError, ValueError):
-            raise ValueError(f"{key}={value!r}: expected an integer") from None
+            raise ValueError(f"{key}={shown(value)}: expected an integer") from None
     if tp is float:
         try:
             f = float(value)
         except (TypeError, ValueError):
-            raise ValueError(f"{key}={value!r}: expected a number") from None
+            raise ValueError(f"{key}={shown(value)}: expected a number") from None
         if not math.isfinite(f):
-            raise ValueError(f"{key}={value!r}: expected a finite number")
+            raise ValueError(f"{key}={shown(value)}: expected a finite number")
         return f
     if tp is str:
         if isinstance(value, (dict, list)):
-            raise ValueError(f"{key}={value!r}: expected a string")
+            raise ValueError(f"{key}={shown(value)}: expected a string")
         return "" if value is None else str(value)
     if tp is list:
         if isinstance(value, str):
             s = value.strip()
-            value = yaml.safe_load(s) if s.startswith("[") else [v.strip() for v in s.split(",") if v.strip()]
+            try:
+                value = load_yaml(s) if s.startswith("[") else [v.strip() for v in s.split(",") if v.strip()]
+            except yaml.YAMLError as e:
+                raise ValueError(f"{key}={shown(value)}: not a YAML list ({str(e).splitlines()[0]})") from None
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{key}={value!r}: expected a list (YAML list or comma-separated)")
+            raise ValueError(f"{key}={shown(value)}: expected a list (YAML list or comma-separated)")
         if item is None:
             return list(value)
         return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
@@ -204,7 +246,7 @@ def build_config(raw: dict[str, Any]) -> RunConfig:
         if values is None:
             values = {}
         if not isinstance(values, dict):
-            problems.append(f"section '{sname}' must be a mapping, got {values!r}")
+            problems.append(f"section '{sname}' must be a mapping, got {shown(values)}")
             continue
         sections[sname] = _build(SECTION_TYPES[sname], values, sname, problems)
     cfg = RunConfig(**{s: sections.get(s) or SECTION_TYPES[s]() for s in SECTION_TYPES})
@@ -221,4 +263,4 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 
 def save_yaml(cfg: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    write_no_follow(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode("utf-8"))

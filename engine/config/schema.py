@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import difflib
 import functools
+import reprlib
 import types
 import typing
 from collections.abc import Collection
@@ -216,7 +217,7 @@ class TrainConfig:
     micro_batch_size: int = _f(0, "sequences per forward per rank; 0 = batch_size / world size", ge=0)
     seq_len: int = _f(256, "tokens per sequence", gt=0)
     grad_clip: float = _f(1.0, "max global gradient norm; 0 = no clipping", ge=0)
-    seed: int = _f(0, "seed for init, data order and every subspace choice")
+    seed: int = _f(0, "seed for init, data order and every subspace choice", ge=0, lt=2**63)
     out_dir: str = _f("runs/default", "run folder: logs, checkpoints, config, tokenizer")
     resume: str = _f("none", "none | auto (newest valid checkpoint in out_dir) | a checkpoint path")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
@@ -259,14 +260,20 @@ class EvalConfig:
     tokens: int = _f(65536, "held-out tokens evaluated (a fixed set, the same every time)", gt=0)
     batch_size: int = _f(8, "sequences per eval forward", gt=0)
     early: int = _f(
-        4, "extra log-spaced evaluations at every/2, every/4, ... (more early points for scaling fits)", ge=0
+        4,
+        "extra log-spaced evaluations at every/2, every/4, ... (more early points for scaling fits; past "
+        "log2(every) they add nothing)",
+        ge=0,
+        le=62,
     )
 
     def is_eval_step(self, step: int) -> bool:
         """Regular evaluations every ``every`` steps plus the log-spaced early ones."""
         if not self.every:
             return False
-        early = {round(self.every / 2**k) for k in range(1, self.early + 1)} - {0}
+        # every / 2**k is below 1 from k = every.bit_length() on: no point in going further
+        depth = min(self.early, self.every.bit_length())
+        early = {round(self.every / 2**k) for k in range(1, depth + 1)} - {0}
         return step % self.every == 0 or step in early
 
 
@@ -333,6 +340,17 @@ SECTION_TYPES = {
     "log": LogConfig,
     "distributed": DistributedConfig,
 }
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 60
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = 6
+_SHORT.maxlevel = 3
+
+
+def shown(value: Any) -> str:
+    """``repr(value)``, bounded: error messages quote what the user gave, never megabytes of it."""
+    return _SHORT.repr(value)
 
 
 def suggest(name: str, options: list[str]) -> str:

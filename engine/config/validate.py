@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from leanlm.engine.config.schema import SECTION_TYPES, RunConfig, leaves, suggest
+from leanlm.engine.config.schema import SECTION_TYPES, RunConfig, leaves, shown, suggest
 from leanlm.optim.registry import REGISTRY
 
 
@@ -46,7 +46,7 @@ def validate(cfg: RunConfig) -> list[str]:
             choices = f.metadata.get("choices")
             if choices and value not in choices:
                 p.append(
-                    f"{key}={value!r}: must be one of {', '.join(map(str, choices))}"
+                    f"{key}={shown(value)}: must be one of {', '.join(map(str, choices))}"
                     f"{suggest(str(value), [str(c) for c in choices])}"
                 )
             problem = _bound_problem(key, value, f.metadata.get("bounds") or {})
@@ -60,11 +60,11 @@ def validate(cfg: RunConfig) -> list[str]:
     if t.micro_batch_size and t.batch_size % t.micro_batch_size:
         p.append(f"train.batch_size={t.batch_size} is not a multiple of train.micro_batch_size={t.micro_batch_size}")
     if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
-        p.append(f"train.device={t.device!r}: must be auto, cpu, cuda or cuda:N")
+        p.append(f"train.device={shown(t.device)}: must be auto, cpu, cuda or cuda:N")
     if not t.out_dir:
         p.append("train.out_dir is empty: name a run folder such as runs/my_run")
     if len(o.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in o.betas):
-        p.append(f"optim.betas={o.betas!r}: must be two numbers in [0, 1)")
+        p.append(f"optim.betas={shown(o.betas)}: must be two numbers in [0, 1)")
     if not d.tokenizer and d.vocab_size < 300:
         p.append(f"data.vocab_size={d.vocab_size}: must be >= 300 (byte fallback needs 256 byte pieces)")
     if m.vocab_size and not d.tokenizer and m.vocab_size < d.vocab_size:

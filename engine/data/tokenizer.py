@@ -16,6 +16,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from leanlm.engine.errors import DataError
+from leanlm.engine.run_files import write_no_follow
 
 MAX_LINE_CHARS = 2048  # at most 4 bytes each in UTF-8
 
@@ -41,7 +42,8 @@ class Tokenizer:
             raise DataError(f"tokenizer {str(path)!r} is not a sentencepiece model ({e})") from None
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_bytes(self.proto)
+        """Write the model file (never through a symbolic link: a run folder may be shared)."""
+        write_no_follow(path, self.proto)
 
     def sha(self) -> str:
         return hashlib.sha256(self.proto).hexdigest()[:16]

@@ -27,6 +27,7 @@ import numpy as np
 from leanlm.engine import __version__
 from leanlm.engine.config import RunConfig
 from leanlm.engine.errors import DataError
+from leanlm.engine.run_files import append_no_follow
 from leanlm.engine.scaling.fitter import FitResult, absolute_relative_error, fit
 from leanlm.optim.registry import REGISTRY
 
@@ -82,7 +83,7 @@ class ScalingRecorder:
             wall_s=wall_s,
             tokens_per_s=tokens_per_s,
         )
-        with open(self.path, "a") as fh:
+        with append_no_follow(self.path) as fh:
             fh.write(json.dumps(row) + "\n")
         return row
 
