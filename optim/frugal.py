@@ -113,23 +113,10 @@ class FRUGAL(torch.optim.Optimizer):
         scaling: str = _D["scaling"],
         rank: int | None = _D["rank"],
     ) -> None:
-        given = dict(
-            lr=lr,
-            betas=tuple(betas),
-            eps=eps,
-            weight_decay=weight_decay,
-            density=density,
-            projection=projection,
-            update_gap=update_gap,
-            state_free=state_free,
-            state_free_lr_scale=state_free_lr_scale,
-            proj_lr_scale=proj_lr_scale,
-            reset_on_refresh=reset_on_refresh,
-            block_order=block_order,
-            seed=seed,
-            scaling=scaling,
-            rank=rank,
-        )
+        # every keyword, by name (the signature is the table's keys; a new keyword without a table
+        # entry is refused below, so every group key can be filled when an older state loads)
+        given = {k: v for k, v in locals().items() if k not in ("self", "params", "__class__")}
+        given["betas"] = tuple(betas)
         if given.keys() - GROUP_DEFAULTS.keys():  # a keyword added without a default to fill old states
             raise RuntimeError(f"FRUGAL: {sorted(given.keys() - GROUP_DEFAULTS.keys())} missing from GROUP_DEFAULTS")
         defaults = {**GROUP_DEFAULTS, **given}

@@ -142,8 +142,8 @@ class PrecisionHooks:
                     continue
                 if key == "sr_count":
                     st[key] = value.to(dtype=torch.int64, copy=True)
-                elif key in MOMENT_KEYS and self.state_dtype is not None and value.is_floating_point():
-                    st[key] = value.to(device=p.device, dtype=self.state_dtype, copy=True)
+                elif key in MOMENT_KEYS and value.is_floating_point():  # None: as saved (as the optimizer made them)
+                    st[key] = value.to(device=p.device, dtype=self.state_dtype or value.dtype, copy=True)
 
     def step(self) -> None:
         """``optimizer.step()`` one tensor at a time, each gradient freed after its update: the
