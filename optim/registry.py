@@ -6,8 +6,9 @@ recipe fixes (the projection, the rule outside the subspace). Everything else th
 optimizer names derives from this table: the config's ``optim.name`` choices, ``build_optimizer``,
 ``optimizer_kwargs``, the Hugging Face ``TrainerOptimizer`` and the tests.
 
-This module imports nothing but the standard library, so the config (which must not import
-torch) can read it; builders are imported when an optimizer is built. A new optimizer is one
+This module imports only the standard library and the torch-free table of FRUGAL's group
+defaults, so the config (which must not import torch) can read it; builders are imported when
+an optimizer is built. A new optimizer is one
 ``register(...)`` call (or one entry below).
 """
 
