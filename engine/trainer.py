@@ -59,7 +59,7 @@ class Run:
     cfg: RunConfig
     net: torch.nn.Module  # what the loop calls (the model, DDP, FSDP2 or a DeepSpeed engine)
     optimizer: torch.optim.Optimizer
-    spec: StepSpec  # device, autocast, clipping, loss chunking, the in-backward hooks: every step's
+    spec: StepSpec  # what every step shares: device, autocast, clipping, loss chunking, in-backward hooks
     corpus: Corpus
     state: TrainState
     checkpointer: Checkpointer
