@@ -1,4 +1,5 @@
-"""LLaMA decoder: RMSNorm, rotary embeddings, SwiGLU, causal SDPA, untied embeddings, no biases.
+"""LLaMA decoder: RMSNorm, rotary embeddings, SwiGLU, causal SDPA with grouped-query attention
+(``model.n_kv_heads``), untied embeddings, no biases.
 
 Linear layers carry the names ``q_proj k_proj v_proj o_proj gate_proj up_proj down_proj`` so that
 optimizers and converters (FRUGAL's param groups, LOST's ``convert``) can find them by name, as
@@ -53,21 +54,25 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        d, self.n_heads = cfg.d_model, cfg.n_heads
+        d, self.n_heads, self.n_kv_heads = cfg.d_model, cfg.n_heads, cfg.kv_heads()
         self.head_dim = cfg.head_dim()
+        kv = self.n_kv_heads * self.head_dim
         self.q_proj = nn.Linear(d, d, bias=False)
-        self.k_proj = nn.Linear(d, d, bias=False)
-        self.v_proj = nn.Linear(d, d, bias=False)
+        self.k_proj = nn.Linear(d, kv, bias=False)
+        self.v_proj = nn.Linear(d, kv, bias=False)
         self.o_proj = nn.Linear(d, d, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        # x: (B, T, d) -> q, k, v: (B, H, T, hd)
+        # x: (B, T, d) -> q: (B, H, T, hd); k, v: (B, H_kv, T, hd)
         B, T, _ = x.shape
-        q, k, v = (
-            proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-            for proj in (self.q_proj, self.k_proj, self.v_proj)
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k, v = (
+            proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2) for proj in (self.k_proj, self.v_proj)
         )
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.n_kv_heads != self.n_heads:  # each key/value head serves consecutive query heads
+            group = self.n_heads // self.n_kv_heads  # (torch 2.4's SDPA has no enable_gqa)
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -206,5 +211,6 @@ def flops_per_token(cfg: ModelConfig, vocab_size: int, seq_len: int) -> float:
     PaLM/nanoGPT MFU accounting); training is 3x forward.
     """
     d, L, f = cfg.d_model, cfg.n_layers, cfg.ffn_dim
-    matmul_params = L * (4 * d * d + 3 * d * f) + d * vocab_size  # lm_head; embedding is a lookup
+    kv = cfg.kv_heads() * cfg.head_dim()  # the k and v projections' width (d without GQA)
+    matmul_params = L * (2 * d * d + 2 * d * kv + 3 * d * f) + d * vocab_size  # lm_head; embedding is a lookup
     return 6.0 * matmul_params + 3.0 * 4.0 * L * seq_len * d

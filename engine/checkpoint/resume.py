@@ -28,6 +28,7 @@ FIXED_KEYS = (
     "model.d_model",
     "model.n_layers",
     "model.n_heads",
+    "model.n_kv_heads",
     "model.ffn_dim",
     "model.vocab_size",
     "model.rope_theta",

@@ -101,6 +101,7 @@ class ModelConfig:
     d_model: int = _f(256, "hidden size", gt=0)
     n_layers: int = _f(4, "number of transformer blocks", gt=0)
     n_heads: int = _f(4, "attention heads (head dim = d_model / n_heads)", gt=0)
+    n_kv_heads: int = _f(0, "key/value heads (grouped-query attention; n_heads a multiple of it); 0 = n_heads", ge=0)
     ffn_dim: int = _f(688, "SwiGLU hidden size", gt=0)
     vocab_size: int = _f(0, "vocabulary size; 0 = the tokenizer's (must be >= it when set)", ge=0, le=MAX_VOCAB)
     rope_theta: float = _f(10000.0, "rotary embedding base")
@@ -111,6 +112,10 @@ class ModelConfig:
 
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    def kv_heads(self) -> int:
+        """Key/value heads: ``n_kv_heads``, or one per query head (multi-head attention)."""
+        return self.n_kv_heads or self.n_heads
 
 
 @dataclass(kw_only=True)

@@ -57,6 +57,11 @@ def validate(cfg: RunConfig) -> list[str]:
         p.append(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}")
     elif m.n_heads > 0 and m.head_dim() % 2:
         p.append(f"head dim {m.head_dim()} (model.d_model / model.n_heads) must be even for rotary embeddings")
+    if m.n_kv_heads and m.n_heads % m.n_kv_heads:
+        p.append(
+            f"model.n_heads={m.n_heads} is not a multiple of model.n_kv_heads={m.n_kv_heads} (each key/value head "
+            "serves n_heads / n_kv_heads query heads)"
+        )
     if t.micro_batch_size and t.batch_size % t.micro_batch_size:
         p.append(f"train.batch_size={t.batch_size} is not a multiple of train.micro_batch_size={t.micro_batch_size}")
     if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):

@@ -111,3 +111,60 @@ def test_chunked_loss_gives_the_same_gradients():
         grads.append((hidden.grad.clone(), weight.grad.clone()))
     torch.testing.assert_close(grads[0][0], grads[1][0])
     torch.testing.assert_close(grads[0][1], grads[1][1])
+
+
+def _gqa_cfg(n_kv_heads: int) -> ModelConfig:
+    return load_config(
+        None, ["model.d_model=64", "model.n_layers=2", "model.n_heads=8", f"model.n_kv_heads={n_kv_heads}"]
+    ).model
+
+
+@pytest.mark.parametrize("n_kv_heads", [0, 1, 2, 8])
+def test_grouped_query_attention_has_the_parameters_of_transformers_llama(n_kv_heads):
+    """k_proj and v_proj are n_kv_heads x head_dim wide; the count equals transformers'
+    LlamaForCausalLM (untied) of the same shape."""
+    transformers = pytest.importorskip("transformers")
+    cfg = _gqa_cfg(n_kv_heads)
+    with torch.device("meta"):
+        ours = LLaMA(cfg, 512, 32)
+    theirs = transformers.LlamaConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=cfg.ffn_dim,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=cfg.kv_heads(),
+        tie_word_embeddings=False,
+    )
+    with torch.device("meta"):
+        hf = transformers.LlamaForCausalLM(theirs)
+    assert count_parameters(ours) == hf.num_parameters()
+    assert ours.layers[0].self_attn.k_proj.weight.shape == (cfg.kv_heads() * 8, 64)
+
+
+def test_grouped_query_attention_equals_multi_head_attention_with_repeated_heads():
+    """A GQA model computes exactly what the MHA model computes whose k/v heads repeat each of its
+    key/value heads for the query heads that share it."""
+    torch.manual_seed(0)
+    gqa = LLaMA(_gqa_cfg(2), 512, 32)
+    mha = LLaMA(_gqa_cfg(0), 512, 32)
+    state = gqa.state_dict()
+    for name, w in list(state.items()):
+        if name.endswith(("k_proj.weight", "v_proj.weight")):  # (2 heads x 8, 64) -> (8 heads x 8, 64)
+            state[name] = w.view(2, 8, 64).repeat_interleave(4, dim=0).reshape(64, 64)
+    mha.load_state_dict(state)
+    tokens = torch.randint(0, 512, (2, 16))
+    torch.testing.assert_close(gqa(tokens), mha(tokens), rtol=0, atol=0)
+
+
+def test_grouped_query_attention_counts_its_flops_and_is_validated():
+    from leanlm.engine.errors import ConfigError
+    from leanlm.engine.model import flops_per_token
+
+    cfg = _gqa_cfg(2)
+    with torch.device("meta"):
+        model = LLaMA(cfg, 512, 32)
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert flops_per_token(cfg, 512, 32) == 6.0 * linear + 12.0 * cfg.n_layers * 32 * cfg.d_model
+    with pytest.raises(ConfigError, match=r"model.n_heads=8 is not a multiple of model.n_kv_heads=3"):
+        _gqa_cfg(3)

@@ -193,3 +193,20 @@ def test_lost_model_with_frugal_resumes_bitwise(tiny_overrides, tmp_path):
     assert resumed.final.loss == straight.final.loss
     state = torch.load(straight.checkpoint / "model.pt", weights_only=True)
     assert "layers.0.self_attn.q_proj.lowrank_in" in state and "layers.0.self_attn.q_proj.index" in state
+
+
+@pytest.mark.parametrize(
+    "extra", [["optim.name=frugal"], ["optim.name=galore", "model.lost.enabled=true", "model.lost.rank=8"]]
+)
+def test_grouped_query_attention_trains_and_resumes_bitwise(tiny_base, tmp_path, extra):
+    """``model.n_kv_heads`` with FRUGAL (rectangular k/v projections split like any matrix) and
+    with LOST layers converted from them; a resume continues the uninterrupted run exactly."""
+    base = [*tiny_base, "model.n_kv_heads=1", *extra]
+    full = train(load_config(None, [*base, f"train.out_dir={tmp_path / 'full'}"]))
+    part = [*base, f"train.out_dir={tmp_path / 'part'}"]
+    train(load_config(None, part), stop_at=3)
+    resumed = train(load_config(None, [*part, "train.resume=auto"]))
+    assert full.losses[3:] == resumed.losses
+    other = [*base, "model.n_kv_heads=2", f"train.out_dir={tmp_path / 'part'}", "train.resume=auto"]
+    with pytest.raises(CheckpointError, match="model.n_kv_heads=2 differs from the checkpoint's 1"):
+        train(load_config(None, other))
