@@ -44,14 +44,14 @@ def available_memory_bytes(device: torch.device) -> int | None:
     return None
 
 
-def file_mappings(folder: str | Path) -> list[tuple[int, int]]:
+def file_mappings(folder: str | Path) -> list[tuple[int, int]] | None:
     """[start, end) addresses of this process's mappings of files under ``folder`` (Linux
-    ``/proc/self/maps``; empty elsewhere)."""
+    ``/proc/self/maps``); None where that cannot be read (any tensor may then be mapped)."""
     prefix = str(Path(folder).resolve()) + "/"
     try:
         lines = Path("/proc/self/maps").read_text().splitlines()
     except OSError:
-        return []
+        return None
     out = []
     for line in lines:
         fields = line.split(maxsplit=5)
@@ -65,7 +65,16 @@ _MADV_DONTNEED = 4  # Linux
 _PAGE = mmap.PAGESIZE
 
 
-def drop_mapped_pages(t: torch.Tensor, mappings: list[tuple[int, int]]) -> None:
+def is_mapped(t: torch.Tensor, mappings: list[tuple[int, int]] | None) -> bool:
+    """Whether ``t``'s bytes may lie in one of ``mappings`` (always, when they are unknown)."""
+    if mappings is None:
+        return True
+    lo = t.data_ptr()
+    hi = lo + t.numel() * t.element_size()
+    return any(lo < end and start < hi for start, end in mappings)
+
+
+def drop_mapped_pages(t: torch.Tensor, mappings: list[tuple[int, int]] | None) -> None:
     """Drop ``t``'s pages from the process where they lie in one of ``mappings`` (read-only uses
     of a private file mapping: a later read would fetch them from the file again), so copying a
     memory-mapped checkpoint into private memory holds one copy of the weights, not two. Only

@@ -20,7 +20,7 @@ from leanlm.engine import distributed as dist
 from leanlm.engine.checkpoint import sharded, store
 from leanlm.engine.config import RunConfig, leaves, load_config
 from leanlm.engine.errors import CheckpointError
-from leanlm.engine.host import drop_mapped_pages, file_mappings
+from leanlm.engine.host import drop_mapped_pages, file_mappings, is_mapped
 
 # Keys a resume must keep (dotted, as in ``leanlm keys``); a prefix ending in "." covers a section.
 FIXED_KEYS = (
@@ -160,7 +160,10 @@ def preload_weights(path: Path, model: torch.nn.Module, backend: str, device: to
 # zero-copy path.
 
 
-def _own(t: torch.Tensor, mappings: list[tuple[int, int]]) -> torch.Tensor:
+def _own(t: torch.Tensor, mappings: list[tuple[int, int]] | None) -> torch.Tensor:
+    """``t``, or a private copy of it when it lies in the checkpoint's mapped pages."""
+    if not is_mapped(t, mappings):  # already the process's own (FRUGAL and PrecisionHooks copy on load)
+        return t
     copy = t.clone()
     drop_mapped_pages(t, mappings)
     return copy
