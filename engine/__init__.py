@@ -12,3 +12,12 @@ __version__ = "0.1.0"
 # checkout on sys.path, where its engine/, optim/ and kernels/ folders would shadow installed
 # top-level packages of those names (transformers imports Hugging Face's `kernels`).
 drop_source_tree_from_path()
+
+
+def __getattr__(name: str):
+    """``leanlm.engine.export_hf`` (imported on first use: this package's import stays torch-free)."""
+    if name in ("export_hf", "ExportReport"):
+        from leanlm.engine import hf
+
+        return getattr(hf, name)
+    raise AttributeError(f"module 'leanlm.engine' has no attribute {name!r}")

@@ -120,6 +120,7 @@ def _build_in_place(cfg: RunConfig, vocab: int, device: torch.device, dtype: tor
             module.weight.copy_(draw_f32.normal_(mean=0.0, std=cfg.model.init_std))
         elif isinstance(weight := getattr(module, "weight", None), torch.Tensor) and weight.ndim == 1:
             weight.fill_(1.0)  # RMSNorm
+    model.tie_weights()  # each module got its own tensor above: share the embedding's again
     model._build_rope(device)
     model.rope_cos, model.rope_sin = model.rope_cos.to(dtype), model.rope_sin.to(dtype)  # as model.to(dtype)
     return model

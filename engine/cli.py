@@ -22,6 +22,7 @@ USAGE_EXAMPLES = """examples:
   leanlm train configs/tiny.yaml train.out_dir=runs/tiny train.resume=auto
   leanlm eval runs/tiny/checkpoints/step-00000300
   leanlm generate runs/tiny/checkpoints/step-00000300 --prompt "def main("
+  leanlm export runs/tiny hf/tiny --dtype bf16
   leanlm memory configs/llama_7b.yaml optim.name=frugal optim.density=0 train.param_dtype=bf16
   leanlm fit runs/scaling_demo/* --budget 1e21 --plot fit.png
   leanlm keys
@@ -79,6 +80,13 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=_number(float, 0), default=0.8, help="0 = greedy")
     g.add_argument("--top-k", type=_number(int, 0), default=50, help="0 = no top-k cut")
     g.add_argument("--seed", type=_number(int, 0, 2**63 - 1), default=0)
+    x = sub.add_parser("export", help="write a checkpoint as a Hugging Face LlamaForCausalLM folder (+ tokenizer)")
+    x.add_argument("checkpoint", help="a checkpoint folder or a run folder (newest checkpoint)")
+    x.add_argument("out_dir", help="the folder to create (must not exist, or be empty)")
+    x.add_argument("--dtype", choices=["fp32", "bf16"], help="tensor dtype; default the run's train.param_dtype")
+    x.add_argument(
+        "--max-shard-gb", type=_number(float, 0, low_open=True), default=5.0, help="largest safetensors file (GB)"
+    )
     mm = sub.add_parser("memory", help="parameter, gradient, optimizer-state and activation memory of a config")
     mm.add_argument("config", help="YAML preset, e.g. configs/frugal_1b.yaml")
     mm.add_argument(
@@ -141,41 +149,12 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _checkpoint_path(spec: str) -> Path:
-    from leanlm.engine import checkpoint as ckpt
-    from leanlm.engine.errors import CheckpointError
-
-    path = Path(spec)
-    if (path / "manifest.json").is_file():
-        ckpt.verify(path)
-        return path
-    found = ckpt.resolve_resume(path, "auto") if path.is_dir() else None
-    if found is None:
-        raise CheckpointError(f"{spec!r} is neither a checkpoint folder nor a run folder with a valid checkpoint")
-    return found
-
-
 def _load(spec: str, overrides: list[str]):
-    """(config, model, tokenizer, checkpoint path, device) from a checkpoint, with config overrides.
+    """(config, model, tokenizer, checkpoint path, device) from a checkpoint, with config overrides."""
+    from leanlm.engine.trained import load_trained
 
-    Data is always tokenized with the checkpoint's own tokenizer, the way the model was trained.
-    """
-    from leanlm.engine.build import build_model, pick_device
-    from leanlm.engine.checkpoint.sharded import load_weights
-    from leanlm.engine.config import build_config, merge, parse_overrides, read_yaml
-    from leanlm.engine.data.tokenizer import Tokenizer
-    from leanlm.engine.errors import ConfigError
-
-    path = _checkpoint_path(spec)
-    over = parse_overrides(overrides)
-    if set(over) - {"data", "eval", "train"} or set(over.get("train", {})) - {"device", "threads"}:
-        raise ConfigError("only data.*, eval.*, train.device and train.threads can be overridden here")
-    cfg = build_config(merge(read_yaml(path / "config.yaml"), over))
-    device = pick_device(cfg.train.device)
-    tok = Tokenizer.load(path / "tokenizer.model")
-    model = build_model(cfg, tok.vocab_size, device, restoring=True)  # the weights come from the checkpoint
-    load_weights(path, model, device)
-    return cfg, model, tok, path, device
+    t = load_trained(spec, overrides)
+    return t.cfg, t.model, t.tokenizer, t.path, t.device
 
 
 def cmd_train(args) -> int:
@@ -218,7 +197,7 @@ def cmd_eval(args) -> int:
         import torch
 
         torch.set_num_threads(cfg.train.threads)
-    corpus = build_corpus(cfg, path / "tokenizer.model")
+    corpus = build_corpus(cfg, path)
     res = evaluate(
         model,
         corpus.val_tokens,
@@ -250,6 +229,14 @@ def cmd_generate(args) -> int:
         seed=args.seed,
     )
     print(text)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from leanlm.engine.hf import export_hf
+
+    report = export_hf(args.checkpoint, args.out_dir, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 1e9))
+    print(f"leanlm: {report.summary()}")
     return 0
 
 
@@ -355,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
             "train": cmd_train,
             "eval": cmd_eval,
             "generate": cmd_generate,
+            "export": cmd_export,
             "memory": cmd_memory,
             "scaling": cmd_scaling,
             "fit": cmd_fit,

@@ -1,5 +1,6 @@
-"""LLaMA decoder: RMSNorm, rotary embeddings, SwiGLU, causal SDPA with grouped-query attention
-(``model.n_kv_heads``), untied embeddings, no biases.
+"""LLaMA decoder: RMSNorm, rotary embeddings (optionally with Llama 3's frequency scaling), SwiGLU,
+causal SDPA with grouped-query attention (``model.n_kv_heads``), embeddings tied to the output head
+or not (``model.tie_embeddings``), no biases.
 
 Linear layers carry the names ``q_proj k_proj v_proj o_proj gate_proj up_proj down_proj`` so that
 optimizers and converters (FRUGAL's param groups, LOST's ``convert``) can find them by name, as
@@ -7,6 +8,8 @@ they would in a Hugging Face LLaMA.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -33,9 +36,28 @@ class RMSNorm(nn.Module):
         return xf.type_as(x) * self.weight
 
 
-def rope_tables(head_dim: int, seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_inv_freq(cfg: ModelConfig, device=None) -> torch.Tensor:
+    """The rotation frequency of each pair: theta^(-2i/hd), (hd/2,) float32; with
+    ``model.rope_scaling=llama3`` rescaled as Llama 3.1 defines it: wavelengths longer than
+    original_len / low_freq_factor are divided by ``factor``, shorter than original_len /
+    high_freq_factor kept, and the band between interpolated linearly in original_len / wavelength."""
+    hd = cfg.head_dim()
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, hd, 2, device=device, dtype=torch.float32) / hd)
+    if cfg.rope_scaling == "none":
+        return inv_freq
+    factor, low, high = cfg.rope_scaling_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    original = cfg.rope_original_max_len
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > original / low, inv_freq / factor, inv_freq)
+    smooth = (original / wavelen - low) / (high - low)  # 0 at the low-frequency edge, 1 at the high
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    between = (wavelen >= original / high) & (wavelen <= original / low)
+    return torch.where(between, blended, scaled)
+
+
+def rope_tables(cfg: ModelConfig, seq_len: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin tables of shape (seq_len, head_dim / 2) in float32."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    inv_freq = rope_inv_freq(cfg, device)
     angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
     return angles.cos(), angles.sin()
 
@@ -117,6 +139,8 @@ class LLaMA(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)
+        if cfg.tie_embeddings:  # one (vocab, d) tensor: one parameter, one gradient, one optimizer state
+            self.lm_head.weight = self.embed_tokens.weight
         # RoPE tables are derived, not learned: non-persistent so checkpoints hold weights only.
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
@@ -131,10 +155,15 @@ class LLaMA(nn.Module):
                 nn.init.ones_(module.weight)
         self._build_rope(self.embed_tokens.weight.device)
 
+    def tie_weights(self) -> None:
+        """Make ``lm_head`` use the embedding's tensor again (after per-module materialisation)."""
+        if self.cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
     def _build_rope(self, device: torch.device) -> None:
         if device.type == "meta":
             return
-        cos, sin = rope_tables(self.cfg.head_dim(), self.max_seq_len, self.cfg.rope_theta, device)
+        cos, sin = rope_tables(self.cfg, self.max_seq_len, device)
         self.rope_cos, self.rope_sin = cos, sin
 
     def forward(
@@ -197,10 +226,11 @@ def row_losses(
 
 
 def count_parameters(model: nn.Module, non_embedding: bool = False) -> int:
-    """Total parameters; ``non_embedding`` excludes the input embedding and the output head."""
-    total = sum(p.numel() for p in model.parameters())
+    """Total parameters (a tied embedding and head count once); ``non_embedding`` excludes the
+    input embedding and the output head."""
+    total = sum(p.numel() for p in model.parameters())  # parameters() yields a shared tensor once
     if non_embedding and isinstance(model, LLaMA):
-        total -= model.embed_tokens.weight.numel() + model.lm_head.weight.numel()
+        total -= sum(p.numel() for p in {id(t): t for t in (model.embed_tokens.weight, model.lm_head.weight)}.values())
     return total
 
 

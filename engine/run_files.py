@@ -20,7 +20,15 @@ from leanlm.engine.errors import ConfigError
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 
 # What the engine writes at the top of a run folder (the lock, the run's own files, the log folders).
-RUN_FILES = (".lock", "config.yaml", "tokenizer.model", "metrics.jsonl", "scaling.jsonl")
+RUN_FILES = (
+    ".lock",
+    "config.yaml",
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "metrics.jsonl",
+    "scaling.jsonl",
+)
 RUN_FOLDERS = ("tb", "checkpoints")
 
 

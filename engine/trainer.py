@@ -157,20 +157,20 @@ def setup(cfg: RunConfig, device: torch.device, backend: str) -> Run:
         torch.set_num_threads(train_cfg.threads)
     torch.manual_seed(train_cfg.seed)
 
-    corpus = build_corpus(cfg, resume_from / "tokenizer.model" if resume_from else None)
+    corpus = build_corpus(cfg, resume_from)
     model = build_model(cfg, corpus.tokenizer.vocab_size, device, restoring=resume_from is not None)
     preloaded = resume_from is not None and preload_weights(resume_from, model, backend, device)
     n_params, n_body = count_parameters(model), count_parameters(model, True)  # before sharding
     net, optimizer, autocast = parallelize(cfg, model, backend, device)
     state = TrainState(build_scheduler(optimizer, cfg.optim, train_cfg.steps), corpus.train, device)
     checkpointer = Checkpointer(
-        cfg=cfg, backend=backend, model=model, net=net, optimizer=optimizer, tokenizer_proto=corpus.tokenizer.proto
+        cfg=cfg, backend=backend, model=model, net=net, optimizer=optimizer, tokenizer_files=corpus.tokenizer.files
     )
     if resume_from is not None:
         checkpointer.restore(resume_from, state, device, weights_loaded=preloaded)
     if main:
         save_yaml(cfg, run_dir / "config.yaml")  # what this run actually uses
-        corpus.tokenizer.save(run_dir / "tokenizer.model")
+        corpus.tokenizer.save_to(run_dir)
     if train_cfg.compile and dist.is_deepspeed(net):
         if main:
             print("leanlm: train.compile is ignored under DeepSpeed (its engine wraps the module)")

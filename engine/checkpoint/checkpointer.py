@@ -92,7 +92,7 @@ class Checkpointer:
     model: torch.nn.Module  # unwrapped (its state_dict is the checkpoint's model)
     net: torch.nn.Module  # what the loop calls (DDP / DeepSpeed engine / the model)
     optimizer: torch.optim.Optimizer
-    tokenizer_proto: bytes
+    tokenizer_files: dict[str, bytes]  # the tokenizer's files by name (tokenizer.model, or tokenizer.json + config)
     last: Path | None = None
     good: Path | None = None
     written: set[Path] = field(default_factory=set)  # folders of this run: the only ones a save may replace
@@ -143,7 +143,7 @@ class Checkpointer:
         }
         files = {
             "config.yaml": (self.run_dir / "config.yaml").read_bytes() if main else b"",
-            "tokenizer.model": self.tokenizer_proto,
+            **self.tokenizer_files,
         }
         tensors: dict[str, Any] = {"train": train_state}
         if writer is None:

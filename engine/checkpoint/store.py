@@ -6,7 +6,8 @@ Layout of ``<run>/checkpoints/step-00001000/``::
     optim.pt        optimizer state_dict
     train.pt        step, tokens seen, scheduler, data position, RNG states
     config.yaml     the resolved config of the run that wrote it
-    tokenizer.model the sentencepiece model (so a checkpoint is self-contained)
+    tokenizer.model the sentencepiece model, or tokenizer.json + tokenizer_config.json (so a checkpoint
+                    is self-contained)
     manifest.json   format version, step, and sha256 + size of every file above
 
 Everything is written to ``.tmp-step-*`` first and renamed into place, so a crash mid-write never

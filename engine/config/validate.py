@@ -62,6 +62,11 @@ def validate(cfg: RunConfig) -> list[str]:
             f"model.n_heads={m.n_heads} is not a multiple of model.n_kv_heads={m.n_kv_heads} (each key/value head "
             "serves n_heads / n_kv_heads query heads)"
         )
+    if m.rope_scaling == "llama3" and m.rope_high_freq_factor <= m.rope_low_freq_factor:
+        p.append(
+            f"model.rope_high_freq_factor={m.rope_high_freq_factor} must be above model.rope_low_freq_factor="
+            f"{m.rope_low_freq_factor} (llama3 RoPE scaling interpolates between them)"
+        )
     if t.micro_batch_size and t.batch_size % t.micro_batch_size:
         p.append(f"train.batch_size={t.batch_size} is not a multiple of train.micro_batch_size={t.micro_batch_size}")
     if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):

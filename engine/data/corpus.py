@@ -241,10 +241,10 @@ def _tokenizer_for(cfg: RunConfig, tokenizer_file: Path | None, fingerprint: str
             f"data.source={d.source!r}: no training text to train a tokenizer on (every document is empty, "
             f"unreadable or held out; for .jsonl/.parquet, check data.text_field={d.text_field!r})"
         )
-    tok = train_tokenizer(texts, d.vocab_size)
+    trained = train_tokenizer(texts, d.vocab_size)
     cached.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(cached, tok.proto)
-    return tok
+    _atomic_write_bytes(cached, trained.proto)
+    return trained
 
 
 def _file_sample(source: FileSource, fraction: float, budget_bytes: float):
@@ -370,10 +370,10 @@ def _file_corpus(cfg: RunConfig, source: FileSource, tokenizer_file: Path | None
         folder = cache_root(cfg) / "tokens" / hashlib.sha256(ident.encode()).hexdigest()[:20]
         _ensure_token_cache(source, tok, d.val_fraction, folder)
         dist.broadcast_object(str(folder))
-        dist.broadcast_object(tok.proto)
+        dist.broadcast_object(tok.files)
     else:
         folder = Path(dist.broadcast_object(None))
-        tok = Tokenizer(dist.broadcast_object(None))
+        tok = Tokenizer.from_files(dist.broadcast_object(None))
     meta = json.loads((folder / "meta.json").read_text())
     dtype = np.dtype(meta["dtype"])
     train = np.memmap(folder / "train.bin", dtype=dtype, mode="r")
@@ -441,9 +441,9 @@ def _hf_corpus(cfg: RunConfig, tokenizer_file: Path | None) -> Corpus:
     fingerprint = f"{d.source}|{d.hf_split}|{d.hf_data_files}|{d.text_field}|{holdout}"
     if dist.is_main():  # one rank trains (or loads) the tokenizer; the others receive it
         tok = _tokenizer_for(cfg, tokenizer_file, fingerprint, texts(d.hf_split, False, budget))
-        dist.broadcast_object(tok.proto)
+        dist.broadcast_object(tok.files)
     else:
-        tok = Tokenizer(dist.broadcast_object(None))
+        tok = Tokenizer.from_files(dist.broadcast_object(None))
     val_split = d.hf_val_split or d.hf_split
     val: list[int] = []
     for text in texts(val_split, True, float("inf"))():
@@ -473,7 +473,8 @@ def _hf_corpus(cfg: RunConfig, tokenizer_file: Path | None) -> Corpus:
 def build_corpus(cfg: RunConfig, tokenizer_file: Path | None = None) -> Corpus:
     """Source -> tokenizer -> this rank's training stream and the fixed held-out tokens.
 
-    ``tokenizer_file`` forces a tokenizer (a checkpoint's own, when resuming or evaluating).
+    ``tokenizer_file`` forces a tokenizer: a file, or a folder holding one (a checkpoint's own when
+    resuming or evaluating, an imported model's folder for ``train.init_from``).
     """
     spec = cfg.data.source
     if spec.startswith("hf:"):

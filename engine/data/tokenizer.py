@@ -1,4 +1,10 @@
-"""sentencepiece tokenizer: train one (BPE, byte fallback) on a text sample, or load a .model.
+"""Tokenizers: a sentencepiece model (trained here, or any ``.model``) or a Hugging Face
+``tokenizer.json`` (the ``tokenizers`` library: the format of today's open models), behind one
+small interface the data path, ``generate`` and export use.
+
+A tokenizer is the bytes of its files (``files``: what runs and checkpoints keep, so each is
+self-contained): ``tokenizer.model`` for sentencepiece; ``tokenizer.json`` plus a
+``tokenizer_config.json`` naming the special tokens for the ``tokenizers`` kind.
 
 Training keeps text verbatim (identity normalisation, whitespace kept, whitespace-only pieces
 allowed) so code and indentation survive the round trip; byte fallback means no input is ever
@@ -19,34 +25,110 @@ from leanlm.engine.errors import DataError
 from leanlm.engine.run_files import write_no_follow
 
 MAX_LINE_CHARS = 2048  # at most 4 bytes each in UTF-8
+SPM_FILE = "tokenizer.model"
+HF_FILE = "tokenizer.json"
+HF_CONFIG = "tokenizer_config.json"
+TOKENIZER_FILES = (SPM_FILE, HF_FILE, HF_CONFIG)
 
 
 class Tokenizer:
-    """A thin wrapper that keeps the serialized model so it can be copied into runs and checkpoints."""
+    """What every tokenizer offers. ``bos_id`` / ``eos_id`` are -1 when it has no such token."""
 
-    def __init__(self, proto: bytes) -> None:
-        self.proto = proto
-        self.sp = spm.SentencePieceProcessor(model_proto=proto)
+    files: dict[str, bytes]
 
-    @classmethod
-    def load(cls, path: str | Path) -> Tokenizer:
+    @property
+    def vocab_size(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def bos_id(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def eos_id(self) -> int:
+        raise NotImplementedError
+
+    def _ids(self, texts: list[str], num_threads: int) -> list[list[int]]:
+        raise NotImplementedError
+
+    def decode(self, ids: Iterable[int]) -> str:
+        raise NotImplementedError
+
+    @property
+    def kind(self) -> str:
+        return "sentencepiece" if SPM_FILE in self.files else "tokenizers"
+
+    def sha(self) -> str:
+        digest = hashlib.sha256()
+        for name in sorted(self.files):
+            digest.update(name.encode() + b"\0" + self.files[name])
+        return digest.hexdigest()[:16]
+
+    def save_to(self, folder: str | Path) -> None:
+        """Write the files into ``folder`` (never through a symbolic link: a run folder may be shared)."""
+        for name, data in self.files.items():
+            write_no_follow(Path(folder) / name, data)
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        ids = self._ids([text], 1)[0]
+        return (
+            ([self.bos_id] if bos and self.bos_id >= 0 else [])
+            + ids
+            + ([self.eos_id] if eos and self.eos_id >= 0 else [])
+        )
+
+    def encode_documents(self, texts: list[str], num_threads: int = 0) -> list[list[int]]:
+        """Batch-encode documents, each framed as [bos] + ids + [eos] for packing (a missing
+        special token is left out: a model without BOS separates documents by EOS alone)."""
+        bos = [self.bos_id] if self.bos_id >= 0 else []
+        eos = [self.eos_id] if self.eos_id >= 0 else []
+        return [bos + ids + eos for ids in self._ids(texts, num_threads)]
+
+    @staticmethod
+    def from_files(files: dict[str, bytes]) -> Tokenizer:
+        if SPM_FILE in files:
+            return SentencePieceTokenizer(files[SPM_FILE])
+        from leanlm.engine.data.hf_tokenizer import HFTokenizer
+
+        return HFTokenizer(files)
+
+    @staticmethod
+    def load(path: str | Path) -> Tokenizer:
+        """A sentencepiece ``.model``, a ``tokenizer.json``, or a folder holding either (an HF
+        model folder, a run or a checkpoint; ``tokenizer.json`` first when both are there)."""
         path = Path(path)
+        if path.is_dir():
+            if (path / HF_FILE).is_file():
+                path = path / HF_FILE
+            elif (path / SPM_FILE).is_file():
+                path = path / SPM_FILE
+            else:
+                raise DataError(f"{path}: no {HF_FILE} or {SPM_FILE} in this folder; set data.tokenizer to one")
         if not path.is_file():
             raise DataError(
-                f"tokenizer {str(path)!r} not found; give a sentencepiece .model file or leave data.tokenizer "
-                "empty to train one"
+                f"tokenizer {str(path)!r} not found; give a sentencepiece .model, a tokenizer.json or a folder "
+                "holding one, or leave data.tokenizer empty to train one"
             )
+        if path.suffix == ".json":
+            from leanlm.engine.data.hf_tokenizer import HFTokenizer
+
+            return HFTokenizer.load(path)
         try:
-            return cls(path.read_bytes())
+            return SentencePieceTokenizer(path.read_bytes())
         except RuntimeError as e:
             raise DataError(f"tokenizer {str(path)!r} is not a sentencepiece model ({e})") from None
 
-    def save(self, path: str | Path) -> None:
-        """Write the model file (never through a symbolic link: a run folder may be shared)."""
-        write_no_follow(path, self.proto)
 
-    def sha(self) -> str:
-        return hashlib.sha256(self.proto).hexdigest()[:16]
+class SentencePieceTokenizer(Tokenizer):
+    """A sentencepiece model, kept serialized so it can be copied into runs and checkpoints."""
+
+    def __init__(self, proto: bytes) -> None:
+        self.files = {SPM_FILE: proto}
+        self.sp = spm.SentencePieceProcessor(model_proto=proto)
+
+    @property
+    def proto(self) -> bytes:
+        return self.files[SPM_FILE]
 
     @property
     def vocab_size(self) -> int:
@@ -60,26 +142,14 @@ class Tokenizer:
     def eos_id(self) -> int:
         return self.sp.eos_id()
 
-    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
-        ids = self.sp.encode(text)
-        return (
-            ([self.bos_id] if bos and self.bos_id >= 0 else [])
-            + ids
-            + ([self.eos_id] if eos and self.eos_id >= 0 else [])
-        )
-
-    def encode_documents(self, texts: list[str], num_threads: int = 0) -> list[list[int]]:
-        """Batch-encode documents, each framed as [bos] + ids + [eos] for packing."""
-        out = self.sp.encode(texts, num_threads=num_threads or -1)
-        bos = [self.bos_id] if self.bos_id >= 0 else []
-        eos = [self.eos_id] if self.eos_id >= 0 else []
-        return [bos + ids + eos for ids in out]
+    def _ids(self, texts: list[str], num_threads: int) -> list[list[int]]:
+        return self.sp.encode(texts, num_threads=num_threads or -1)
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.sp.decode([int(i) for i in ids])
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, num_threads: int = 2) -> Tokenizer:
+def train_tokenizer(texts: Iterable[str], vocab_size: int, num_threads: int = 2) -> SentencePieceTokenizer:
     """Train a BPE model in memory on ``texts`` (documents; split into lines for sentencepiece)."""
     # sentencepiece trains on lines and drops any longer than max_sentence_length: cut long ones.
     lines = (
@@ -123,4 +193,4 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, num_threads: int = 2)
         raise DataError(
             f"training a {vocab_size}-piece tokenizer failed ({msg}); lower data.vocab_size or use more text"
         ) from None
-    return Tokenizer(buf.getvalue())
+    return SentencePieceTokenizer(buf.getvalue())

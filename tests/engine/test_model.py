@@ -62,7 +62,7 @@ def test_attention_is_causal():
 
 
 def test_rope_preserves_norm_and_position_zero():
-    cos, sin = rope_tables(8, 5, 10000.0)
+    cos, sin = rope_tables(ModelConfig(d_model=16, n_heads=2), 5)  # head dim 8
     x = torch.randn(1, 2, 5, 8)
     r = apply_rope(x, cos, sin)
     torch.testing.assert_close(r.norm(dim=-1), x.norm(dim=-1))
