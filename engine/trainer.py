@@ -29,6 +29,8 @@ from leanlm.engine.config import RunConfig, save_yaml
 from leanlm.engine.data import Corpus, build_corpus
 from leanlm.engine.errors import CheckpointError, ConfigError, TrainingError
 from leanlm.engine.evaluate import EvalResult, evaluate, unigram_loss
+from leanlm.engine.hf.init import build_initialised
+from leanlm.engine.hf.init import resolve as resolve_init
 from leanlm.engine.metrics import MetricsLogger, Throughput, peak_flops, peak_memory_gib, trim_records
 from leanlm.engine.model import count_parameters, flops_per_token
 from leanlm.engine.run_lock import RunLock
@@ -149,6 +151,7 @@ def _nan_message(res: Any, step: int, good: Path | None, latest: Path | None, *,
 
 def setup(cfg: RunConfig, device: torch.device, backend: str) -> Run:
     """Build the run: data, model, optimizer, schedule, resume state, logs."""
+    cfg, init = resolve_init(cfg)  # train.init_from: the model's shape (and tokenizer) from there
     train_cfg, main, run_dir = cfg.train, dist.is_main(), Path(cfg.train.out_dir)
     check_world(cfg, dist.world_size())
     resume_from = find_resume(cfg)
@@ -157,8 +160,14 @@ def setup(cfg: RunConfig, device: torch.device, backend: str) -> Run:
         torch.set_num_threads(train_cfg.threads)
     torch.manual_seed(train_cfg.seed)
 
-    corpus = build_corpus(cfg, resume_from)
-    model = build_model(cfg, corpus.tokenizer.vocab_size, device, restoring=resume_from is not None)
+    init = init if resume_from is None else None  # a resume takes every weight from its checkpoint
+    corpus = build_corpus(cfg, resume_from or (init.tokenizer if init else None))
+    if init is not None:
+        model = build_initialised(cfg, init, corpus.tokenizer.vocab_size, device)
+        if main:
+            print(f"leanlm: weights from {init.path} ({init.kind}); step 0, a fresh optimizer")
+    else:
+        model = build_model(cfg, corpus.tokenizer.vocab_size, device, restoring=resume_from is not None)
     preloaded = resume_from is not None and preload_weights(resume_from, model, backend, device)
     n_params, n_body = count_parameters(model), count_parameters(model, True)  # before sharding
     net, optimizer, autocast = parallelize(cfg, model, backend, device)

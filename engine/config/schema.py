@@ -233,6 +233,11 @@ class TrainConfig:
     seed: int = _f(0, "seed for init, data order and every subspace choice", ge=0, lt=2**63)
     out_dir: str = _f("runs/default", "run folder: logs, checkpoints, config, tokenizer")
     resume: str = _f("none", "none | auto (newest valid checkpoint in out_dir) | a checkpoint path")
+    init_from: str = _f(
+        "",
+        "continued pretraining: weights (only) from a Hugging Face Llama folder or Hub id, or a leanlm run/checkpoint; "
+        "the model shape and tokenizer come from it",
+    )
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
     precision: str = _f("auto", "auto (bf16 autocast on CUDA) | fp32 | bf16", choices=("auto", "fp32", "bf16"))
     param_dtype: str = _f(

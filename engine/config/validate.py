@@ -75,9 +75,10 @@ def validate(cfg: RunConfig) -> list[str]:
         p.append("train.out_dir is empty: name a run folder such as runs/my_run")
     if len(o.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in o.betas):
         p.append(f"optim.betas={shown(o.betas)}: must be two numbers in [0, 1)")
-    if not d.tokenizer and d.vocab_size < 300:
+    trains_tokenizer = not d.tokenizer and not t.init_from  # else it is loaded (init_from: from that model)
+    if trains_tokenizer and d.vocab_size < 300:
         p.append(f"data.vocab_size={d.vocab_size}: must be >= 300 (byte fallback needs 256 byte pieces)")
-    if m.vocab_size and not d.tokenizer and m.vocab_size < d.vocab_size:
+    if m.vocab_size and trains_tokenizer and m.vocab_size < d.vocab_size:
         p.append(f"model.vocab_size={m.vocab_size} is smaller than data.vocab_size={d.vocab_size}")
     return p + _distributed_problems(cfg)
 

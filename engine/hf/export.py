@@ -48,12 +48,14 @@ class ExportReport:
     dtype: str
     files: list[str]
     parameters: int
+    folded: int  # LOST layers (φ identity) folded into plain linears
     max_logit_diff: float | None  # transformers vs leanlm in float32; None when not checked
     seconds: float
 
     def summary(self) -> str:
+        folded = f" ({self.folded} LOST layers folded into it exactly)" if self.folded else ""
         what = (
-            "a plain LlamaForCausalLM"
+            f"a plain LlamaForCausalLM{folded}"
             if self.kind == "llama"
             else "a LOST model (load it with leanlm.optim.lost.from_pretrained(LlamaForCausalLM, folder))"
         )
@@ -83,17 +85,16 @@ def _lost_layers(model: LLaMA) -> list:
     return [m for m in model.modules() if isinstance(m, LOSTLinear)]
 
 
-def _prepare(model: LLaMA, cfg) -> tuple[str, dict | None]:
+def _prepare(model: LLaMA, cfg) -> tuple[str, dict | None, int]:
     """Fold LOST layers that have a dense equivalent; ('lost', options) for those that do not."""
     from leanlm.engine.build import _lost_options
     from leanlm.optim.lost import LLAMA_TARGETS, unconvert
 
     layers = _lost_layers(model)
     if not layers:
-        return "llama", None
+        return "llama", None, 0
     if all(m.phi == "identity" for m in layers):
-        unconvert(model)
-        return "llama", None
+        return "llama", None, unconvert(model)
     if any(m.support != "channels" for m in layers):
         raise ConfigError(
             "a LOST model with model.lost.support=unstructured cannot be exported (its flat index spans the "
@@ -106,7 +107,7 @@ def _prepare(model: LLaMA, cfg) -> tuple[str, dict | None]:
         "targets": list(LLAMA_TARGETS),
         **_lost_options(cfg),
     }
-    return "lost", options
+    return "lost", options, 0
 
 
 def export_hf(
@@ -131,7 +132,7 @@ def export_hf(
         raise ConfigError(f"--dtype {dtype}: choose fp32 or bf16")
     trained = load_trained(source, device="cpu")
     cfg, model, tok = trained.cfg, trained.model, trained.tokenizer
-    kind, lost = _prepare(model, cfg)
+    kind, lost, folded = _prepare(model, cfg)
     target = DTYPES[dtype or cfg.train.param_dtype]
     special = Special(bos=tok.bos_id if tok.bos_id >= 0 else None, eos=tok.eos_id if tok.eos_id >= 0 else None)
     config = hf_config(
@@ -176,6 +177,7 @@ def export_hf(
         dtype=DTYPE_NAMES[target],
         files=names,
         parameters=count_parameters(model),
+        folded=folded,
         max_logit_diff=diff,
         seconds=time.perf_counter() - start,
     )

@@ -203,8 +203,9 @@ def test_forced_tokenizer_file_wins(tiny_cfg, tmp_path):
     from leanlm.engine.data.tokenizer import train_tokenizer
 
     other = train_tokenizer(["some other text entirely, with words " * 50] * 20, 320)
-    other.save(tmp_path / "t.model")
-    assert build_corpus(tiny_cfg, tmp_path / "t.model").tokenizer.sha() == other.sha()
+    other.save_to(tmp_path)
+    assert build_corpus(tiny_cfg, tmp_path / "tokenizer.model").tokenizer.sha() == other.sha()
+    assert build_corpus(tiny_cfg, tmp_path).tokenizer.sha() == other.sha()  # a folder holding it
 
 
 def _text_corpus(root: Path, n_lines: int) -> str:
