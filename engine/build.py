@@ -133,7 +133,7 @@ def _layer_on_device(cfg: RunConfig, *, device: torch.device, dtype: torch.dtype
     lc, init_std = cfg.model.lost, cfg.model.init_std
 
     def make_layer(dense: torch.nn.Linear, seed: int) -> LOSTLinear:
-        rank, options = lc.rank_for(cfg.model.d_model), _lost_options(cfg)
+        rank, options = lc.rank_for(cfg.model.d_model), lost_layer_options(cfg)
         if not draw:
             layer = LOSTLinear.from_dense(dense, rank, lc.channel_density, seed=seed, **options)
             return layer.to_empty(device=device).to(dtype)
@@ -155,10 +155,12 @@ def apply_lost(model: LLaMA, cfg: RunConfig, make_layer: LayerFactory | None = N
     by ``make_layer``; see ``leanlm.optim.lost.convert``)."""
     lc = cfg.model.lost
     rank = lc.rank_for(cfg.model.d_model)
-    return convert(model, rank, lc.channel_density, make_layer=make_layer, seed=cfg.train.seed, **_lost_options(cfg))
+    return convert(
+        model, rank, lc.channel_density, make_layer=make_layer, seed=cfg.train.seed, **lost_layer_options(cfg)
+    )
 
 
-def _lost_options(cfg: RunConfig) -> dict:
+def lost_layer_options(cfg: RunConfig) -> dict:
     lc = cfg.model.lost
     return dict(
         gamma=lc.gamma,

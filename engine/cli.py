@@ -6,6 +6,7 @@ User mistakes (``LeanLMError``) print one line and exit 2; internal bugs keep th
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -21,6 +22,7 @@ USAGE_EXAMPLES = """examples:
   leanlm train configs/llama_60m.yaml data.source=hf:allenai/c4:en data.tokenizer=t5.model train.steps=10000
   leanlm train configs/tiny.yaml train.out_dir=runs/tiny train.resume=auto
   leanlm eval runs/tiny/checkpoints/step-00000300
+  leanlm eval runs/tiny --tasks hellaswag,arc_easy --limit 200
   leanlm generate runs/tiny/checkpoints/step-00000300 --prompt "def main("
   leanlm export runs/tiny hf/tiny --dtype bf16
   leanlm memory configs/llama_7b.yaml optim.name=frugal optim.density=0 train.param_dtype=bf16
@@ -73,6 +75,10 @@ def _parser() -> argparse.ArgumentParser:
         nargs="*",
         help="data.* / eval.* overrides, e.g. data.source=PATH eval.tokens=100000",
     )
+    e.add_argument("--tasks", help="lm-evaluation-harness tasks, comma-separated (needs leanlm[eval])")
+    e.add_argument("--include-path", help="a folder of lm_eval task YAML files (local tasks, offline)")
+    e.add_argument("--limit", type=_number(int, 1), help="lm_eval: at most N documents per task")
+    e.add_argument("--batch-size", type=_number(int, 1), default=8, help="lm_eval batch size")
     g = sub.add_parser("generate", help="sample text from a checkpoint")
     g.add_argument("checkpoint", help="a checkpoint folder or a run folder (newest checkpoint)")
     g.add_argument("--prompt", default="", help="text to continue")
@@ -192,11 +198,13 @@ def cmd_eval(args) -> int:
     from leanlm.engine.data import build_corpus
     from leanlm.engine.evaluate import evaluate, unigram_loss
 
-    cfg, model, _, path, device = _load(args.checkpoint, args.overrides)
+    cfg, model, tok, path, device = _load(args.checkpoint, args.overrides)
     if cfg.train.threads:
         import torch
 
         torch.set_num_threads(cfg.train.threads)
+    if args.tasks:
+        return _eval_harness(args, cfg, model, tok, path)
     corpus = build_corpus(cfg, path)
     res = evaluate(
         model,
@@ -212,6 +220,22 @@ def cmd_eval(args) -> int:
         f"{path}: held-out loss {res.loss:.4f}, perplexity {res.ppl:.2f} on {res.tokens:,} tokens "
         f"(unigram baseline perplexity {uni:.2f}; data {cfg.data.source})"
     )
+    return 0
+
+
+def _eval_harness(args, cfg, model, tok, path: Path) -> int:
+    """``leanlm eval --tasks``: lm_eval on the checkpoint in memory; results into the run folder."""
+    from leanlm.engine.harness import run_harness, save_harness
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    result = run_harness(
+        model, cfg, tok, tasks, include_path=args.include_path, limit=args.limit, batch_size=args.batch_size
+    )
+    step = int(json.loads((path / "manifest.json").read_text())["step"])
+    run_dir = path.parent.parent
+    saved = save_harness(run_dir, step, result, tensorboard=cfg.log.tensorboard)
+    print(result.table())
+    print(f"leanlm: {path} (step {step}): results in {saved}, scores in {run_dir}/metrics.jsonl and tb/")
     return 0
 
 

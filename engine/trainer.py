@@ -29,6 +29,7 @@ from leanlm.engine.config import RunConfig, save_yaml
 from leanlm.engine.data import Corpus, build_corpus
 from leanlm.engine.errors import CheckpointError, ConfigError, TrainingError
 from leanlm.engine.evaluate import EvalResult, evaluate, unigram_loss
+from leanlm.engine.harness import harness_in_training
 from leanlm.engine.hf.init import build_initialised
 from leanlm.engine.hf.init import resolve as resolve_init
 from leanlm.engine.metrics import MetricsLogger, Throughput, peak_flops, peak_memory_gib, trim_records
@@ -281,6 +282,8 @@ def _loop(run: Run, stop_at: int | None) -> TrainResult:
                     val = _evaluate(run, result, started)
                     if dist.is_main():
                         bar.write(f"step {state.step}: val loss {val.loss:.4f}, ppl {val.ppl:.2f}")
+                if cfg.eval.is_harness_step(state.step, train_cfg.steps):
+                    harness_in_training(run.checkpointer.model, cfg, run.corpus.tokenizer, state.step, run.logger)
                 if run.checkpointer.due(state.step, stopping):
                     run.checkpointer.save(state)
             # termination

@@ -285,6 +285,19 @@ class EvalConfig:
         le=62,
     )
 
+    harness_tasks: list[str] = _f(
+        [], "lm-evaluation-harness tasks run during training (rank 0, backends none/ddp; needs leanlm[eval])"
+    )
+    harness_every: int = _f(0, "run eval.harness_tasks every N steps (and at the end); 0 = only at the end", ge=0)
+    harness_include_path: str = _f("", "a folder of local lm_eval task YAML files for eval.harness_tasks")
+    harness_limit: int = _f(0, "lm_eval: at most N documents per task; 0 = all", ge=0)
+
+    def is_harness_step(self, step: int, last: int) -> bool:
+        """Whether ``eval.harness_tasks`` run after optimizer step ``step`` of ``last``."""
+        return bool(self.harness_tasks) and (
+            step == last or bool(self.harness_every and step % self.harness_every == 0)
+        )
+
     def is_eval_step(self, step: int) -> bool:
         """Regular evaluations every ``every`` steps plus the log-spaced early ones."""
         if not self.every:

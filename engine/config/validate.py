@@ -86,6 +86,11 @@ def validate(cfg: RunConfig) -> list[str]:
 def _distributed_problems(cfg: RunConfig) -> list[str]:
     """Backend x optimizer combinations that cannot work, said before any process starts."""
     dc, o = cfg.distributed, cfg.optim
+    if cfg.eval.harness_tasks and dc.backend in ("fsdp2", "deepspeed"):
+        return [
+            f"eval.harness_tasks runs lm_eval on rank 0's whole model (backends none and ddp); under "
+            f"{dc.backend} run `leanlm eval RUN --tasks ...` on the checkpoints instead"
+        ]
     if o.step_in_backward and dc.backend in ("ddp", "deepspeed"):
         return [
             f"optim.step_in_backward=true runs in one process or under distributed.backend=fsdp2 "

@@ -87,27 +87,35 @@ def _lost_layers(model: LLaMA) -> list:
 
 def _prepare(model: LLaMA, cfg) -> tuple[str, dict | None, int]:
     """Fold LOST layers that have a dense equivalent; ('lost', options) for those that do not."""
-    from leanlm.engine.build import _lost_options
-    from leanlm.optim.lost import LLAMA_TARGETS, unconvert
+    from leanlm.optim.lost import unconvert
+
+    options = lost_options(model, cfg)
+    if options is None:
+        return "llama", None, unconvert(model)
+    return "lost", options, 0
+
+
+def lost_options(model: LLaMA, cfg) -> dict | None:
+    """The options ``leanlm.optim.lost.from_pretrained`` rebuilds the model's LOST layers with
+    (config.json's ``leanlm_lost``); None when there are none without a dense equivalent."""
+    from leanlm.engine.build import lost_layer_options
+    from leanlm.optim.lost import LLAMA_TARGETS
 
     layers = _lost_layers(model)
-    if not layers:
-        return "llama", None, 0
     if all(m.phi == "identity" for m in layers):
-        return "llama", None, unconvert(model)
+        return None
     if any(m.support != "channels" for m in layers):
         raise ConfigError(
             "a LOST model with model.lost.support=unstructured cannot be exported (its flat index spans the "
             "rotated q/k rows); only channel-sparse LOST models export"
         )
     lc = cfg.model.lost
-    options = {
+    return {
         "rank": lc.rank_for(cfg.model.d_model),
         "channel_density": lc.channel_density,
         "targets": list(LLAMA_TARGETS),
-        **_lost_options(cfg),
+        **lost_layer_options(cfg),
     }
-    return "lost", options, 0
 
 
 def export_hf(

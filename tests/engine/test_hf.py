@@ -327,3 +327,104 @@ def test_mapping_table_is_one_table_both_directions():
     for ours in ("embed_tokens.weight", "layers.3.self_attn.k_proj.weight", "norm.weight", "lm_head.weight"):
         assert hf_mapping.our_name(hf_mapping.hf_name(ours)) == ours
     assert hf_mapping.our_name("model.layers.0.self_attn.rotary_emb.inv_freq") is None
+
+
+# ----------------------------------------------------------------------------- lm-evaluation-harness
+
+HARNESS = Path(__file__).resolve().parents[1] / "data" / "harness"
+
+
+@pytest.fixture
+def offline_tasks(monkeypatch, tmp_path):
+    """lm_eval on the shipped local tasks: data_files resolve against this folder; caches in tmp."""
+    pytest.importorskip("lm_eval")
+    monkeypatch.chdir(HARNESS)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def test_harness_scores_equal_lm_evals_own_hf_model_on_the_exported_folder(runs, tmp_path, offline_tasks):
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from leanlm.engine.harness import run_harness
+
+    trained = load_trained(runs["gqa_tied"], device="cpu")
+    ours = run_harness(trained.model, trained.cfg, trained.tokenizer, ["leanlm_mc", "leanlm_ppl"], include_path=".")
+    export_hf(runs["gqa_tied"], tmp_path / "hf")
+    manager = TaskManager(include_path=".", include_defaults=False)
+    args = f"pretrained={tmp_path / 'hf'},dtype=float32,device=cpu"
+    mc = simple_evaluate(model="hf", model_args=f"{args},add_bos_token=True", tasks=["leanlm_mc"], task_manager=manager)
+    # rolling loglikelihood: lm_eval conditions on BOS itself, so the tokenizer must not add one (#3333)
+    ppl = simple_evaluate(
+        model="hf", model_args=f"{args},add_bos_token=False", tasks=["leanlm_ppl"], task_manager=manager
+    )
+    for theirs, task, metrics in ((mc, "leanlm_mc", ("acc", "acc_norm")), (ppl, "leanlm_ppl", ("bits_per_byte",))):
+        for metric in metrics:
+            assert ours.results[task][f"{metric},none"] == pytest.approx(
+                theirs["results"][task][f"{metric},none"], 1e-6
+            )
+
+
+def test_harness_loglikelihood_equals_the_engines_own_loss(runs, offline_tasks):
+    """Rolling loglikelihood of each document = minus leanlm's summed token loss on [BOS] + ids:
+    BOS is conditioned on once and never scored."""
+    import math
+
+    from leanlm.engine.harness import run_harness
+
+    trained = load_trained(runs["gqa_tied"], device="cpu")
+    docs = [json.loads(line)["text"] for line in (HARNESS / "leanlm_ppl.jsonl").read_text().splitlines()]
+    result = run_harness(trained.model, trained.cfg, trained.tokenizer, ["leanlm_ppl"], include_path=".")
+    total = 0.0
+    for text in docs:
+        ids = trained.tokenizer.encode(text, bos=True)
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            loss = trained.model.float()(x[:, :-1], targets=x[:, 1:])[0].item()
+        total += loss * (len(ids) - 1)
+    n_bytes = sum(len(t.encode()) for t in docs)
+    bpb = result.results["leanlm_ppl"]["bits_per_byte,none"]
+    assert bpb == pytest.approx(total / n_bytes / math.log(2), rel=1e-5)
+
+
+def test_leanlm_eval_tasks_writes_results_into_the_run(runs, offline_tasks, capsys):
+    from leanlm.engine.cli import main
+
+    run = runs["untied_llama3"]
+    assert main(["eval", str(run), "--tasks", "leanlm_mc", "--include-path", ".", "--limit", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "leanlm_mc" in out and "acc_norm" in out
+    saved = json.loads(next((run / "eval").glob("harness-step-*.json")).read_text())
+    assert saved["step"] == 24 and saved["results"]["leanlm_mc"]["sample_len"] == 4
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("harness/leanlm_mc/acc" in r and r["step"] == 24 for r in rows)
+
+
+def test_harness_during_training_leaves_the_run_unchanged(tiny_base, tmp_path, offline_tasks):
+    base = [*tiny_base, "train.steps=4", "eval.every=2", "checkpoint.every=2"]
+    plain = train(load_config(None, [*base, f"train.out_dir={tmp_path / 'plain'}"]))
+    harness = [
+        "eval.harness_tasks=[leanlm_mc]",
+        "eval.harness_every=2",
+        "eval.harness_include_path=.",
+        "eval.harness_limit=2",
+    ]
+    with_harness = train(load_config(None, [*base, *harness, f"train.out_dir={tmp_path / 'h'}"]))
+    assert with_harness.losses == plain.losses and with_harness.final.loss == plain.final.loss
+    assert sorted(p.name for p in (tmp_path / "h" / "eval").iterdir()) == [
+        "harness-step-00000002.json",
+        "harness-step-00000004.json",
+    ]
+
+
+def test_a_missing_lm_eval_is_one_line_naming_the_extra(runs, monkeypatch):
+    import sys
+
+    from leanlm.engine.harness import run_harness
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)
+    trained = load_trained(runs["gqa_tied"], device="cpu")
+    with pytest.raises(ConfigError, match=r"pip install 'leanlm\[eval\]'"):
+        run_harness(trained.model, trained.cfg, trained.tokenizer, ["leanlm_mc"])
