@@ -26,7 +26,7 @@ from torch import nn
 
 from leanlm.engine import distributed as dist
 from leanlm.engine.checkpoint import store
-from leanlm.engine.checkpoint.safe_load import dcp_reader_and_planner, read_dcp_metadata, scan_torch_files
+from leanlm.engine.checkpoint.safe_load import dcp_reader_and_planner, read_dcp_metadata, scan_torch_files, torch_load
 from leanlm.engine.errors import CheckpointError
 from leanlm.optim.sharding import is_dtensor, local, sharded_zeros
 
@@ -164,9 +164,16 @@ def load_weights(path: Path, model: nn.Module, device: torch.device) -> None:
     elif fmt == "dcp":
         load_dcp(path / DCP_DIR, model)
     else:
-        scan_torch_files(path / DS_DIR, str(path))  # before DeepSpeed's weights_only=False loads
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        folder = path / DS_DIR
+        scan_torch_files(folder, str(path))  # before DeepSpeed's weights_only=False loads
+        if not list((folder / DS_TAG).glob("*optim_states.pt")):
+            # ZeRO-0: no partitioned optimizer files; the model file holds every weight ("module")
+            model_file = folder / DS_TAG / "mp_rank_00_model_states.pt"
+            state = torch_load(model_file, str(path), map_location=device, deepspeed=True)["module"]
+        else:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        # Works for every ZeRO stage: stage 3 keeps only partitions in the model file.
-        state = get_fp32_state_dict_from_zero_checkpoint(str(path / DS_DIR), tag=DS_TAG)
+            # ZeRO 1-3: the float32 master weights from the optimizer partitions (stage 3 keeps
+            # only partitions in the model file).
+            state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=DS_TAG)
         store.load_model_state(model, {k: v.to(device) for k, v in state.items()}, str(path))

@@ -281,3 +281,34 @@ def test_deepspeed_checkpoint_refuses_another_backend(runs, tmp_path):
     out = _resume_copy(runs.get("ds2", "frugal"), tmp_path / "other")
     with pytest.raises(CheckpointError, match="resume it with that backend"):
         train(load_config(TINY, runs.overrides("frugal", out, ["train.resume=auto"])))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "backend,optim",
+    [
+        ("fsdp2", "frugal"),
+        pytest.param("ds0", "frugal", marks=needs_ds),
+        pytest.param("ds1", "adamw", marks=needs_ds),
+        pytest.param("ds2", "adamw", marks=needs_ds),
+        pytest.param("ds3", "adamw", marks=needs_ds),
+    ],
+)
+def test_sharded_checkpoints_export_on_one_process(runs, tmp_path, backend, optim):
+    """FSDP2's dcp/ and DeepSpeed ZeRO 0-3 checkpoints export without torchrun; the folder equals
+    the weights the engine loads from them, and (when transformers is there) computes the same."""
+    import torch
+
+    from leanlm.engine.hf import export_hf
+    from leanlm.engine.hf.files import iter_tensors
+    from leanlm.engine.hf.weights import from_hf
+    from leanlm.engine.trained import load_trained
+
+    run = runs.get(backend, optim)
+    report = export_hf(run, tmp_path / "hf")
+    assert report.kind == "llama" and report.checkpoint.parent.parent == run
+    weights = load_trained(run, device="cpu").model.state_dict()
+    mapped = dict(m for n, t in iter_tensors(tmp_path / "hf") if (m := from_hf(n, t, load_trained(run).cfg.model)))
+    assert mapped.keys() == weights.keys() and all(torch.equal(mapped[k], weights[k]) for k in weights)
+    if importlib.util.find_spec("transformers"):
+        assert report.max_logit_diff is not None and report.max_logit_diff < 1e-4

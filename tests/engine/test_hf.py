@@ -428,3 +428,20 @@ def test_a_missing_lm_eval_is_one_line_naming_the_extra(runs, monkeypatch):
     trained = load_trained(runs["gqa_tied"], device="cpu")
     with pytest.raises(ConfigError, match=r"pip install 'leanlm\[eval\]'"):
         run_harness(trained.model, trained.cfg, trained.tokenizer, ["leanlm_mc"])
+
+
+@pytest.mark.parametrize("preset", ["smollm_135m", "llama3_1b"])
+def test_modern_presets_count_what_transformers_counts(preset):
+    from leanlm.engine.hf.mapping import Special, hf_config
+    from leanlm.engine.model import LLaMA, count_parameters
+
+    root = Path(__file__).resolve().parents[2] / "configs"
+    cfg = load_config(root / f"{preset}.yaml", [])
+    vocab = cfg.model.vocab_size
+    with torch.device("meta"):
+        ours = count_parameters(LLaMA(cfg.model, vocab, cfg.train.seq_len))
+        config = hf_config(
+            cfg.model, vocab_size=vocab, seq_len=cfg.train.seq_len, dtype="float32", special=Special(1, 2)
+        )
+        theirs = LlamaForCausalLM(LlamaConfig(**config)).num_parameters()
+    assert ours == theirs == {"smollm_135m": 134_515_008, "llama3_1b": 1_235_814_400}[preset]
