@@ -204,7 +204,7 @@ def cmd_eval(args) -> int:
 
         torch.set_num_threads(cfg.train.threads)
     if args.tasks:
-        return _eval_harness(args, cfg, model, tok, path)
+        return _eval_harness(args, cfg=cfg, model=model, tok=tok, path=path)
     corpus = build_corpus(cfg, path)
     res = evaluate(
         model,
@@ -223,7 +223,7 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _eval_harness(args, cfg, model, tok, path: Path) -> int:
+def _eval_harness(args, *, cfg, model, tok, path: Path) -> int:
     """``leanlm eval --tasks``: lm_eval on the checkpoint in memory; results into the run folder."""
     from leanlm.engine.harness import run_harness, save_harness
 
@@ -270,6 +270,10 @@ def cmd_memory(args) -> int:
     from leanlm.engine.memory import memory_report
 
     cfg = load_config(args.config, args.overrides)
+    if cfg.train.init_from:  # the shape comes from the model the run starts from
+        from leanlm.engine.hf.init import resolve
+
+        cfg, _ = resolve(cfg)
     vocab = cfg.model.vocab_size or (
         Tokenizer.load(cfg.data.tokenizer).vocab_size if cfg.data.tokenizer else cfg.data.vocab_size
     )

@@ -216,7 +216,7 @@ def save_harness(
     return path
 
 
-def harness_in_training(model: LLaMA, cfg: RunConfig, tok: Tokenizer, step: int, logger: MetricsLogger) -> None:
+def harness_in_training(model: LLaMA, cfg: RunConfig, tok: Tokenizer, *, step: int, logger: MetricsLogger) -> None:
     """``eval.harness_tasks`` after ``step``, on the main rank (the others wait at the barrier).
     lm_eval seeds Python's, numpy's and torch's global generators: their states are put back after,
     so the run continues (and resumes) exactly as without it."""

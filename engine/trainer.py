@@ -33,7 +33,7 @@ from leanlm.engine.harness import harness_in_training
 from leanlm.engine.hf.init import build_initialised
 from leanlm.engine.hf.init import resolve as resolve_init
 from leanlm.engine.metrics import MetricsLogger, Throughput, peak_flops, peak_memory_gib, trim_records
-from leanlm.engine.model import count_parameters, flops_per_token
+from leanlm.engine.model import LLaMA, count_parameters, flops_per_token
 from leanlm.engine.run_lock import RunLock
 from leanlm.engine.runtime_checks import check_world
 from leanlm.engine.scaling import ScalingRecorder, recorder_for
@@ -283,7 +283,13 @@ def _loop(run: Run, stop_at: int | None) -> TrainResult:
                     if dist.is_main():
                         bar.write(f"step {state.step}: val loss {val.loss:.4f}, ppl {val.ppl:.2f}")
                 if cfg.eval.is_harness_step(state.step, train_cfg.steps):
-                    harness_in_training(run.checkpointer.model, cfg, run.corpus.tokenizer, state.step, run.logger)
+                    harness_in_training(
+                        cast(LLaMA, run.checkpointer.model),
+                        cfg,
+                        run.corpus.tokenizer,
+                        step=state.step,
+                        logger=run.logger,
+                    )
                 if run.checkpointer.due(state.step, stopping):
                     run.checkpointer.save(state)
             # termination
