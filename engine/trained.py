@@ -37,11 +37,16 @@ def checkpoint_path(spec: str | Path) -> Path:
     return found
 
 
-def load_trained(spec: str | Path, overrides: list[str] | None = None, device: str | None = None) -> Trained:
+def load_trained(
+    spec: str | Path, overrides: list[str] | None = None, device: str | None = None, *, mapped: bool = False
+) -> Trained:
     """The model of checkpoint (or run) ``spec`` in its training dtype, with data.* / eval.* /
-    train.device / train.threads overrides. Data is tokenized with the checkpoint's own tokenizer."""
+    train.device / train.threads overrides. Data is tokenized with the checkpoint's own tokenizer.
+    ``mapped``: a single-file (``model.pt``) checkpoint's weights stay memory-mapped, read-only
+    (copy-on-write), instead of being copied: for tools that only read them (export)."""
     from leanlm.engine.build import build_model, pick_device
-    from leanlm.engine.checkpoint.sharded import load_weights
+    from leanlm.engine.checkpoint import store
+    from leanlm.engine.checkpoint.sharded import checkpoint_format, load_weights
     from leanlm.engine.config import build_config, merge, parse_overrides, read_yaml
     from leanlm.engine.errors import ConfigError
 
@@ -53,5 +58,8 @@ def load_trained(spec: str | Path, overrides: list[str] | None = None, device: s
     dev = pick_device(device or cfg.train.device)
     tok = Tokenizer.load(path)
     model = build_model(cfg, tok.vocab_size, dev, restoring=True)  # the weights come from the checkpoint
-    load_weights(path, model, dev)
+    if mapped and checkpoint_format(path) == "torch" and dev.type == "cpu":
+        store.load_model_state(model, store.load_file(path, "model", dev), str(path), assign=True)
+    else:
+        load_weights(path, model, dev)
     return Trained(cfg=cfg, model=model, tokenizer=tok, path=path, device=dev)

@@ -327,3 +327,5 @@ def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], whe
                 "use the config the checkpoint was trained with"
             )
     model.load_state_dict(state, assign=assign)
+    if assign and hasattr(model, "tie_weights"):  # assign gave each module its own Parameter object
+        model.tie_weights()

@@ -29,6 +29,7 @@ from leanlm.engine.hf.files import MAX_SHARD_BYTES, iter_tensors, write_json, wr
 from leanlm.engine.hf.mapping import Special, hf_config
 from leanlm.engine.hf.tokenizer_files import tokenizer_files
 from leanlm.engine.hf.weights import exported_tensors, from_hf, to_hf
+from leanlm.engine.host import drop_mapped_pages, file_mappings
 from leanlm.engine.model import LLaMA, count_parameters
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -50,6 +51,7 @@ class ExportReport:
     parameters: int
     folded: int  # LOST layers (φ identity) folded into plain linears
     max_logit_diff: float | None  # transformers vs leanlm in float32; None when not checked
+    unchecked: str  # why not, when not
     seconds: float
 
     def summary(self) -> str:
@@ -62,7 +64,7 @@ class ExportReport:
         check = (
             f"transformers' logits within {self.max_logit_diff:.2e} of leanlm's"
             if self.max_logit_diff is not None
-            else "tensors re-read bitwise (install transformers for the logits check)"
+            else f"tensors re-read bitwise ({self.unchecked})"
         )
         return (
             f"wrote {self.out_dir}: {what}, {self.parameters / 1e6:.2f}M parameters in {self.dtype}, "
@@ -138,7 +140,7 @@ def export_hf(
     _check_target(out)
     if dtype is not None and dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype}: choose fp32 or bf16")
-    trained = load_trained(source, device="cpu")
+    trained = load_trained(source, device="cpu", mapped=True)
     cfg, model, tok = trained.cfg, trained.model, trained.tokenizer
     kind, lost, folded = _prepare(model, cfg)
     target = DTYPES[dtype or cfg.train.param_dtype]
@@ -163,10 +165,16 @@ def export_hf(
             (tmp / name).write_bytes(data)
         state = model.state_dict()
         tensors = (to_hf(name, state[name].to(target), cfg.model) for name in exported_tensors(model, cfg.model))
-        files = write_tensors(tmp, tensors, max_shard_bytes)
+        # a model.pt checkpoint stays mapped: each shard's pages of it leave the process once written
+        mappings = file_mappings(trained.path)
+        files = write_tensors(
+            tmp, tensors, max_shard_bytes, written=lambda ts: [drop_mapped_pages(t, mappings) for t in ts]
+        )
         _check_round_trip(tmp, model, cfg.model, target)
-        diff = None
-        if check_in_transformers and count_parameters(model) <= HF_CHECK_MAX_PARAMS:
+        diff, skipped = None, "install transformers for the logits check"
+        if check_in_transformers and count_parameters(model) > HF_CHECK_MAX_PARAMS:
+            skipped = f"the transformers logits check runs up to {HF_CHECK_MAX_PARAMS / 1e6:.0f}M parameters"
+        elif check_in_transformers:
             diff = _check_logits(tmp, model, target, kind)
         if out.exists():
             out.rmdir()  # empty (checked above)
@@ -187,6 +195,7 @@ def export_hf(
         parameters=count_parameters(model),
         folded=folded,
         max_logit_diff=diff,
+        unchecked=skipped if diff is None else "",
         seconds=time.perf_counter() - start,
     )
 

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from leanlm.engine.errors import CheckpointError
+from leanlm.engine.host import drop_mapped_pages, file_mappings
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -68,8 +69,13 @@ def iter_tensors(folder: Path, device: str = "cpu") -> Iterator[tuple[str, torch
     for f in weight_files(folder):
         try:
             with safe_open(str(f), framework="pt", device=device) as handle:
+                mappings = file_mappings(folder)
                 for name in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
-                    yield name, handle.get_tensor(name)
+                    tensor = handle.get_tensor(name)
+                    yield name, tensor
+                    # read once: its pages of the file leave this process (a 7B import holds the
+                    # model once, not also the file's pages); a later read fetches them again
+                    drop_mapped_pages(tensor, mappings)
         except CheckpointError:
             raise
         except Exception as e:  # SafetensorError: truncated, corrupt header, bad offsets
@@ -80,11 +86,15 @@ def iter_tensors(folder: Path, device: str = "cpu") -> Iterator[tuple[str, torch
 
 
 def write_tensors(
-    folder: Path, tensors: Iterable[tuple[str, torch.Tensor]], max_shard_bytes: int = MAX_SHARD_BYTES
+    folder: Path,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+    written: Callable[[list[torch.Tensor]], None] | None = None,
 ) -> list[str]:
     """Write ``tensors`` (HF names, contiguous) as safetensors: one ``model.safetensors`` when they
     fit in one shard, else ``model-0000i-of-0000n.safetensors`` plus the index. At most one shard
-    is held in memory. Returns the files written."""
+    is held in memory; ``written`` is called with each shard's tensors once they are on disk.
+    Returns the files written."""
     from safetensors.torch import save_file
 
     shards: list[str] = []
@@ -97,6 +107,8 @@ def write_tensors(
         if pending:
             shards.append(f"shard-{len(shards):05d}.tmp")
             save_file(pending, str(folder / shards[-1]), metadata={"format": "pt"})
+            if written is not None:
+                written(list(pending.values()))
             pending, size = {}, 0
 
     for name, t in tensors:

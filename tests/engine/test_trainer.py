@@ -210,3 +210,24 @@ def test_grouped_query_attention_trains_and_resumes_bitwise(tiny_base, tmp_path,
     other = [*base, "model.n_kv_heads=2", f"train.out_dir={tmp_path / 'part'}", "train.resume=auto"]
     with pytest.raises(CheckpointError, match="model.n_kv_heads=2 differs from the checkpoint's 1"):
         train(load_config(None, other))
+
+
+@pytest.mark.parametrize("extra", [["optim.name=frugal"], ["optim.name=adamw", "train.param_dtype=bf16"]])
+def test_tied_embeddings_train_as_one_tensor_and_resume_bitwise(tiny_base, tmp_path, extra):
+    """``model.tie_embeddings``: one parameter (one gradient, one optimizer state), still one
+    after a resume (which loads the checkpoint's tensors in place), and the resume is exact."""
+    from leanlm.engine.trained import load_trained
+
+    base = [*tiny_base, "model.tie_embeddings=true", *extra]
+    full = train(load_config(None, [*base, f"train.out_dir={tmp_path / 'full'}"]))
+    part = [*base, f"train.out_dir={tmp_path / 'part'}"]
+    train(load_config(None, part), stop_at=3)
+    resumed = train(load_config(None, [*part, "train.resume=auto"]))
+    assert full.losses[3:] == resumed.losses
+    model = load_trained(tmp_path / "part", device="cpu", mapped=True).model
+    assert model.lm_head.weight is model.embed_tokens.weight
+    untied = train(load_config(None, [*tiny_base, *extra, f"train.out_dir={tmp_path / 'untied'}"]))
+    assert untied.losses != full.losses
+    state = torch.load(full.checkpoint / "optim.pt", weights_only=True)["state"]
+    n_params = len(list(load_trained(tmp_path / "full", device="cpu").model.parameters()))
+    assert len(state) == n_params  # the tied tensor has one optimizer state
