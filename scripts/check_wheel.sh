@@ -15,7 +15,7 @@ import sys, zipfile
 names = zipfile.ZipFile(sys.argv[1]).namelist()
 need = ["leanlm/configs/tiny.yaml", "leanlm/configs/frugal_7b.yaml", "leanlm/engine/cli.py", "leanlm/optim/frugal.py",
         "leanlm/kernels/lost_triton.py", "leanlm/optim/registry.py", "leanlm/engine/py.typed", "leanlm/optim/py.typed",
-        "leanlm/kernels/py.typed"]
+        "leanlm/kernels/py.typed", "leanlm/engine/hf/export.py", "leanlm/configs/llama3_1b.yaml"]
 missing = [n for n in need if n not in names]
 assert not missing, f"wheel lacks {missing}"
 assert not any(n.startswith(("engine/", "optim/", "kernels/", "tests/")) for n in names), "top-level packages shipped"
@@ -28,4 +28,10 @@ cd "$WORK"  # nothing of the repository here
 "$WORK/venv/bin/leanlm" train tiny train.steps=3 eval.every=0 checkpoint.every=0 log.progress=false \
     data.tokenizer_sample_mb=1 train.out_dir="$WORK/run"
 test -s "$WORK/run/metrics.jsonl"
-echo "wheel check: leanlm train tiny ran from the installed wheel"
+# Hugging Face out and back in, from the wheel alone (no transformers in this venv)
+"$WORK/venv/bin/leanlm" export "$WORK/run" "$WORK/hf"
+test -s "$WORK/hf/model.safetensors" && test -s "$WORK/hf/tokenizer.json"
+"$WORK/venv/bin/leanlm" train tiny train.steps=1 eval.every=0 checkpoint.every=0 log.progress=false \
+    train.init_from="$WORK/hf" train.out_dir="$WORK/run2"
+test -s "$WORK/run2/tokenizer.json"
+echo "wheel check: leanlm train tiny, export and train.init_from ran from the installed wheel"

@@ -41,6 +41,11 @@ def locate(spec: str) -> tuple[Path, str]:
     if path.is_dir():
         if is_hf_folder(path):
             return path, "hf"
+        if any(path.glob("*.safetensors")) or (path / "tokenizer.json").is_file():
+            raise ConfigError(
+                f"train.init_from={spec}: no config.json in this folder (a Hugging Face model folder holds config.json "
+                "beside its safetensors); copy it from the model's repository"
+            )
         from leanlm.engine.trained import checkpoint_path
 
         return checkpoint_path(path), "leanlm"

@@ -312,3 +312,20 @@ def test_sharded_checkpoints_export_on_one_process(runs, tmp_path, backend, opti
     assert mapped.keys() == weights.keys() and all(torch.equal(mapped[k], weights[k]) for k in weights)
     if importlib.util.find_spec("transformers"):
         assert report.max_logit_diff is not None and report.max_logit_diff < 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["fsdp2", pytest.param("ds2", marks=needs_ds)])
+def test_continued_pretraining_from_an_hf_folder_under_sharded_backends(runs, tmp_path, backend):
+    """train.init_from under FSDP2 and ZeRO-2: the weights load before sharding / wrapping, so two
+    ranks train on exactly what one process trains on."""
+    from leanlm.engine.hf import export_hf
+
+    folder = tmp_path / "hf"
+    export_hf(runs.get("single", "adamw"), folder)
+    extra = [f"train.init_from={folder}", "optim.warmup_steps=0"]
+    single = tmp_path / "single"
+    train(load_config(TINY, runs.overrides("adamw", single, extra)))
+    multi = runs.launch("adamw", tmp_path / backend, [*BACKENDS[backend], *extra])
+    assert losses(multi) == pytest.approx(losses(single), rel=1e-5, abs=1e-6)
+    assert losses(single)[0] < 6.0  # starts from the trained weights, not from ln(512) = 6.24

@@ -445,3 +445,27 @@ def test_modern_presets_count_what_transformers_counts(preset):
         )
         theirs = LlamaForCausalLM(LlamaConfig(**config)).num_parameters()
     assert ours == theirs == {"smollm_135m": 134_515_008, "llama3_1b": 1_235_814_400}[preset]
+
+
+def test_a_full_disk_during_export_leaves_nothing(runs, tmp_path, monkeypatch):
+    import errno
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("leanlm.engine.hf.export.write_tensors", full)
+    with pytest.raises(CheckpointError, match="No space left on device"):
+        export_hf(runs["gqa_tied"], tmp_path / "hf")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_folders_missing_their_config_or_weights_are_named(tiny_base, tmp_path, hf_folder):
+    no_config = _copy_folder(hf_folder, tmp_path / "no_config")
+    (no_config / "config.json").unlink()
+    with pytest.raises(ConfigError, match="no config.json"):
+        resolve(_import_cfg(tiny_base, tmp_path, no_config))
+    no_weights = _copy_folder(hf_folder, tmp_path / "no_weights")
+    (no_weights / "model.safetensors").unlink()
+    cfg, source = resolve(_import_cfg(tiny_base, tmp_path, no_weights))
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        build_initialised(cfg, source, 300, torch.device("cpu"))
