@@ -329,3 +329,19 @@ def test_continued_pretraining_from_an_hf_folder_under_sharded_backends(runs, tm
     multi = runs.launch("adamw", tmp_path / backend, [*BACKENDS[backend], *extra])
     assert losses(multi) == pytest.approx(losses(single), rel=1e-5, abs=1e-6)
     assert losses(single)[0] < 6.0  # starts from the trained weights, not from ln(512) = 6.24
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["fsdp2", "ddp", pytest.param("ds2", marks=needs_ds)])
+def test_tied_embeddings_are_one_tensor_under_every_backend(runs, tmp_path, backend):
+    """model.tie_embeddings with FRUGAL: two ranks match one process (the tied tensor is sharded,
+    reduced and stepped once), and the checkpoint's weights keep the two names on one tensor."""
+    from leanlm.engine.trained import load_trained
+
+    extra = ["model.tie_embeddings=true", "model.n_heads=4", "model.n_kv_heads=2"]
+    single = tmp_path / "single"
+    train(load_config(TINY, runs.overrides("frugal", single, extra)))
+    multi = runs.launch("frugal", tmp_path / backend, [*BACKENDS[backend], *extra])
+    assert losses(multi) == pytest.approx(losses(single), rel=1e-5, abs=1e-6)
+    model = load_trained(multi, device="cpu").model
+    assert model.lm_head.weight is model.embed_tokens.weight

@@ -283,6 +283,8 @@ def _edit_config(folder: Path, **changes) -> None:
         ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}, "rope_parameters": None}, "'yarn' is not supported"),
         ({"head_dim": 32}, "head_dim=32"),
         ({"max_position_embeddings": 32}, "train.seq_len=64 is longer"),
+        ({"num_experts": 8}, "mixture-of-experts"),
+        ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
     ],
 )
 def test_unsupported_folders_are_refused_in_one_line(tiny_base, tmp_path, hf_folder, changes, message):
@@ -469,3 +471,29 @@ def test_folders_missing_their_config_or_weights_are_named(tiny_base, tmp_path, 
     cfg, source = resolve(_import_cfg(tiny_base, tmp_path, no_weights))
     with pytest.raises(CheckpointError, match="no model.safetensors"):
         build_initialised(cfg, source, 300, torch.device("cpu"))
+
+
+def test_mistral_without_a_sliding_window_is_the_same_model(tiny_base, tmp_path, hf_folder):
+    folder = _copy_folder(hf_folder, tmp_path / "mistral")
+    _edit_config(folder, model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=None)
+    cfg, source = resolve(_import_cfg(tiny_base, tmp_path, folder))
+    model = build_initialised(cfg, source, 300, torch.device("cpu"))
+    tokens = torch.randint(0, 320, (1, 64), generator=torch.Generator().manual_seed(0))
+    theirs = AutoModelForCausalLM.from_pretrained(folder).float().eval()
+    assert type(theirs).__name__ == "MistralForCausalLM"
+    with torch.no_grad():
+        assert (theirs(tokens).logits - model(tokens)).abs().max().item() < 1e-4
+
+
+def test_data_tokenizer_takes_a_tokenizer_json(runs, tiny_base, tmp_path):
+    """A tokenizer.json (here the export of a leanlm sentencepiece model) trains a run, whose
+    checkpoints keep it; its ids are sentencepiece's."""
+    export_hf(runs["gqa_tied"], tmp_path / "hf")
+    over = [*tiny_base, f"data.tokenizer={tmp_path / 'hf' / 'tokenizer.json'}", f"train.out_dir={tmp_path / 'run'}"]
+    res = train(load_config(None, [*over, "train.steps=2"]))
+    tok = Tokenizer.load(res.checkpoint)
+    spm = Tokenizer.load(runs["gqa_tied"])
+    assert tok.kind == "tokenizers" and (res.checkpoint / "tokenizer.json").is_file()
+    assert (tok.bos_id, tok.eos_id, tok.vocab_size) == (spm.bos_id, spm.eos_id, spm.vocab_size)
+    text = "def f(x):\n\treturn  x  # naïve 🙂"
+    assert tok.encode(text) == spm.encode(text) and tok.decode(tok.encode(text)) == text
