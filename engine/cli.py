@@ -198,6 +198,10 @@ def cmd_eval(args) -> int:
     from leanlm.engine.data import build_corpus
     from leanlm.engine.evaluate import evaluate, unigram_loss
 
+    if args.tasks:  # an extra: said before the model is loaded
+        from leanlm.engine.harness import require_lm_eval
+
+        require_lm_eval()
     cfg, model, tok, path, device = _load(args.checkpoint, args.overrides)
     if cfg.train.threads:
         import torch

@@ -55,7 +55,7 @@ class HarnessResult:
         return "\n".join(lines)
 
 
-def _require_lm_eval() -> None:
+def require_lm_eval() -> None:
     try:
         import lm_eval  # noqa: F401
         import transformers  # noqa: F401
@@ -146,7 +146,7 @@ def run_harness(
     batch_size: int = 8,
 ) -> HarnessResult:
     """lm_eval ``simple_evaluate`` on ``model`` (rank 0 only: lm_eval is single-process)."""
-    _require_lm_eval()
+    require_lm_eval()
     if include_path and not Path(include_path).is_dir():
         raise ConfigError(f"--include-path {include_path}: no such folder of task YAML files")
     if include_path:  # local tasks: datasets must not try the Hub for them

@@ -34,4 +34,7 @@ test -s "$WORK/hf/model.safetensors" && test -s "$WORK/hf/tokenizer.json"
 "$WORK/venv/bin/leanlm" train tiny train.steps=1 eval.every=0 checkpoint.every=0 log.progress=false \
     train.init_from="$WORK/hf" train.out_dir="$WORK/run2"
 test -s "$WORK/run2/tokenizer.json"
+# lm_eval is an extra: without it, `leanlm eval --tasks` is one line naming it (exit 2)
+if "$WORK/venv/bin/leanlm" eval "$WORK/run2" --tasks hellaswag 2> "$WORK/eval.err"; then exit 1; fi
+grep -q "pip install 'leanlm\[eval\]'" "$WORK/eval.err"
 echo "wheel check: leanlm train tiny, export and train.init_from ran from the installed wheel"

@@ -9,7 +9,7 @@
 3. times the import alone (``resolve`` + ``build_initialised``) in another child;
 4. exports the run's checkpoint with ``leanlm export`` (bf16), in a child; peak RSS and time.
 
-    .venv/bin/python scripts/hf_bench.py [--work /tmp/hf_bench]
+    .venv/bin/python scripts/hf_bench.py [--work /tmp/hf_bench] [--preset llama3_1b | frugal_7b]
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PRESET = str(ROOT / "configs" / "llama3_1b.yaml")
+PRESET = str(ROOT / "configs" / "llama3_1b.yaml")  # --preset changes it
 RUN = [
     "train.steps=1",
     "train.batch_size=1",
@@ -64,6 +64,8 @@ def child(code: str, argv: list[str] | None = None) -> tuple[float, float, str]:
 
 
 def make_folder(folder: Path, tokenizer_json: Path) -> None:
+    """A Hugging Face folder of the preset's shape (vocabulary 32000 where the preset leaves it to
+    the tokenizer), written tensor by tensor."""
     code = f"""
 import torch, json
 from pathlib import Path
@@ -73,9 +75,10 @@ from leanlm.engine.hf.mapping import Special, hf_config
 from leanlm.engine.hf.files import write_tensors, write_json
 from leanlm.engine.hf.weights import exported_tensors, to_hf
 cfg = load_config({PRESET!r}, [])
+vocab = cfg.model.vocab_size or 32000
 folder = Path({str(folder)!r})
 with torch.device("meta"):
-    model = LLaMA(cfg.model, cfg.model.vocab_size, 8192)
+    model = LLaMA(cfg.model, vocab, 8192)
 gen = torch.Generator().manual_seed(0)
 def tensors():
     for name in exported_tensors(model, cfg.model):
@@ -83,7 +86,7 @@ def tensors():
         t = torch.ones(shape) if len(shape) == 1 else torch.randn(shape, generator=gen) * 0.02
         yield to_hf(name, t.to(torch.bfloat16), cfg.model)
 write_tensors(folder, tensors())
-write_json(folder / "config.json", hf_config(cfg.model, vocab_size=cfg.model.vocab_size, seq_len=8192,
+write_json(folder / "config.json", hf_config(cfg.model, vocab_size=vocab, seq_len=8192,
            dtype="bfloat16", special=Special(1, 2)))
 """
     folder.mkdir(parents=True)
@@ -95,7 +98,10 @@ write_json(folder / "config.json", hf_config(cfg.model, vocab_size=cfg.model.voc
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="/tmp/hf_bench")
+    ap.add_argument("--preset", default="llama3_1b", help="configs/NAME.yaml, e.g. frugal_7b (~45 GB of disk)")
     args = ap.parse_args()
+    global PRESET
+    PRESET = str(ROOT / "configs" / f"{args.preset}.yaml")
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -110,7 +116,7 @@ def main() -> None:
         capture_output=True,
     )
     subprocess.run([leanlm, "export", str(tiny), str(work / "tiny_hf")], check=True, capture_output=True)
-    folder = work / "llama3_1b_hf"
+    folder = work / f"{args.preset}_hf"
     t0 = time.perf_counter()
     make_folder(folder, work / "tiny_hf" / "tokenizer.json")
     size = sum(f.stat().st_size for f in folder.iterdir()) / 2**30
@@ -140,6 +146,7 @@ print(f"import: {{time.perf_counter() - t:.1f}}s, {{sum(p.numel() for p in model
 
     seconds, peak, out = child("", ["export", str(work / "run"), str(work / "export")])
     print(f"export: {seconds:.1f}s, peak RSS {peak:.2f} GiB ({env_note})\n{out.strip().splitlines()[-1]}")
+    shutil.rmtree(work, ignore_errors=True)  # tens of GB at 7B
 
 
 if __name__ == "__main__":

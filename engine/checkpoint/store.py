@@ -327,5 +327,6 @@ def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], whe
                 "use the config the checkpoint was trained with"
             )
     model.load_state_dict(state, assign=assign)
-    if assign and hasattr(model, "tie_weights"):  # assign gave each module its own Parameter object
-        model.tie_weights()
+    tie = getattr(model, "tie_weights", None)
+    if assign and callable(tie):  # assign gave each module its own Parameter object: share again
+        tie()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import os
 import shutil
 import time
@@ -167,9 +168,7 @@ def export_hf(
         tensors = (to_hf(name, state[name].to(target), cfg.model) for name in exported_tensors(model, cfg.model))
         # a model.pt checkpoint stays mapped: each shard's pages of it leave the process once written
         mappings = file_mappings(trained.path)
-        files = write_tensors(
-            tmp, tensors, max_shard_bytes, written=lambda ts: [drop_mapped_pages(t, mappings) for t in ts]
-        )
+        files = write_tensors(tmp, tensors, max_shard_bytes, written=functools.partial(_drop_all, mappings=mappings))
         _check_round_trip(tmp, model, cfg.model, target)
         diff, skipped = None, "install transformers for the logits check"
         if check_in_transformers and count_parameters(model) > HF_CHECK_MAX_PARAMS:
@@ -198,6 +197,11 @@ def export_hf(
         unchecked=skipped if diff is None else "",
         seconds=time.perf_counter() - start,
     )
+
+
+def _drop_all(tensors: list[torch.Tensor], *, mappings: list[tuple[int, int]] | None) -> None:
+    for t in tensors:
+        drop_mapped_pages(t, mappings)
 
 
 def _check_round_trip(folder: Path, model: LLaMA, m, dtype: torch.dtype) -> None:
