@@ -497,3 +497,12 @@ def test_data_tokenizer_takes_a_tokenizer_json(runs, tiny_base, tmp_path):
     assert (tok.bos_id, tok.eos_id, tok.vocab_size) == (spm.bos_id, spm.eos_id, spm.vocab_size)
     text = "def f(x):\n\treturn  x  # naïve 🙂"
     assert tok.encode(text) == spm.encode(text) and tok.decode(tok.encode(text)) == text
+
+
+def test_a_hub_id_without_a_network_is_one_line(tiny_base, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at call time
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    with pytest.raises(ConfigError, match="not a local folder, and the Hub download failed"):
+        resolve(_import_cfg(tiny_base, tmp_path, "HuggingFaceTB/SmolLM2-135M"))
