@@ -251,6 +251,13 @@ def test_continued_pretraining_composes_with_frugal_step_in_backward_and_bf16(ti
     trained = load_trained(res.run_dir, device="cpu")
     assert trained.model.lm_head.weight is trained.model.embed_tokens.weight  # one tied tensor
     assert trained.tokenizer.kind == "tokenizers"
+    # and out again: the imported tokenizer.json travels with it, ids unchanged
+    report = export_hf(res.run_dir, tmp_path / "out")
+    assert report.dtype == "bfloat16" and report.max_logit_diff is not None and report.max_logit_diff < 1e-4
+    theirs = AutoTokenizer.from_pretrained(tmp_path / "out")
+    text = "def f(x):\n\treturn  x  # naïve 🙂"
+    assert theirs(text, add_special_tokens=False)["input_ids"] == trained.tokenizer.encode(text)
+    assert (theirs.bos_token_id, theirs.eos_token_id) == (0, 0)
 
 
 def test_import_into_lost_converts_the_pretrained_weights(tiny_base, tmp_path, hf_folder):
