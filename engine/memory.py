@@ -113,7 +113,8 @@ def activation_bytes(cfg: RunConfig, vocab: int, act_bytes: int, param_dtype_byt
     float32), attention q, k, v, rotated q, k, the output and o_proj's input (~7h), the MLP's gate,
     up, silu(gate) and their product (4f) plus down_proj's input (f). With activation
     checkpointing a block keeps only its input, and one block's worth is rebuilt at a time. The
-    head adds the logits, their float32 copy for the loss and its gradient.
+    head adds the logits, their float32 copy for the loss and its gradient. Document masking
+    adds its boolean mask (B·T² bytes: the SDPA path; flex_attention's block mask is far smaller).
     """
     m, t = cfg.model, cfg.train
     tokens = t.micro_batch(1) * t.seq_len
@@ -121,7 +122,9 @@ def activation_bytes(cfg: RunConfig, vocab: int, act_bytes: int, param_dtype_byt
     per_block = 4 * h * 4 + (7 * h + 5 * f) * act_bytes
     blocks = L * h * param_dtype_bytes + per_block if m.activation_checkpointing else L * per_block
     head = vocab * (act_bytes + 4 + 4)
-    return tokens * (blocks + head + h * 4)
+    # model.doc_masking: one boolean (B, 1, T, T) mask per micro-batch, shared by every block
+    mask = tokens * t.seq_len if m.doc_masking else 0
+    return tokens * (blocks + head + h * 4) + mask
 
 
 def memory_report(cfg: RunConfig, vocab: int, on_gpu: bool = True) -> MemoryReport:

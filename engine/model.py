@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from leanlm.engine.config import ModelConfig
+from leanlm.engine.doc_mask import AttentionMask, DocumentBoundary, attend, build_mask
 
 IGNORE_INDEX = -100  # target id excluded from the loss (PyTorch's convention)
 
@@ -84,7 +85,9 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, kv, bias=False)
         self.o_proj = nn.Linear(d, d, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttentionMask | None = None
+    ) -> torch.Tensor:
         # x: (B, T, d) -> q: (B, H, T, hd); k, v: (B, H_kv, T, hd)
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
@@ -95,7 +98,7 @@ class Attention(nn.Module):
         if self.n_kv_heads != self.n_heads:  # each key/value head serves consecutive query heads
             group = self.n_heads // self.n_kv_heads  # (torch 2.4's SDPA has no enable_gqa)
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, hd)
+        y = attend(q, k, v, mask)  # (B, H, T, hd): causal, within documents when masked
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -122,8 +125,10 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttentionMask | None = None
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -144,6 +149,9 @@ class LLaMA(nn.Module):
         # RoPE tables are derived, not learned: non-persistent so checkpoints hold weights only.
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        # model.doc_masking: where documents start in a packed row (the tokenizer's BOS / EOS);
+        # set by whoever knows the tokenizer (``set_document_boundary``), not saved
+        self.document_boundary: DocumentBoundary | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -154,6 +162,10 @@ class LLaMA(nn.Module):
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
         self._build_rope(self.embed_tokens.weight.device)
+
+    def set_document_boundary(self, bos_id: int, eos_id: int) -> None:
+        """The tokenizer's special ids, for ``model.doc_masking`` (no effect without it)."""
+        self.document_boundary = DocumentBoundary.of(bos_id, eos_id) if self.cfg.doc_masking else None
 
     def tie_weights(self) -> None:
         """Make ``lm_head`` use the embedding's tensor again (after per-module materialisation)."""
@@ -178,12 +190,17 @@ class LLaMA(nn.Module):
         if self.rope_cos.numel() == 0 or self.rope_cos.device != tokens.device:
             self._build_rope(tokens.device)
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        mask = None
+        if self.cfg.doc_masking:  # once per forward, shared by every block (and their recomputes)
+            if self.document_boundary is None:
+                raise RuntimeError("model.doc_masking: call set_document_boundary(bos_id, eos_id) first")
+            mask = build_mask(tokens, self.document_boundary)
         x = self.embed_tokens(tokens)
         for layer in self.layers:
             if self.cfg.activation_checkpointing and self.training:
-                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
-                x = layer(x, cos, sin)
+                x = layer(x, cos, sin, mask)
         x = self.norm(x)  # (B, T, d)
         if targets is None:
             return self.lm_head(x)

@@ -1,4 +1,5 @@
-"""Learning-rate schedule: linear warmup, then cosine (or linear) decay to a floor, or constant."""
+"""Learning-rate schedule: linear warmup, then cosine (or linear) decay to a floor, constant, or
+warmup-stable-decay (WSD: constant, then a short decay at the end; MiniCPM, Hägele et al. 2024)."""
 
 from __future__ import annotations
 
@@ -10,25 +11,56 @@ import torch
 from leanlm.engine.config import OptimConfig
 
 
-def lr_factor(step: int, total: int, *, warmup: int, schedule: str, min_ratio: float) -> float:
-    """Multiplier of the peak lr for the update made at ``step`` (0-based)."""
+def lr_factor(
+    step: int,
+    total: int,
+    *,
+    warmup: int,
+    schedule: str,
+    min_ratio: float,
+    decay_fraction: float = 0.2,
+    decay_shape: str = "1-sqrt",
+    decay_to: float = 0.0,
+) -> float:
+    """Multiplier of the peak lr for the update made at ``step`` (0-based).
+
+    WSD: 1 until the last ``decay_fraction`` of the ``total`` steps, then down towards ``decay_to``
+    with ``decay_shape``: ``linear`` (1 - p) or ``1-sqrt`` (1 - sqrt(p)), p the fraction of the
+    decay done before this update (Hägele et al. 2024, eq. 1; ``1-sqrt`` is their best)."""
     if warmup and step < warmup:
         return (step + 1) / warmup
     if schedule == "constant":
         return 1.0
+    if schedule == "wsd":
+        return wsd_factor(step, total, decay_fraction=decay_fraction, decay_shape=decay_shape, decay_to=decay_to)
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     if schedule == "linear":
         return 1.0 - (1.0 - min_ratio) * progress
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def decay_start(total: int, decay_fraction: float) -> int:
+    """The first step of WSD's decay phase."""
+    return total - max(1, round(decay_fraction * total)) if decay_fraction > 0 else total
+
+
+def wsd_factor(step: int, total: int, *, decay_fraction: float, decay_shape: str, decay_to: float) -> float:
+    start = decay_start(total, decay_fraction)
+    if step < start:
+        return 1.0
+    p = (step - start) / max(1, total - start)
+    shape = 1.0 - (math.sqrt(p) if decay_shape == "1-sqrt" else p)
+    return decay_to + (1.0 - decay_to) * shape
+
+
 def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
     warmup, schedule, min_ratio = cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio
+    wsd = {"decay_fraction": cfg.decay_fraction, "decay_shape": cfg.decay_shape, "decay_to": cfg.decay_to}
 
     def factor(step: int) -> float:  # a plain function: LambdaLR's state_dict then holds no object
-        return lr_factor(step, total_steps, warmup=warmup, schedule=schedule, min_ratio=min_ratio)
+        return lr_factor(step, total_steps, warmup=warmup, schedule=schedule, min_ratio=min_ratio, **wsd)
 
     fn: Callable[[int], float] = factor
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)

@@ -58,6 +58,7 @@ def load_trained(
     dev = pick_device(device or cfg.train.device)
     tok = Tokenizer.load(path)
     model = build_model(cfg, tok.vocab_size, dev, restoring=True)  # the weights come from the checkpoint
+    model.set_document_boundary(tok.bos_id, tok.eos_id)  # evaluated as it was trained (model.doc_masking)
     if mapped and checkpoint_format(path) == "torch" and dev.type == "cpu":
         store.load_model_state(model, store.load_file(path, "model", dev), str(path), assign=True)
     else:

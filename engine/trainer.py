@@ -169,6 +169,7 @@ def setup(cfg: RunConfig, device: torch.device, backend: str) -> Run:
             print(f"leanlm: weights from {init.path} ({init.kind}); step 0, a fresh optimizer")
     else:
         model = build_model(cfg, corpus.tokenizer.vocab_size, device, restoring=resume_from is not None)
+    model.set_document_boundary(corpus.tokenizer.bos_id, corpus.tokenizer.eos_id)  # model.doc_masking
     preloaded = resume_from is not None and preload_weights(resume_from, model, backend, device)
     n_params, n_body = count_parameters(model), count_parameters(model, True)  # before sharding
     net, optimizer, autocast = parallelize(cfg, model, backend, device)

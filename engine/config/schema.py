@@ -113,6 +113,9 @@ class ModelConfig:
     rope_high_freq_factor: float = _f(4.0, "llama3 scaling: high_freq_factor (> low_freq_factor)", gt=0)
     rope_original_max_len: int = _f(8192, "llama3 scaling: original_max_position_embeddings", gt=0)
     tie_embeddings: bool = _f(False, "share one tensor between the input embedding and the output head")
+    doc_masking: bool = _f(
+        False, "attention stays inside each packed document (documents start at BOS, or after EOS without one)"
+    )
     norm_eps: float = _f(1e-6, "RMSNorm epsilon")
     init_std: float = _f(0.02, "std of the normal init of every weight matrix")
     activation_checkpointing: bool = _f(False, "recompute each block in backward to save memory")
@@ -164,9 +167,16 @@ class OptimConfig:
         "decoupled weight decay (adamw: matrices only; frugal/galore/badam: every parameter, before the update)",
         ge=0,
     )
-    schedule: str = _f("cosine", "lr schedule after warmup", choices=("cosine", "linear", "constant"))
+    schedule: str = _f(
+        "cosine",
+        "lr schedule after warmup (wsd: warmup-stable-decay, constant then optim.decay_fraction of decay)",
+        choices=("cosine", "linear", "constant", "wsd"),
+    )
     warmup_steps: int = _f(100, "linear warmup steps", ge=0)
     min_lr_ratio: float = _f(0.1, "final lr as a fraction of the peak (cosine/linear)", ge=0, le=1)
+    decay_fraction: float = _f(0.2, "wsd: the last fraction of train.steps that decays the lr", ge=0, le=1)
+    decay_shape: str = _f("1-sqrt", "wsd: decay shape (Hägele et al. 2024)", choices=("1-sqrt", "linear"))
+    decay_to: float = _f(0.0, "wsd: lr at the end of the decay as a fraction of the peak", ge=0, le=1)
     density: float = _f(0.25, "FRUGAL ρ: state-full fraction of columns/rows/entries/rank/tensors", ge=0, le=1)
     projection: str = _f(
         "columns",

@@ -345,3 +345,12 @@ def test_tied_embeddings_are_one_tensor_under_every_backend(runs, tmp_path, back
     assert losses(multi) == pytest.approx(losses(single), rel=1e-5, abs=1e-6)
     model = load_trained(multi, device="cpu").model
     assert model.lm_head.weight is model.embed_tokens.weight
+
+
+@pytest.mark.slow
+def test_document_masking_under_fsdp2_matches_one_process(runs, tmp_path):
+    extra = ["model.doc_masking=true", "optim.name=frugal"]
+    single = tmp_path / "single"
+    train(load_config(TINY, runs.overrides("frugal", single, extra)))
+    multi = runs.launch("frugal", tmp_path / "fsdp2", [*BACKENDS["fsdp2"], *extra])
+    assert losses(multi) == pytest.approx(losses(single), rel=1e-5, abs=1e-6)
