@@ -57,10 +57,19 @@ def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
     warmup, schedule, min_ratio = cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio
-    wsd = {"decay_fraction": cfg.decay_fraction, "decay_shape": cfg.decay_shape, "decay_to": cfg.decay_to}
+    fraction, shape, to = cfg.decay_fraction, cfg.decay_shape, cfg.decay_to
 
     def factor(step: int) -> float:  # a plain function: LambdaLR's state_dict then holds no object
-        return lr_factor(step, total_steps, warmup=warmup, schedule=schedule, min_ratio=min_ratio, **wsd)
+        return lr_factor(
+            step,
+            total_steps,
+            warmup=warmup,
+            schedule=schedule,
+            min_ratio=min_ratio,
+            decay_fraction=fraction,
+            decay_shape=shape,
+            decay_to=to,
+        )
 
     fn: Callable[[int], float] = factor
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
