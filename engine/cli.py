@@ -25,6 +25,7 @@ USAGE_EXAMPLES = """examples:
   leanlm eval runs/tiny --tasks hellaswag,arc_easy --limit 200
   leanlm generate runs/tiny/checkpoints/step-00000300 --prompt "def main("
   leanlm export runs/tiny hf/tiny --dtype bf16
+  leanlm cooldown runs/wsd_60m --at 4000 --steps 1000
   leanlm memory configs/llama_7b.yaml optim.name=frugal optim.density=0 train.param_dtype=bf16
   leanlm fit runs/scaling_demo/* --budget 1e21 --plot fit.png
   leanlm keys
@@ -93,6 +94,12 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument(
         "--max-shard-gb", type=_number(float, 0, low_open=True), default=5.0, help="largest safetensors file (GB)"
     )
+    cd = sub.add_parser("cooldown", help="branch a WSD run's constant-phase checkpoint into a decay of its own")
+    cd.add_argument("run", help="the run folder (optim.schedule=wsd or constant)")
+    cd.add_argument("--at", type=_number(int, 1), required=True, help="the checkpoint step to branch from")
+    cd.add_argument("--steps", type=_number(int, 1), required=True, help="decay steps")
+    cd.add_argument("--out", help="the cooldown's run folder; default RUN-cooldown-AT+STEPS beside RUN")
+    cd.add_argument("overrides", nargs="*", help="other overrides, e.g. optim.decay_shape=linear")
     mm = sub.add_parser("memory", help="parameter, gradient, optimizer-state and activation memory of a config")
     mm.add_argument("config", help="YAML preset, e.g. configs/frugal_1b.yaml")
     mm.add_argument(
@@ -148,6 +155,9 @@ def _parser() -> argparse.ArgumentParser:
         type=_number(int, 0),
         default=0,
         help="bootstrap rounds (runs are resampled whole) for 95%% intervals",
+    )
+    f.add_argument(
+        "--all-points", action="store_true", help="use WSD runs' points before their decay too (default: cooled only)"
     )
     f.add_argument("--json", help="write the result as JSON here")
     f.add_argument("--plot", help="write a PNG of data vs fitted curves here")
@@ -260,6 +270,20 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_cooldown(args) -> int:
+    from leanlm.engine.cooldown import cooldown_config
+    from leanlm.engine.trainer import train
+
+    cfg = cooldown_config(args.run, at=args.at, steps=args.steps, out=args.out, overrides=args.overrides)
+    res = train(cfg)
+    if res.final is not None:
+        print(
+            f"leanlm: cooldown {res.run_dir}: steps {args.at}..{res.step}, {res.tokens_seen:,} tokens, held-out loss "
+            f"{res.final.loss:.4f} (a cooled point in {res.run_dir}/scaling.jsonl)"
+        )
+    return 0
+
+
 def cmd_export(args) -> int:
     from leanlm.engine.hf import export_hf
 
@@ -326,7 +350,7 @@ def cmd_fit(args) -> int:
     _output_path("--json", args.json)
     _output_path("--plot", args.plot)
     rows = load_records(args.inputs)
-    N, D, L, G = trajectory_points(rows, args.drop_fraction)
+    N, D, L, G = trajectory_points(rows, args.drop_fraction, all_points=args.all_points)
     kw = dict(method=args.method, grid=args.grid)
     if args.holdout:
         result, are, n_target = holdout_are(rows, drop_fraction=args.drop_fraction, **kw)
@@ -375,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
             "eval": cmd_eval,
             "generate": cmd_generate,
             "export": cmd_export,
+            "cooldown": cmd_cooldown,
             "memory": cmd_memory,
             "scaling": cmd_scaling,
             "fit": cmd_fit,

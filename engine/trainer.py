@@ -37,7 +37,7 @@ from leanlm.engine.model import LLaMA, count_parameters, flops_per_token
 from leanlm.engine.run_lock import RunLock
 from leanlm.engine.runtime_checks import check_world
 from leanlm.engine.scaling import ScalingRecorder, recorder_for
-from leanlm.engine.schedule import build_scheduler
+from leanlm.engine.schedule import build_scheduler, schedule_phase
 from leanlm.engine.step import StepResult, StepSpec, train_step
 
 
@@ -356,5 +356,6 @@ def _evaluate(run: Run, result: TrainResult, started: float) -> EvalResult:
             wall_s=elapsed,
             tokens_per_s=(state.tokens_seen - result.tokens_seen) / max(elapsed, 1e-9),
             checkpoint=str(run.checkpointer.last or ""),
+            phase=schedule_phase(state.step, cfg.train.steps, cfg.optim),
         )
     return res

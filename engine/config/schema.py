@@ -177,6 +177,7 @@ class OptimConfig:
     decay_fraction: float = _f(0.2, "wsd: the last fraction of train.steps that decays the lr", ge=0, le=1)
     decay_shape: str = _f("1-sqrt", "wsd: decay shape (Hägele et al. 2024)", choices=("1-sqrt", "linear"))
     decay_to: float = _f(0.0, "wsd: lr at the end of the decay as a fraction of the peak", ge=0, le=1)
+    decay_steps: int = _f(0, "wsd: decay steps (a cooldown sets it); 0 = optim.decay_fraction x train.steps", ge=0)
     density: float = _f(0.25, "FRUGAL ρ: state-full fraction of columns/rows/entries/rank/tensors", ge=0, le=1)
     projection: str = _f(
         "columns",

@@ -68,6 +68,7 @@ class ScalingRecorder:
         wall_s: float,
         tokens_per_s: float,
         checkpoint: str = "",
+        phase: str = "",
     ) -> dict[str, Any]:
         row = dict(self.static)
         row.update(
@@ -82,6 +83,7 @@ class ScalingRecorder:
             lr=lr,
             wall_s=wall_s,
             tokens_per_s=tokens_per_s,
+            phase=phase,
         )
         with append_no_follow(self.path) as fh:
             fh.write(json.dumps(row) + "\n")
@@ -120,6 +122,7 @@ def recorder_for(
         "seq_len": cfg.train.seq_len,
         "global_batch_tokens": cfg.train.tokens_per_step(),
         "flops_per_token": flops_per_token,
+        "schedule": o.schedule,
     }
     per_epoch = (train_sequences or 0) * cfg.train.seq_len or None
     return ScalingRecorder(run_dir / "scaling.jsonl", static, flops_per_token, per_epoch)
@@ -189,14 +192,19 @@ def _from_csv(r: dict[str, str], path: Path) -> dict[str, Any]:
         raise DataError(f"{path}: needs num_params, tokens_seen and the loss columns {names} ({e})") from None
 
 
-def trajectory_points(rows: list[dict[str, Any]], drop_fraction: float = 0.1) -> tuple[np.ndarray, ...]:
+def trajectory_points(
+    rows: list[dict[str, Any]], drop_fraction: float = 0.1, all_points: bool = False
+) -> tuple[np.ndarray, ...]:
     """(N, D, L, run ids) from checkpoint records, dropping each run's checkpoints before
     ``drop_fraction`` of its final tokens (the Hitchhiker's Guide's advice: early checkpoints
-    mislead the fit)."""
+    mislead the fit). Rows of WSD runs count only once cooled down (their lr decayed: the
+    compute-optimal point of that length), unless ``all_points``."""
     by_run: dict[str, list[dict]] = {}
     for r in rows:
         if r.get("val_loss") is None:
             continue
+        if not all_points and r.get("schedule") == "wsd" and r.get("phase") != "cooled":
+            continue  # mid-run WSD points sit above the curve (their lr has not decayed)
         by_run.setdefault(str(r.get("model_name", "run")), []).append(r)
     N, D, L, G = [], [], [], []
     for name, rs in by_run.items():
