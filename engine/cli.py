@@ -389,7 +389,12 @@ def cmd_keys(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "cooldown":  # key=value overrides may follow --at/--steps
+        args.overrides += extra
+    elif extra:
+        parser.parse_args(argv)  # the usual one-line error for what is not recognised
     from leanlm.engine.errors import LeanLMError
 
     warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
