@@ -55,69 +55,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"leanlm: error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="leanlm",
-        description="Memory-efficient LLaMA pretraining.",
-        epilog=USAGE_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train a model from a YAML preset plus key=value overrides")
-    t.add_argument("config", help="YAML preset, e.g. configs/tiny.yaml")
-    t.add_argument("overrides", nargs="*", help="dotted overrides such as optim.lr=3e-4 train.steps=2000")
-    e = sub.add_parser("eval", help="held-out loss and perplexity of a checkpoint")
-    e.add_argument(
-        "checkpoint",
-        help="a checkpoint folder (…/checkpoints/step-XXXXXXXX) or a run folder (newest)",
-    )
-    e.add_argument(
-        "overrides",
-        nargs="*",
-        help="data.* / eval.* overrides, e.g. data.source=PATH eval.tokens=100000",
-    )
-    e.add_argument("--tasks", help="lm-evaluation-harness tasks, comma-separated (needs leanlm[eval])")
-    e.add_argument("--include-path", help="a folder of lm_eval task YAML files (local tasks, offline)")
-    e.add_argument("--limit", type=_number(int, 1), help="lm_eval: at most N documents per task")
-    e.add_argument("--batch-size", type=_number(int, 1), default=8, help="lm_eval batch size")
-    g = sub.add_parser("generate", help="sample text from a checkpoint")
-    g.add_argument("checkpoint", help="a checkpoint folder or a run folder (newest checkpoint)")
-    g.add_argument("--prompt", default="", help="text to continue")
-    g.add_argument("--max-new-tokens", type=_number(int, 0, MAX_NEW_TOKENS), default=200)
-    g.add_argument("--temperature", type=_number(float, 0), default=0.8, help="0 = greedy")
-    g.add_argument("--top-k", type=_number(int, 0), default=50, help="0 = no top-k cut")
-    g.add_argument("--seed", type=_number(int, 0, 2**63 - 1), default=0)
-    x = sub.add_parser("export", help="write a checkpoint as a Hugging Face LlamaForCausalLM folder (+ tokenizer)")
-    x.add_argument("checkpoint", help="a checkpoint folder or a run folder (newest checkpoint)")
-    x.add_argument("out_dir", help="the folder to create (must not exist, or be empty)")
-    x.add_argument("--dtype", choices=["fp32", "bf16"], help="tensor dtype; default the run's train.param_dtype")
-    x.add_argument(
-        "--max-shard-gb", type=_number(float, 0, low_open=True), default=5.0, help="largest safetensors file (GB)"
-    )
-    cd = sub.add_parser("cooldown", help="branch a WSD run's constant-phase checkpoint into a decay of its own")
-    cd.add_argument("run", help="the run folder (optim.schedule=wsd or constant)")
-    cd.add_argument("--at", type=_number(int, 1), required=True, help="the checkpoint step to branch from")
-    cd.add_argument("--steps", type=_number(int, 1), required=True, help="decay steps")
-    cd.add_argument("--out", help="the cooldown's run folder; default RUN-cooldown-AT+STEPS beside RUN")
-    cd.add_argument("overrides", nargs="*", help="other overrides, e.g. optim.decay_shape=linear")
-    mm = sub.add_parser("memory", help="parameter, gradient, optimizer-state and activation memory of a config")
-    mm.add_argument("config", help="YAML preset, e.g. configs/frugal_1b.yaml")
-    mm.add_argument(
-        "overrides",
-        nargs="*",
-        help="dotted overrides, e.g. optim.name=frugal train.micro_batch_size=8",
-    )
-    mm.add_argument("--cpu", action="store_true", help="estimate for CPU training (fp32 activations)")
-    mm.add_argument(
-        "--world",
-        type=_number(int, 1),
-        default=1,
-        help="ranks: per-rank figures under the config's distributed.backend (fsdp2, deepspeed)",
-    )
-    sc = sub.add_parser("scaling", help="scaling-law records: export runs' scaling.jsonl as a ColPret CSV")
-    sc.add_argument("action", choices=["export"])
-    sc.add_argument("runs", nargs="+", help="run folders or scaling.jsonl files")
-    sc.add_argument("--csv", required=True, help="output CSV path")
+def _add_fit(sub) -> None:
+    """``leanlm fit``'s options (the longest list: its own function)."""
     f = sub.add_parser("fit", help="fit L(N, D) = E + A/N^α + B/D^β to runs or a CSV/JSONL of records")
     f.add_argument("inputs", nargs="+", help="run folders, scaling.jsonl files or ColPret-style CSVs")
     f.add_argument("--method", choices=["chinchilla", "colpret"], default="chinchilla")
@@ -161,6 +100,77 @@ def _parser() -> argparse.ArgumentParser:
     )
     f.add_argument("--json", help="write the result as JSON here")
     f.add_argument("--plot", help="write a PNG of data vs fitted curves here")
+
+
+def _add_export_and_cooldown(sub) -> None:
+    """``leanlm export`` (to Hugging Face) and ``leanlm cooldown`` (WSD branches)."""
+    x = sub.add_parser("export", help="write a checkpoint as a Hugging Face LlamaForCausalLM folder (+ tokenizer)")
+    x.add_argument("checkpoint", help="a checkpoint folder or a run folder (newest checkpoint)")
+    x.add_argument("out_dir", help="the folder to create (must not exist, or be empty)")
+    x.add_argument("--dtype", choices=["fp32", "bf16"], help="tensor dtype; default the run's train.param_dtype")
+    x.add_argument(
+        "--max-shard-gb", type=_number(float, 0, low_open=True), default=5.0, help="largest safetensors file (GB)"
+    )
+    cd = sub.add_parser("cooldown", help="branch a WSD run's constant-phase checkpoint into a decay of its own")
+    cd.add_argument("run", help="the run folder (optim.schedule=wsd or constant)")
+    cd.add_argument("--at", type=_number(int, 1), required=True, help="the checkpoint step to branch from")
+    cd.add_argument("--steps", type=_number(int, 1), required=True, help="decay steps")
+    cd.add_argument("--out", help="the cooldown's run folder; default RUN-cooldown-AT+STEPS beside RUN")
+    cd.add_argument("overrides", nargs="*", help="other overrides, e.g. optim.decay_shape=linear")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="leanlm",
+        description="Memory-efficient LLaMA pretraining.",
+        epilog=USAGE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a model from a YAML preset plus key=value overrides")
+    t.add_argument("config", help="YAML preset, e.g. configs/tiny.yaml")
+    t.add_argument("overrides", nargs="*", help="dotted overrides such as optim.lr=3e-4 train.steps=2000")
+    e = sub.add_parser("eval", help="held-out loss and perplexity of a checkpoint")
+    e.add_argument(
+        "checkpoint",
+        help="a checkpoint folder (…/checkpoints/step-XXXXXXXX) or a run folder (newest)",
+    )
+    e.add_argument(
+        "overrides",
+        nargs="*",
+        help="data.* / eval.* overrides, e.g. data.source=PATH eval.tokens=100000",
+    )
+    e.add_argument("--tasks", help="lm-evaluation-harness tasks, comma-separated (needs leanlm[eval])")
+    e.add_argument("--include-path", help="a folder of lm_eval task YAML files (local tasks, offline)")
+    e.add_argument("--limit", type=_number(int, 1), help="lm_eval: at most N documents per task")
+    e.add_argument("--batch-size", type=_number(int, 1), default=8, help="lm_eval batch size")
+    g = sub.add_parser("generate", help="sample text from a checkpoint")
+    g.add_argument("checkpoint", help="a checkpoint folder or a run folder (newest checkpoint)")
+    g.add_argument("--prompt", default="", help="text to continue")
+    g.add_argument("--max-new-tokens", type=_number(int, 0, MAX_NEW_TOKENS), default=200)
+    g.add_argument("--temperature", type=_number(float, 0), default=0.8, help="0 = greedy")
+    g.add_argument("--top-k", type=_number(int, 0), default=50, help="0 = no top-k cut")
+    g.add_argument("--seed", type=_number(int, 0, 2**63 - 1), default=0)
+    _add_export_and_cooldown(sub)
+    mm = sub.add_parser("memory", help="parameter, gradient, optimizer-state and activation memory of a config")
+    mm.add_argument("config", help="YAML preset, e.g. configs/frugal_1b.yaml")
+    mm.add_argument(
+        "overrides",
+        nargs="*",
+        help="dotted overrides, e.g. optim.name=frugal train.micro_batch_size=8",
+    )
+    mm.add_argument("--cpu", action="store_true", help="estimate for CPU training (fp32 activations)")
+    mm.add_argument(
+        "--world",
+        type=_number(int, 1),
+        default=1,
+        help="ranks: per-rank figures under the config's distributed.backend (fsdp2, deepspeed)",
+    )
+    sc = sub.add_parser("scaling", help="scaling-law records: export runs' scaling.jsonl as a ColPret CSV")
+    sc.add_argument("action", choices=["export"])
+    sc.add_argument("runs", nargs="+", help="run folders or scaling.jsonl files")
+    sc.add_argument("--csv", required=True, help="output CSV path")
+    _add_fit(sub)
     sub.add_parser("keys", help="list every config key with its default and meaning")
     return p
 

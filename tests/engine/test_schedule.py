@@ -70,7 +70,7 @@ def test_a_cooldown_equals_a_wsd_run_with_its_decay_there(tiny_base, tmp_path, c
     base = [*tiny_base, *wsd_keys, "checkpoint.every=2"]
     train(load_config(None, [*base, "train.steps=12", "optim.decay_steps=2", f"train.out_dir={tmp_path / 'long'}"]))
     short = train(load_config(None, [*base, "train.steps=7", "optim.decay_steps=3", f"train.out_dir={tmp_path / 's'}"]))
-    assert main(["cooldown", str(tmp_path / "long"), "--at", "4", "--steps", "3"]) == 0
+    assert main(["cooldown", str(tmp_path / "long"), "--at", "4", "--steps", "3", "log.scaled_set=branches"]) == 0
     cooled = tmp_path / "long-cooldown-4+3"
     assert "cooldown" in capsys.readouterr().out
     ref = [
@@ -83,7 +83,8 @@ def test_a_cooldown_equals_a_wsd_run_with_its_decay_there(tiny_base, tmp_path, c
     records = load_records([str(cooled), str(tmp_path / "long"), str(tmp_path / "s")])
     cooled_rows = [r for r in records if r["phase"] == "cooled"]
     assert {r["model_name"] for r in cooled_rows} == {"long-cooldown-4+3", "long", "s"}
-    assert [r["tokens_seen"] for r in cooled_rows if r["model_name"] == "long-cooldown-4+3"] == [7 * 4 * 32]
+    mine = [r for r in cooled_rows if r["model_name"] == "long-cooldown-4+3"]
+    assert [(r["tokens_seen"], r["scaled_set"]) for r in mine] == [(7 * 4 * 32, "branches")]  # override after options
     D = trajectory_points(records, drop_fraction=0.0)[1]
     assert len(D) == 3  # only the cooled points, one per run
     assert len(trajectory_points(records, drop_fraction=0.0, all_points=True)[1]) > 3
