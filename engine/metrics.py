@@ -96,11 +96,19 @@ def trim_records(path: Path, last_step: int) -> None:
 class MetricsLogger:
     """Writes scalars to TensorBoard and ``metrics.jsonl``; a no-op on non-main ranks."""
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = True, resume_step: int | None = None) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        enabled: bool,
+        tensorboard: bool = True,
+        resume_step: int | None = None,
+        trackers: list[Any] | None = None,
+    ) -> None:
         """``resume_step``: the run restarts from this step's checkpoint; records logged after it by
         the interrupted attempt are dropped (from metrics.jsonl, and purged in TensorBoard) so the
         logs read as one uninterrupted run."""
         self.enabled = enabled
+        self.trackers = list(trackers or []) if enabled else []  # leanlm.engine.trackers.Tracker
         self.writer = None
         self.jsonl = None
         if not enabled:
@@ -123,12 +131,17 @@ class MetricsLogger:
             if self.writer is not None:
                 self.writer.add_scalar(tag, value, step)
         self.jsonl.write(json.dumps({"step": step, **extra, **scalars}) + "\n")
+        for tracker in self.trackers:
+            tracker.log(step, scalars)
 
     def flush(self) -> None:
         if self.writer is not None:
             self.writer.flush()
 
     def close(self) -> None:
+        for tracker in self.trackers:
+            tracker.finish()
+        self.trackers = []
         if self.writer is not None:
             self.writer.close()
             self.writer = None

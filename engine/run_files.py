@@ -29,7 +29,7 @@ RUN_FILES = (
     "metrics.jsonl",
     "scaling.jsonl",
 )
-RUN_FOLDERS = ("tb", "checkpoints")
+RUN_FOLDERS = ("tb", "checkpoints", "profile", "eval", "wandb")
 
 
 def _refuse(path: Path) -> ConfigError:

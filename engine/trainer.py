@@ -34,11 +34,13 @@ from leanlm.engine.hf.init import build_initialised
 from leanlm.engine.hf.init import resolve as resolve_init
 from leanlm.engine.metrics import MetricsLogger, Throughput, peak_flops, peak_memory_gib, trim_records
 from leanlm.engine.model import LLaMA, count_parameters, flops_per_token
+from leanlm.engine.profiling import StepProfiler
 from leanlm.engine.run_lock import RunLock
 from leanlm.engine.runtime_checks import check_world
 from leanlm.engine.scaling import ScalingRecorder, recorder_for
 from leanlm.engine.schedule import build_scheduler, schedule_phase
 from leanlm.engine.step import StepResult, StepSpec, train_step
+from leanlm.engine.trackers import check_installed, open_trackers
 
 
 @dataclass(kw_only=True)
@@ -152,6 +154,7 @@ def _nan_message(res: Any, step: int, good: Path | None, latest: Path | None, *,
 
 def setup(cfg: RunConfig, device: torch.device, backend: str) -> Run:
     """Build the run: data, model, optimizer, schedule, resume state, logs."""
+    check_installed(cfg.log.trackers)  # a missing extra is said before any work
     cfg, init = resolve_init(cfg)  # train.init_from: the model's shape (and tokenizer) from there
     train_cfg, main, run_dir = cfg.train, dist.is_main(), Path(cfg.train.out_dir)
     check_world(cfg, dist.world_size())
@@ -189,7 +192,9 @@ def setup(cfg: RunConfig, device: torch.device, backend: str) -> Run:
         net = cast(torch.nn.Module, torch.compile(net))
     # Records past the restart step (all of them on a fresh start) belong to an attempt that
     # crashed before saving them: dropped, so the logs read as one uninterrupted run.
-    logger = MetricsLogger(run_dir, main, cfg.log.tensorboard, resume_step=state.step)
+    trackers = open_trackers(cfg, run_dir, state.trackers) if main else []
+    state.trackers = {t.name: t.run_id for t in trackers}  # saved with each checkpoint: a resume continues them
+    logger = MetricsLogger(run_dir, main, cfg.log.tensorboard, resume_step=state.step, trackers=trackers)
     fpt = flops_per_token(cfg.model, model.vocab_size, train_cfg.seq_len)
     recorder = None
     if main and cfg.log.scaling:
@@ -255,9 +260,11 @@ def _loop(run: Run, stop_at: int | None) -> TrainResult:
     show = dist.is_main() and cfg.log.progress
     bar = tqdm(total=train_cfg.steps, initial=state.step, disable=not show, dynamic_ncols=True, unit="step")
     run.net.train()
+    profiler = StepProfiler(cfg.profile.steps, result.run_dir, run.spec.device)
     with bar, StopFlag() as stop:
         while state.step < train_cfg.steps:
             # forward, backward, clip, update: the step's math lives in engine.step
+            profiler.before(state.step + 1)
             batches = run.corpus.train.next_step()
             res = train_step(run.net, run.optimizer, batches, run.spec, reweight=_reweighting(cfg, state.step))
             # a NaN/Inf step was not applied: stop, pointing at weights known to train
@@ -268,6 +275,7 @@ def _loop(run: Run, stop_at: int | None) -> TrainResult:
             run.checkpointer.confirm()
             lr = float(state.scheduler.get_last_lr()[0])
             state.advance(res.tokens * dist.world_size())
+            profiler.after(state.step)
             meter.add(res.tokens * dist.world_size())
             loss = dist.all_reduce_mean(res.loss, run.spec.device)
             result.losses.append(loss)

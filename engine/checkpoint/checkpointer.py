@@ -36,6 +36,7 @@ class TrainState:
     device: torch.device
     step: int = 0
     tokens_seen: int = 0
+    trackers: dict[str, str] = field(default_factory=dict)  # tracker name -> its run id (log.trackers)
 
     def advance(self, tokens: int) -> None:
         """One optimizer step of ``tokens`` tokens (all ranks) is done."""
@@ -51,6 +52,7 @@ class TrainState:
             "data": self.data.state_dict(),
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+            "trackers": dict(self.trackers),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -59,6 +61,7 @@ class TrainState:
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
         resume_schedule(self.scheduler, self.step)
         self.data.load_state_dict(state["data"])
+        self.trackers = dict(state.get("trackers") or {})
         torch.set_rng_state(state["rng_cpu"])
         if self.device.type == "cuda" and state.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(state["rng_cuda"], self.device)

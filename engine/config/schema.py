@@ -337,6 +337,8 @@ class LogConfig:
     scaling: bool = _f(True, "append a row per evaluation to <out_dir>/scaling.jsonl (ColPret schema)")
     model_name: str = _f("", "run id in scaling.jsonl; empty = the run folder's name")
     scaled_set: str = _f("", "scaling family in scaling.jsonl; empty = the run folder's parent's name")
+    trackers: list[str] = _f([], "experiment trackers beside TensorBoard: trackio, wandb (optional extras)")
+    tracker_project: str = _f("leanlm", "the trackers' project name")
 
 
 @dataclass(kw_only=True)
@@ -356,6 +358,15 @@ class DistributedConfig:
 
 
 @dataclass(kw_only=True)
+class ProfileConfig:
+    """torch.profiler traces of chosen steps (and, on CUDA, a memory snapshot)."""
+
+    steps: list[int] = _f(
+        [], "[first, last] optimizer steps (1-based, inclusive) to trace into <out_dir>/profile/; [] = off"
+    )
+
+
+@dataclass(kw_only=True)
 class RunConfig:
     """The whole run: one section per component."""
 
@@ -367,6 +378,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -381,6 +393,7 @@ SECTION_TYPES = {
     "checkpoint": CheckpointConfig,
     "log": LogConfig,
     "distributed": DistributedConfig,
+    "profile": ProfileConfig,
 }
 
 

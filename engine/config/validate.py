@@ -67,6 +67,7 @@ def validate(cfg: RunConfig) -> list[str]:
             f"model.rope_high_freq_factor={m.rope_high_freq_factor} must be above model.rope_low_freq_factor="
             f"{m.rope_low_freq_factor} (llama3 RoPE scaling interpolates between them)"
         )
+    p += _log_and_profile_problems(cfg)
     if t.micro_batch_size and t.batch_size % t.micro_batch_size:
         p.append(f"train.batch_size={t.batch_size} is not a multiple of train.micro_batch_size={t.micro_batch_size}")
     if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
@@ -81,6 +82,21 @@ def validate(cfg: RunConfig) -> list[str]:
     if m.vocab_size and trains_tokenizer and m.vocab_size < d.vocab_size:
         p.append(f"model.vocab_size={m.vocab_size} is smaller than data.vocab_size={d.vocab_size}")
     return p + _distributed_problems(cfg)
+
+
+def _log_and_profile_problems(cfg: RunConfig) -> list[str]:
+    """Unknown trackers; a profile window outside the run."""
+    p = []
+    for name in cfg.log.trackers:
+        if name not in ("trackio", "wandb"):
+            hint = suggest(str(name), ["trackio", "wandb"])
+            p.append(f"log.trackers: unknown tracker {shown(name)}; choose trackio or wandb{hint}")
+    steps, total = cfg.profile.steps, cfg.train.steps
+    if steps and not (len(steps) == 2 and all(isinstance(s, int) for s in steps) and 1 <= steps[0] <= steps[1]):
+        p.append(f"profile.steps={shown(steps)}: give [first, last] optimizer steps with 1 <= first <= last")
+    elif steps and steps[1] > total:
+        p.append(f"profile.steps={shown(steps)}: the run has train.steps={total}; profile steps within it")
+    return p
 
 
 def _distributed_problems(cfg: RunConfig) -> list[str]:
