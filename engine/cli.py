@@ -26,6 +26,7 @@ USAGE_EXAMPLES = """examples:
   leanlm generate runs/tiny/checkpoints/step-00000300 --prompt "def main("
   leanlm export runs/tiny hf/tiny --dtype bf16
   leanlm cooldown runs/wsd_60m --at 4000 --steps 1000
+  leanlm tokenize path/to/texts shards/texts --workers 2 && leanlm train tiny data.source=tokens:shards/texts
   leanlm memory configs/llama_7b.yaml optim.name=frugal optim.density=0 train.param_dtype=bf16
   leanlm fit runs/scaling_demo/* --budget 1e21 --plot fit.png
   leanlm keys
@@ -152,6 +153,15 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=_number(int, 0), default=50, help="0 = no top-k cut")
     g.add_argument("--seed", type=_number(int, 0, 2**63 - 1), default=0)
     _add_export_and_cooldown(sub)
+    tk = sub.add_parser("tokenize", help="tokenize a source once into shards (train with data.source=tokens:DIR)")
+    tk.add_argument("source", help="stdlib, a file or folder, or hf:NAME[:CONFIG]")
+    tk.add_argument("out_dir", help="the shard folder (run the same command again to resume)")
+    tk.add_argument("--tokenizer", default="", help="a .model, tokenizer.json or folder; default: train one")
+    tk.add_argument("--vocab-size", type=_number(int, 300), default=4096, help="pieces of a trained tokenizer")
+    tk.add_argument("--workers", type=_number(int, 1), default=1, help="tokenizing processes")
+    tk.add_argument("--val-fraction", type=_number(float, 0, 0.99), default=0.02, help="held-out documents")
+    tk.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.parquet/HF records")
+    tk.add_argument("--unit-mb", type=_number(float, 0, low_open=True), default=256.0, help="text per shard (MB)")
     mm = sub.add_parser("memory", help="parameter, gradient, optimizer-state and activation memory of a config")
     mm.add_argument("config", help="YAML preset, e.g. configs/frugal_1b.yaml")
     mm.add_argument(
@@ -277,6 +287,28 @@ def cmd_generate(args) -> int:
         seed=args.seed,
     )
     print(text)
+    return 0
+
+
+def cmd_tokenize(args) -> int:
+    from leanlm.engine.data.tokenize import tokenize_source
+
+    meta = tokenize_source(
+        args.source,
+        args.out_dir,
+        tokenizer=args.tokenizer,
+        vocab_size=args.vocab_size,
+        workers=args.workers,
+        val_fraction=args.val_fraction,
+        text_field=args.text_field,
+        unit_bytes=int(args.unit_mb * 1e6),
+    )
+    rate = meta["text_bytes_tokenized"] / 1e6 / max(meta["seconds"], 1e-9)
+    print(
+        f"leanlm: {args.out_dir}: {len(meta['shards'])} shards, {meta['tokens']['train']:,} train / "
+        f"{meta['tokens']['val']:,} held-out tokens ({meta['documents']['train']:,} / {meta['documents']['val']:,} "
+        f"documents), {rate:.2f} MB/s of text this run; train with data.source=tokens:{args.out_dir}"
+    )
     return 0
 
 
@@ -415,6 +447,7 @@ def main(argv: list[str] | None = None) -> int:
             "generate": cmd_generate,
             "export": cmd_export,
             "cooldown": cmd_cooldown,
+            "tokenize": cmd_tokenize,
             "memory": cmd_memory,
             "scaling": cmd_scaling,
             "fit": cmd_fit,

@@ -35,8 +35,6 @@ from leanlm.engine.data.sources import (
     check_hub,
     hf_stream,
     is_validation,
-    path_source,
-    stdlib_source,
 )
 from leanlm.engine.data.tokenizer import Tokenizer, train_tokenizer
 from leanlm.engine.errors import DataError
@@ -74,11 +72,13 @@ class TrainStream(Protocol):
 
 
 class PackedTokens:
-    """Shuffled fixed-length windows over a token array; state = global sequences consumed."""
+    """Shuffled fixed-length windows over a token array, or over shards (windows are cut per
+    shard and numbered globally; a shard's tail shorter than a window is left out); state =
+    global sequences consumed."""
 
     def __init__(
         self,
-        tokens: np.ndarray,
+        tokens: np.ndarray | list[np.ndarray],
         seq_len: int,
         *,
         batch_size: int,
@@ -88,17 +88,27 @@ class PackedTokens:
         seed: int,
         shuffle: bool = True,
     ) -> None:
-        self.tokens, self.seq_len = tokens, seq_len
-        self.n = (len(tokens) - 1) // seq_len
+        self.shards = tokens if isinstance(tokens, list) else [tokens]
+        self.seq_len = seq_len
+        counts = [max(0, (len(t) - 1) // seq_len) for t in self.shards]
+        self.first = np.cumsum([0, *counts])  # (shards + 1,): the first window of each shard
+        self.n = int(self.first[-1])
         if self.n < 1:
             raise DataError(
-                f"training split has {len(tokens)} tokens, fewer than one sequence of "
-                f"train.seq_len+1={seq_len + 1}; lower train.seq_len or add data"
+                f"training split has {sum(len(t) for t in self.shards)} tokens, fewer than one sequence of "
+                f"train.seq_len+1={seq_len + 1} (in any one shard); lower train.seq_len or add data"
             )
         self.batch_size, self.micro, self.rank, self.world = batch_size, micro, rank, world
         self.seed, self.shuffle = seed, shuffle
         self.position = 0
         self._perm_epoch, self._perm = -1, np.arange(0)
+
+    @property
+    def tokens(self) -> np.ndarray:
+        """The token array of a one-array stream (file sources' cache)."""
+        if len(self.shards) != 1:
+            raise AttributeError("a sharded stream has no single token array; see .shards")
+        return self.shards[0]
 
     @property
     def epoch(self) -> int:
@@ -115,9 +125,13 @@ class PackedTokens:
 
     def rows(self, positions: range) -> torch.Tensor:
         """The windows at these global positions: (len(positions), seq_len + 1) int64."""
-        T = self.seq_len
-        out = np.stack([self.tokens[(w := self._window(p)) * T : w * T + T + 1] for p in positions])
-        return torch.from_numpy(out.astype(np.int64))
+        T, rows = self.seq_len, []
+        for p in positions:
+            w = self._window(p)
+            s = int(np.searchsorted(self.first, w, side="right")) - 1  # the shard holding window w
+            i = w - int(self.first[s])
+            rows.append(self.shards[s][i * T : i * T + T + 1])
+        return torch.from_numpy(np.stack(rows).astype(np.int64))
 
     def next_step(self) -> list[torch.Tensor]:
         p0, m, W = self.position, self.micro, self.world
@@ -247,7 +261,7 @@ def _tokenizer_for(cfg: RunConfig, tokenizer_file: Path | None, fingerprint: str
     return trained
 
 
-def _file_sample(source: FileSource, fraction: float, budget_bytes: float):
+def file_sample(source: FileSource, fraction: float, budget_bytes: float):
     """A hash-chosen, unbiased sample of about ``budget_bytes`` of training pieces; when the hash
     keeps none (one big document, a tiny budget), the first training pieces up to the budget."""
     total = sum(f.stat().st_size for f in source.files) or 1
@@ -360,11 +374,11 @@ def _ensure_token_cache(source: FileSource, tok: Tokenizer, fraction: float, fol
     _tokenize_files(source, tok, fraction, folder)
 
 
-def _file_corpus(cfg: RunConfig, source: FileSource, tokenizer_file: Path | None) -> Corpus:
+def file_corpus(cfg: RunConfig, source: FileSource, tokenizer_file: Path | None) -> Corpus:
     d, t, rank, world = cfg.data, cfg.train, dist.rank(), dist.world_size()
     if dist.is_main():
         fingerprint = source.fingerprint()
-        sample = _file_sample(source, d.val_fraction, d.tokenizer_sample_mb * 1e6)
+        sample = file_sample(source, d.val_fraction, d.tokenizer_sample_mb * 1e6)
         tok = _tokenizer_for(cfg, tokenizer_file, fingerprint, sample)
         ident = f"{fingerprint}|{d.val_fraction}|{tok.sha()}|{CACHE_FORMAT}"
         folder = cache_root(cfg) / "tokens" / hashlib.sha256(ident.encode()).hexdigest()[:20]
@@ -388,10 +402,10 @@ def _file_corpus(cfg: RunConfig, source: FileSource, tokenizer_file: Path | None
         f"{d.source}: {meta['documents']['train']} train / {meta['documents']['val']} held-out segments, "
         f"{meta['tokens']['train']:,} / {meta['tokens']['val']:,} tokens (cache {folder})"
     )
-    return Corpus(tokenizer=tok, train=stream, val_tokens=_held_out(val, cfg), train_counts=counts, description=desc)
+    return Corpus(tokenizer=tok, train=stream, val_tokens=held_out(val, cfg), train_counts=counts, description=desc)
 
 
-def _held_out(val: np.ndarray, cfg: RunConfig) -> np.ndarray:
+def held_out(val: np.ndarray, cfg: RunConfig) -> np.ndarray:
     """The first eval.tokens (+1 for the last target) held-out tokens: a fixed set."""
     want = cfg.eval.tokens + 1
     if len(val) < cfg.train.seq_len + 1:
@@ -407,7 +421,7 @@ def _held_out(val: np.ndarray, cfg: RunConfig) -> np.ndarray:
     return np.asarray(val[:want]).astype(np.int64)
 
 
-def _hf_corpus(cfg: RunConfig, tokenizer_file: Path | None) -> Corpus:
+def hf_corpus(cfg: RunConfig, tokenizer_file: Path | None) -> Corpus:
     from datasets.distributed import split_dataset_by_node
 
     d, t, rank, world = cfg.data, cfg.train, dist.rank(), dist.world_size()
@@ -466,18 +480,5 @@ def _hf_corpus(cfg: RunConfig, tokenizer_file: Path | None) -> Corpus:
         world=world,
     )
     desc = f"{d.source} (streamed; train split {d.hf_split!r}, held-out {val_split!r}{' by hash' if holdout else ''})"
-    val_tokens = _held_out(np.asarray(val), cfg)
+    val_tokens = held_out(np.asarray(val), cfg)
     return Corpus(tokenizer=tok, train=stream, val_tokens=val_tokens, train_counts=counts, description=desc)
-
-
-def build_corpus(cfg: RunConfig, tokenizer_file: Path | None = None) -> Corpus:
-    """Source -> tokenizer -> this rank's training stream and the fixed held-out tokens.
-
-    ``tokenizer_file`` forces a tokenizer: a file, or a folder holding one (a checkpoint's own when
-    resuming or evaluating, an imported model's folder for ``train.init_from``).
-    """
-    spec = cfg.data.source
-    if spec.startswith("hf:"):
-        return _hf_corpus(cfg, tokenizer_file)
-    source = stdlib_source() if spec == "stdlib" else path_source(spec, cfg.data.text_field)
-    return _file_corpus(cfg, source, tokenizer_file)
