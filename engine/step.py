@@ -38,6 +38,7 @@ class StepResult:
     tokens: int  # tokens processed on this rank
     reweight: WeightStats | None = None  # averaged over micro-batches, when reweighting is on
     finite: bool = True  # False: a loss or the gradient norm was NaN/Inf on some rank; no update
+    row_losses: torch.Tensor | None = None  # this rank's per-row losses, micro-batches in order (per-source logs)
 
 
 def batch_loss(
@@ -66,9 +67,11 @@ class _Tally:
     total: torch.Tensor
     tokens: int = 0
     stats: list[WeightStats] = field(default_factory=list)
+    rows: list[torch.Tensor] = field(default_factory=list)
 
     def add(self, rows: torch.Tensor, tokens: int, st: WeightStats | None) -> None:
         self.total += rows.float().mean() / self.accum
+        self.rows.append(rows.float())
         self.tokens += tokens
         if st is not None:
             self.stats.append(st)
@@ -76,7 +79,12 @@ class _Tally:
     def result(self, grad_norm: float, finite: bool = True) -> StepResult:
         stats = WeightStats.mean(self.stats) if self.stats else None
         return StepResult(
-            loss=float(self.total.item()), grad_norm=grad_norm, tokens=self.tokens, reweight=stats, finite=finite
+            loss=float(self.total.item()),
+            grad_norm=grad_norm,
+            tokens=self.tokens,
+            reweight=stats,
+            finite=finite,
+            row_losses=torch.cat(self.rows) if self.rows else None,
         )
 
 

@@ -337,22 +337,54 @@ def _log_step(run: Run, res: StepResult, *, loss: float, lr: float, tokens_per_s
         scalars["perf/mfu"] = run.flops_per_token * tokens_per_s / (peak * dist.world_size())
     if res.reweight is not None:
         scalars.update(res.reweight.scalars())
+    scalars.update(_per_source(run, res))
     run.logger.log(run.state.step, scalars, tokens_seen=run.state.tokens_seen)
+
+
+def _per_source(run: Run, res: StepResult) -> dict[str, float]:
+    """data.mix: this step's training loss of each source (all ranks' rows) and its epochs so far."""
+    stream = run.corpus.train
+    sources = getattr(stream, "last_sources", None)
+    if not sources or res.row_losses is None:
+        return {}
+    device = run.spec.device
+    rows = dist.all_gather(res.row_losses.to(device))
+    ids = dist.all_gather(torch.cat(sources).to(device))
+    out: dict[str, float] = {}
+    for s, name in enumerate(stream.names):  # type: ignore[attr-defined]
+        mine = rows[ids == s]
+        if mine.numel():
+            out[f"train/{name}/loss"] = float(mine.mean())
+    out.update({f"data/{name}/epochs": e for name, e in stream.epochs().items()})  # type: ignore[attr-defined]
+    return out
 
 
 def _evaluate(run: Run, result: TrainResult, started: float) -> EvalResult:
     """Held-out loss now: logged, and a row in scaling.jsonl."""
     cfg, state = run.cfg, run.state
-    res = evaluate(
-        run.net,
-        run.corpus.val_tokens,
-        seq_len=cfg.train.seq_len,
-        batch_size=cfg.eval.batch_size,
-        device=run.spec.device,
-        autocast=run.spec.autocast,
-        chunk_tokens=cfg.train.loss_chunk_tokens,
-    )
-    run.logger.log(state.step, {"val/loss": res.loss, "val/ppl": res.ppl}, tokens_seen=state.tokens_seen)
+
+    def held_out(tokens) -> EvalResult:
+        return evaluate(
+            run.net,
+            tokens,
+            seq_len=cfg.train.seq_len,
+            batch_size=cfg.eval.batch_size,
+            device=run.spec.device,
+            autocast=run.spec.autocast,
+            chunk_tokens=cfg.train.loss_chunk_tokens,
+        )
+
+    scalars: dict[str, float] = {}
+    if run.corpus.val_by_source:  # data.mix: each source's own held-out set; overall = weighted by the mix
+        parts = {name: held_out(tokens) for name, tokens in run.corpus.val_by_source.items()}
+        for name, part in parts.items():
+            scalars.update({f"val/{name}/loss": part.loss, f"val/{name}/ppl": part.ppl})
+        loss = sum(run.corpus.source_weights[n] * p.loss for n, p in parts.items())
+        res = EvalResult(loss=loss, ppl=math.exp(min(loss, 700.0)), tokens=sum(p.tokens for p in parts.values()))
+    else:
+        res = held_out(run.corpus.val_tokens)
+    scalars.update({"val/loss": res.loss, "val/ppl": res.ppl})
+    run.logger.log(state.step, scalars, tokens_seen=state.tokens_seen)
     if run.recorder is not None:
         elapsed = time.perf_counter() - started
         run.recorder.record(

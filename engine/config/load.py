@@ -208,6 +208,10 @@ def _coerce(value: Any, tp: Any, key: str, item: Any = None) -> Any:
         if item is None:
             return list(value)
         return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{key}={shown(value)}: expected a mapping such as {{name: a, source: ..., weight: 1}}")
+        return dict(value)
     raise TypeError(f"unsupported config field type {tp!r} for {key}")
 
 

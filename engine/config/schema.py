@@ -143,6 +143,11 @@ class DataConfig:
     hf_data_files: list[str] = _f([], "data_files for HF builders such as hf:json or hf:parquet")
     val_fraction: float = _f(0.02, "fraction of documents (by stable hash) held out for eval", ge=0, lt=1)
     tokenizer: str = _f("", "sentencepiece .model to load; empty = train one on the train split")
+    mix: list[dict] = _f(
+        [],
+        "a weighted mixture instead of data.source: [{name, source, weight}, ...] (tokens:/file sources; "
+        "weight = share of training rows)",
+    )
     vocab_size: int = _f(4096, "vocabulary size when training a tokenizer", le=MAX_VOCAB)
     tokenizer_sample_mb: float = _f(8.0, "MB of training text used to train the tokenizer", gt=0)
     cache_dir: str = _f("", "token/tokenizer cache; empty = $LEANLM_CACHE or ~/.cache/leanlm")

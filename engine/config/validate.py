@@ -5,6 +5,7 @@ the rules that span fields. Every problem is a phrase that names the key and say
 from __future__ import annotations
 
 import dataclasses
+from typing import cast
 
 from leanlm.engine.config.schema import SECTION_TYPES, RunConfig, leaves, shown, suggest
 from leanlm.optim.registry import REGISTRY
@@ -67,7 +68,7 @@ def validate(cfg: RunConfig) -> list[str]:
             f"model.rope_high_freq_factor={m.rope_high_freq_factor} must be above model.rope_low_freq_factor="
             f"{m.rope_low_freq_factor} (llama3 RoPE scaling interpolates between them)"
         )
-    p += _log_and_profile_problems(cfg)
+    p += _log_and_profile_problems(cfg) + _mix_problems(cfg)
     if t.micro_batch_size and t.batch_size % t.micro_batch_size:
         p.append(f"train.batch_size={t.batch_size} is not a multiple of train.micro_batch_size={t.micro_batch_size}")
     if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
@@ -82,6 +83,37 @@ def validate(cfg: RunConfig) -> list[str]:
     if m.vocab_size and trains_tokenizer and m.vocab_size < d.vocab_size:
         p.append(f"model.vocab_size={m.vocab_size} is smaller than data.vocab_size={d.vocab_size}")
     return p + _distributed_problems(cfg)
+
+
+def _mix_problems(cfg: RunConfig) -> list[str]:
+    """data.mix: named sources with non-negative weights, not all zero, and not streamed."""
+    mix, p = cfg.data.mix, cast(list[str], [])
+    if not mix:
+        return p
+    if cfg.data.source != "stdlib":
+        p.append("data.mix replaces data.source: set one of them")
+    names = []
+    for i, item in enumerate(mix):
+        if set(item) != {"name", "source", "weight"}:
+            p.append(f"data.mix[{i}]={shown(item)}: give exactly name, source and weight")
+            continue
+        name, source, weight = item["name"], item["source"], item["weight"]
+        names.append(name)
+        if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
+            p.append(f"data.mix[{i}].name={shown(name)}: a short name of letters, digits, - and _")
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not 0 <= weight < float("inf"):
+            p.append(f"data.mix[{i}].weight={shown(weight)}: must be a number >= 0")
+        if not isinstance(source, str) or source.startswith("hf:"):
+            p.append(
+                f"data.mix[{i}].source={shown(source)}: mix tokenized sources (tokens:DIR, or files); "
+                "tokenize a streamed hf: dataset first with `leanlm tokenize`"
+            )
+    if len(set(names)) != len(names):
+        p.append(f"data.mix: source names must differ ({', '.join(map(str, names))})")
+    weights = [w for item in mix if isinstance(w := item.get("weight"), (int, float))]
+    if len(weights) == len(mix) and not sum(weights) > 0:
+        p.append("data.mix: every weight is zero; give at least one source a positive weight")
+    return p
 
 
 def _log_and_profile_problems(cfg: RunConfig) -> list[str]:

@@ -20,7 +20,7 @@ import os
 import shutil
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, cast
 
@@ -233,6 +233,8 @@ class Corpus:
     val_tokens: np.ndarray  # fixed held-out token set, (n,) int
     train_counts: np.ndarray  # unigram counts over (a sample of) the training split, (vocab,)
     description: str
+    val_by_source: dict[str, np.ndarray] = field(default_factory=dict)  # data.mix: each source's held-out set
+    source_weights: dict[str, float] = field(default_factory=dict)  # data.mix: normalised weights
 
 
 def _tokenizer_for(cfg: RunConfig, tokenizer_file: Path | None, fingerprint: str, sample_texts) -> Tokenizer:

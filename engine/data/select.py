@@ -14,6 +14,7 @@ from pathlib import Path
 
 from leanlm.engine.config import RunConfig
 from leanlm.engine.data.corpus import Corpus, file_corpus, hf_corpus
+from leanlm.engine.data.mixture import mixture_corpus
 from leanlm.engine.data.sources import path_source, stdlib_source
 from leanlm.engine.data.token_files import TOKEN_FORMATS, token_corpus
 
@@ -24,6 +25,8 @@ def build_corpus(cfg: RunConfig, tokenizer_file: Path | None = None) -> Corpus:
     ``tokenizer_file`` forces a tokenizer: a file, or a folder holding one (a checkpoint's own when
     resuming or evaluating, an imported model's folder for ``train.init_from``).
     """
+    if cfg.data.mix:
+        return mixture_corpus(cfg, tokenizer_file, build_corpus)
     spec = cfg.data.source
     if spec.startswith("hf:"):
         return hf_corpus(cfg, tokenizer_file)

@@ -354,3 +354,34 @@ def test_document_masking_under_fsdp2_matches_one_process(runs, tmp_path):
     train(load_config(TINY, runs.overrides("frugal", single, extra)))
     multi = runs.launch("frugal", tmp_path / "fsdp2", [*BACKENDS["fsdp2"], *extra])
     assert losses(multi) == pytest.approx(losses(single), rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_a_mixture_of_shards_under_ddp_matches_one_process(runs, corpus_dir, tmp_path):
+    """data.mix with two shard folders: two ranks read the same rows as one process (and gather
+    the per-source training losses)."""
+    from leanlm.engine.data.tokenize import tokenize_source
+
+    files = sorted(corpus_dir.glob("*.py"))
+    for name, part in (("a", files[::2]), ("b", files[1::2])):
+        (tmp_path / f"text_{name}").mkdir()
+        for f in part:
+            shutil.copy(f, tmp_path / f"text_{name}" / f.name)
+    tokenize_source(str(tmp_path / "text_a"), tmp_path / "a", vocab_size=512, val_fraction=0.15, unit_bytes=60_000)
+    tokenize_source(str(tmp_path / "text_b"), tmp_path / "b", tokenizer=str(tmp_path / "a"), val_fraction=0.15)
+    mix = (
+        f"data.mix=[{{name: a, source: 'tokens:{tmp_path / 'a'}', weight: 3}}, "
+        f"{{name: b, source: 'tokens:{tmp_path / 'b'}', weight: 1}}]"
+    )
+    base = [o for o in runs.base if not o.startswith(("data.source", "data.vocab_size"))]
+    single = tmp_path / "single"
+    train(load_config(TINY, [*base, "optim.name=adamw", f"train.out_dir={single}", mix]))
+    cmd_runs = Runs(base, tmp_path)
+    multi = cmd_runs.launch("adamw", tmp_path / "ddp", [*BACKENDS["ddp"], mix])
+    assert losses(multi) == pytest.approx(losses(single), rel=1e-5, abs=1e-6)
+
+    def per_source(run):
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [r.get(f"train/{n}/loss", -1.0) for r in rows if "train/a/loss" in r for n in ("a", "b")]
+
+    assert per_source(multi) == pytest.approx(per_source(single), rel=1e-5)
