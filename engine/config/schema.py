@@ -148,6 +148,9 @@ class DataConfig:
         "a weighted mixture instead of data.source: [{name, source, weight}, ...] (tokens:/file sources; "
         "weight = share of training rows)",
     )
+    mix_stages: list[dict] = _f(
+        [], "later mixtures: [{start: STEP, weights: {name: weight, ...}}, ...] from optimizer step START on"
+    )
     vocab_size: int = _f(4096, "vocabulary size when training a tokenizer", le=MAX_VOCAB)
     tokenizer_sample_mb: float = _f(8.0, "MB of training text used to train the tokenizer", gt=0)
     cache_dir: str = _f("", "token/tokenizer cache; empty = $LEANLM_CACHE or ~/.cache/leanlm")

@@ -89,7 +89,7 @@ def _mix_problems(cfg: RunConfig) -> list[str]:
     """data.mix: named sources with non-negative weights, not all zero, and not streamed."""
     mix, p = cfg.data.mix, cast(list[str], [])
     if not mix:
-        return p
+        return ["data.mix_stages needs data.mix"] if cfg.data.mix_stages else p
     if cfg.data.source != "stdlib":
         p.append("data.mix replaces data.source: set one of them")
     names = []
@@ -110,9 +110,30 @@ def _mix_problems(cfg: RunConfig) -> list[str]:
             )
     if len(set(names)) != len(names):
         p.append(f"data.mix: source names must differ ({', '.join(map(str, names))})")
+    p += _stage_problems(cfg.data.mix_stages, names)
     weights = [w for item in mix if isinstance(w := item.get("weight"), (int, float))]
     if len(weights) == len(mix) and not sum(weights) > 0:
         p.append("data.mix: every weight is zero; give at least one source a positive weight")
+    return p
+
+
+def _stage_problems(stages: list[dict], names: list[str]) -> list[str]:
+    """data.mix_stages: increasing start steps, each with a weight for exactly the mix's sources."""
+    p, last = [], 0
+    for i, stage in enumerate(stages):
+        start, weights = stage.get("start"), stage.get("weights")
+        if set(stage) != {"start", "weights"} or not isinstance(start, int) or not isinstance(weights, dict):
+            p.append(f"data.mix_stages[{i}]={shown(stage)}: give start (a step) and weights ({{name: weight}})")
+            continue
+        if start <= last:
+            p.append(f"data.mix_stages[{i}].start={start}: stages start after step 0 and after the previous one")
+        last = start
+        if set(weights) != set(names):
+            p.append(f"data.mix_stages[{i}].weights: give a weight for each of {', '.join(map(str, names))}")
+        values = list(weights.values())
+        numbers = all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in values)
+        if not numbers or not sum(values):
+            p.append(f"data.mix_stages[{i}].weights={shown(weights)}: numbers >= 0, not all zero")
     return p
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,11 @@ def source_seed(seed: int, name: str) -> int:
 
 
 class MixedTokens:
-    """Rows drawn from several ``PackedTokens`` by the fixed position -> (source, row) map."""
+    """Rows drawn from several ``PackedTokens`` by the fixed position -> (source, row) map.
+
+    ``stages``: (first global position, weights) of later mixtures; each stage's blocks start at
+    its own first position and draw their order from (seed, stage, block). A source's row index
+    counts its rows in every earlier stage, so positions stay computable without history."""
 
     def __init__(
         self,
@@ -57,29 +62,50 @@ class MixedTokens:
         rank: int,
         world: int,
         seed: int,
+        stages: list[tuple[int, list[float]]] | None = None,
     ) -> None:
         self.sources, self.names, self.weights = sources, names, [float(w) for w in weights]
-        self.counts = block_counts(self.weights)
+        self.stages = [(0, self.weights), *[(int(p), [float(w) for w in ws]) for p, ws in stages or []]]
+        self.counts = [block_counts(ws) for _, ws in self.stages]  # rows per source per block, each stage
         self.batch_size, self.micro, self.rank, self.world, self.seed = batch_size, micro, rank, world, seed
         self.position = 0
-        self._block, self._order, self._before = -1, np.zeros(0, np.int64), np.zeros((0, 0), np.int64)
+        self._key: tuple[int, int] = (-1, -1)
+        self._order, self._before = np.zeros(0, np.int64), np.zeros((0, 0), np.int64)
         self.last_sources: list[torch.Tensor] = []  # this rank's row sources of the last step
 
-    def _load_block(self, block: int) -> None:
-        if block == self._block:
+    def _load_block(self, stage: int, block: int) -> None:
+        if (stage, block) == self._key:
             return
-        order = np.repeat(np.arange(len(self.counts)), self.counts)
-        np.random.default_rng([self.seed, 7919, block]).shuffle(order)
-        onehot = np.eye(len(self.counts), dtype=np.int64)[order]  # (BLOCK, sources)
+        counts = self.counts[stage]
+        order = np.repeat(np.arange(len(counts)), counts)
+        np.random.default_rng([self.seed, 7919, stage, block]).shuffle(order)
+        onehot = np.eye(len(counts), dtype=np.int64)[order]  # (BLOCK, sources)
         self._order, self._before = order, np.cumsum(onehot, axis=0) - onehot  # rows of each source before i
-        self._block = block
+        self._key = (stage, block)
+
+    def _taken(self, stage: int, length: int) -> np.ndarray:
+        """Rows of each source in the first ``length`` positions of ``stage``: (sources,)."""
+        block, i = divmod(length, BLOCK)
+        done = block * self.counts[stage]
+        if i:
+            self._load_block(stage, block)
+            done = done + self._before[i - 1] + np.eye(len(self.names), dtype=np.int64)[self._order[i - 1]]
+        return done
+
+    def _stage_of(self, p: int) -> int:
+        return max(k for k, (first, _) in enumerate(self.stages) if first <= p)
 
     def locate(self, p: int) -> tuple[int, int]:
         """(source, its row index) of global position ``p``."""
-        block, i = divmod(p, BLOCK)
-        self._load_block(block)
+        k = self._stage_of(p)
+        earlier = sum(
+            (self._taken(j, self.stages[j + 1][0] - self.stages[j][0]) for j in range(k)),
+            np.zeros(len(self.names), np.int64),
+        )
+        block, i = divmod(p - self.stages[k][0], BLOCK)
+        self._load_block(k, block)
         s = int(self._order[i])
-        return s, int(block * self.counts[s] + self._before[i, s])
+        return s, int(earlier[s] + block * self.counts[k][s] + self._before[i, s])
 
     def rows(self, positions: range) -> tuple[torch.Tensor, torch.Tensor]:
         found = [self.locate(p) for p in positions]
@@ -98,25 +124,37 @@ class MixedTokens:
 
     def epochs(self) -> dict[str, float]:
         """How many times each source has been read through so far."""
-        if self.position == 0:
-            return dict.fromkeys(self.names, 0.0)
-        block, i = divmod(self.position, BLOCK)
-        self._load_block(block)
-        done = block * self.counts + self._before[i] if i < BLOCK else (block + 1) * self.counts
+        k = self._stage_of(self.position)
+        done = sum(
+            (self._taken(j, self.stages[j + 1][0] - self.stages[j][0]) for j in range(k)),
+            np.zeros(len(self.names), np.int64),
+        ) + self._taken(k, self.position - self.stages[k][0])
         return {n: float(done[s]) / self.sources[s].n for s, n in enumerate(self.names)}
 
+    def _signature(self, upto: int) -> list:
+        """What a resume at global position ``upto`` must find again: the sources and every stage
+        that has supplied rows by then (later stages may still be declared or changed)."""
+        base = [[n, w, src.n] for n, w, src in zip(self.names, self.weights, self.sources)]
+        return [base, [[p, ws] for p, ws in self.stages[1:] if p < upto]]
+
     def state_dict(self) -> dict[str, Any]:
-        mixture = [[n, w, src.n] for n, w, src in zip(self.names, self.weights, self.sources)]
-        return {"kind": "mixture", "position": self.position, "mixture": mixture, "seed": self.seed}
+        return {
+            "kind": "mixture",
+            "position": self.position,
+            "mixture": self._signature(self.position),
+            "seed": self.seed,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        mine = [[n, w, src.n] for n, w, src in zip(self.names, self.weights, self.sources)]
-        if state.get("kind") != "mixture" or [list(x) for x in state.get("mixture", [])] != mine:
+        position = int(state.get("position", -1))
+        saved = json.loads(json.dumps(state.get("mixture")))  # tuples and lists alike
+        if state.get("kind") != "mixture" or saved != json.loads(json.dumps(self._signature(position))):
             raise DataError(
-                f"the checkpoint was trained on another mixture ({state.get('mixture')}, now {mine}); resume with "
-                "the same data.mix (names, sources, weights)"
+                f"the checkpoint was trained on another mixture ({state.get('mixture')}, now "
+                f"{self._signature(position)}); resume with the same data.mix, or declare a change in "
+                "data.mix_stages from a later step"
             )
-        self.position = int(state["position"])
+        self.position = position
 
 
 def mixture_corpus(cfg: RunConfig, tokenizer_file: Path | None, build_one) -> Corpus:
@@ -147,6 +185,7 @@ def mixture_corpus(cfg: RunConfig, tokenizer_file: Path | None, build_one) -> Co
     if not all(isinstance(s, PackedTokens) for s in streams):
         raise DataError("data.mix takes tokenized sources only (tokens:DIR or files)")
     names, weights = [m["name"] for m in mix], [float(m["weight"]) for m in mix]
+    stages = [(int(st["start"]) * t.batch_size, [float(st["weights"][n]) for n in names]) for st in cfg.data.mix_stages]
     world = dist.world_size()
     stream = MixedTokens(
         streams,
@@ -157,6 +196,7 @@ def mixture_corpus(cfg: RunConfig, tokenizer_file: Path | None, build_one) -> Co
         rank=dist.rank(),
         world=world,
         seed=t.seed,
+        stages=stages,
     )
     total = t.steps * t.batch_size
     for name, w, src in zip(names, weights, streams):

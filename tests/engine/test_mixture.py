@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -126,3 +127,55 @@ def test_mixed_tokenizers_and_missing_sources_are_refused(two_sources, corpus_di
     missing = f"data.mix=[{{name: a, source: 'tokens:{tmp_path / 'gone'}', weight: 1}}]"
     with pytest.raises(DataError, match="no such folder"):
         build_corpus(load_config(None, [*keep, missing]))
+
+
+def test_a_stage_changes_the_mixture_from_its_step_and_each_source_continues_its_order():
+    staged = MixedTokens(
+        _mix().sources, ["a", "b"], [0.9, 0.1], batch_size=16, micro=8, rank=0, world=1, seed=0,
+        stages=[(BLOCK + 100, [0.2, 0.8])],
+    )  # fmt: skip
+    plain = _mix()
+    seen = {0: [], 1: []}
+    for p in range(3 * BLOCK):
+        s, k = staged.locate(p)
+        if p < BLOCK + 100:
+            assert (s, k) == plain.locate(p)  # before the stage: the first mixture exactly
+        seen[s].append(k)
+    assert seen[0] == list(range(len(seen[0]))) and seen[1] == list(range(len(seen[1])))
+    after = [staged.locate(p)[0] for p in range(BLOCK + 100, 2 * BLOCK + 100)]
+    assert after.count(1) == block_counts([0.2, 0.8])[1]
+
+
+def test_staged_runs_resume_bitwise_across_the_change(two_sources, tiny_base, tmp_path):
+    stages = "data.mix_stages=[{start: 4, weights: {a: 0.1, b: 0.9}}]"
+    over = _mix_over(tiny_base, two_sources, tmp_path, extra=[stages])
+    full = train(load_config(None, [*over[:-2], f"train.out_dir={tmp_path / 'full'}", stages]))
+    for stop in (3, 5):
+        out = tmp_path / f"part{stop}"
+        part = [*over[:-2], f"train.out_dir={out}", stages]
+        train(load_config(None, part), stop_at=stop)
+        resumed = train(load_config(None, [*part, "train.resume=auto"]))
+        assert full.losses[stop:] == resumed.losses
+    # a stage declared later than the checkpoint is a planned change; rewriting a begun one is not
+    for stop in (3, 5):
+        train(load_config(None, [*over[:-2], f"train.out_dir={tmp_path / f'p{stop}'}", stages]), stop_at=stop)
+    later = "data.mix_stages=[{start: 4, weights: {a: 0.1, b: 0.9}}, {start: 6, weights: {a: 1, b: 1}}]"
+    train(load_config(None, [*over[:-2], f"train.out_dir={tmp_path / 'p5'}", later, "train.resume=auto"]))
+    rewritten = "data.mix_stages=[{start: 4, weights: {a: 0.5, b: 0.5}}]"
+    train(load_config(None, [*over[:-2], f"train.out_dir={tmp_path / 'p3'}", rewritten, "train.resume=auto"]))
+    with pytest.raises((CheckpointError, DataError), match="another mixture"):
+        train(load_config(None, [*over[:-2], f"train.out_dir={tmp_path / 'part5'}", rewritten, "train.resume=auto"]))
+
+
+@pytest.mark.parametrize(
+    "stages,message",
+    [
+        ("[{start: 0, weights: {a: 1, b: 1}}]", "start after step 0"),
+        ("[{start: 3, weights: {a: 1}}]", "a weight for each of a, b"),
+        ("[{start: 3, weights: {a: 0, b: 0}}]", "not all zero"),
+        ("[{begin: 3}]", "give start (a step) and weights"),
+    ],
+)
+def test_bad_stages_are_one_line(two_sources, tiny_base, tmp_path, stages, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, _mix_over(tiny_base, two_sources, tmp_path, extra=[f"data.mix_stages={stages}"]))
