@@ -385,3 +385,21 @@ def test_a_mixture_of_shards_under_ddp_matches_one_process(runs, corpus_dir, tmp
         return [r.get(f"train/{n}/loss", -1.0) for r in rows if "train/a/loss" in r for n in ("a", "b")]
 
     assert per_source(multi) == pytest.approx(per_source(single), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_shards_resume_on_another_world_size(runs, corpus_dir, tmp_path):
+    """data.source=tokens:DIR: stopped on one process at step 3, resumed on two DDP ranks (a
+    backend that takes a one-process checkpoint): the loss sequence is the uninterrupted run's."""
+    backend = "ddp"
+    from leanlm.engine.data.tokenize import tokenize_source
+
+    tokenize_source(str(corpus_dir), tmp_path / "shards", vocab_size=512, val_fraction=0.15, unit_bytes=60_000)
+    base = [o for o in runs.base if not o.startswith(("data.source", "data.vocab_size"))]
+    base.append(f"data.source=tokens:{tmp_path / 'shards'}")
+    full = tmp_path / "full"
+    train(load_config(TINY, [*base, "optim.name=adamw", f"train.out_dir={full}"]))
+    part = tmp_path / "part"
+    train(load_config(TINY, [*base, "optim.name=adamw", f"train.out_dir={part}"]), stop_at=3)
+    Runs(base, tmp_path).launch("adamw", part, BACKENDS[backend], resume=True)
+    assert losses(part)[3:] == pytest.approx(losses(full)[3:], rel=1e-5, abs=1e-6)
