@@ -161,6 +161,8 @@ def _parser() -> argparse.ArgumentParser:
     tk.add_argument("--workers", type=_number(int, 1), default=1, help="tokenizing processes")
     tk.add_argument("--val-fraction", type=_number(float, 0, 0.99), default=0.02, help="held-out documents")
     tk.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.parquet/HF records")
+    tk.add_argument("--hf-split", default="train", help="the split of an hf: source")
+    tk.add_argument("--hf-data-files", nargs="*", default=None, help="data_files for builders such as hf:json")
     tk.add_argument("--unit-mb", type=_number(float, 0, low_open=True), default=256.0, help="text per shard (MB)")
     mm = sub.add_parser("memory", help="parameter, gradient, optimizer-state and activation memory of a config")
     mm.add_argument("config", help="YAML preset, e.g. configs/frugal_1b.yaml")
@@ -301,6 +303,8 @@ def cmd_tokenize(args) -> int:
         workers=args.workers,
         val_fraction=args.val_fraction,
         text_field=args.text_field,
+        hf_split=args.hf_split,
+        hf_data_files=args.hf_data_files,
         unit_bytes=int(args.unit_mb * 1e6),
     )
     rate = meta["text_bytes_tokenized"] / 1e6 / max(meta["seconds"], 1e-9)

@@ -24,6 +24,7 @@ def tokenize_source(
     val_fraction: float = 0.02,
     text_field: str = "text",
     hf_split: str = "train",
+    hf_data_files: list[str] | None = None,
     unit_bytes: int = UNIT_BYTES,
     sample_mb: float = 8.0,
 ) -> dict[str, Any]:
@@ -35,10 +36,16 @@ def tokenize_source(
     if not 0 <= val_fraction < 1:
         raise DataError(f"--val-fraction {val_fraction}: must be in [0, 1)")
     if spec.startswith("hf:"):
-        docs = ((f"{spec}:{i}", r[text_field]) for i, r in enumerate(hf_stream(spec, hf_split)) if r.get(text_field))
-        tok = _tokenizer(
-            tokenizer, out, vocab_size, lambda: _prefix_texts(hf_stream(spec, hf_split), text_field, sample_mb * 1e6)
+
+        def stream():
+            return hf_stream(spec, hf_split, hf_data_files)
+
+        docs = (
+            (f"{spec}:{i}", r[text_field])
+            for i, r in enumerate(stream())
+            if isinstance(r.get(text_field), str) and r[text_field].strip()
         )
+        tok = _tokenizer(tokenizer, out, vocab_size, lambda: _prefix_texts(stream(), text_field, sample_mb * 1e6))
         units = stream_units(docs, unit_bytes)
         return tokenize_to_shards(units, out, tok, source=spec, fraction=val_fraction, workers=workers)
     source = stdlib_source() if spec == "stdlib" else path_source(spec, text_field)

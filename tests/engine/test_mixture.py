@@ -179,3 +179,22 @@ def test_staged_runs_resume_bitwise_across_the_change(two_sources, tiny_base, tm
 def test_bad_stages_are_one_line(two_sources, tiny_base, tmp_path, stages, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(None, _mix_over(tiny_base, two_sources, tmp_path, extra=[f"data.mix_stages={stages}"]))
+
+
+def test_reweighting_works_on_top_of_a_mixture(two_sources, tiny_base, tmp_path):
+    extra = ["train.reweight.strategy=linupper", "train.reweight.warmup_steps=2"]
+    res = train(load_config(None, _mix_over(tiny_base, two_sources, tmp_path, extra=extra)))
+    rows = [json.loads(line) for line in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any("reweight/ess_frac" in r and "train/a/loss" in r for r in rows)
+
+
+def test_an_empty_source_in_a_mix_is_refused(two_sources, tiny_base, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "blank.txt").write_text("   \n")
+    keep = [o for o in tiny_base if not o.startswith(("data.source", "data.vocab_size"))]
+    mix = (
+        f"data.mix=[{{name: a, source: 'tokens:{two_sources / 'a'}', weight: 1}}, "
+        f"{{name: e, source: '{tmp_path / 'empty'}', weight: 1}}]"
+    )
+    with pytest.raises(DataError, match="empty"):
+        build_corpus(load_config(None, [*keep, mix]))

@@ -147,3 +147,19 @@ def test_nanogpt_llmc_and_megatron_files_train_with_the_same_tokens(shards, corp
     (tmp_path / "llmc" / "data_train_000001.bin").write_bytes(b"\x00" * 2048)
     with pytest.raises(DataError, match="not an llm.c token file"):
         build_corpus(load_config(None, _over(tiny_base, f"llmc:{tmp_path / 'llmc'}", tmp_path, [tok])))
+
+
+def test_a_streamed_hf_source_tokenizes_into_shards(corpus_dir, tmp_path, monkeypatch):
+    """hf:json over local files (the datasets library's streamed path, offline), through the CLI."""
+    from leanlm.engine.cli import main
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    docs = [f.read_text() for f in sorted(corpus_dir.glob("*.py"))]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    out = tmp_path / "s"
+    args = ["tokenize", "hf:json", str(out), "--hf-data-files", str(tmp_path / "docs.jsonl"), "--vocab-size", "512"]
+    assert main([*args, "--unit-mb", "0.1", "--val-fraction", "0.2", "--workers", "2"]) == 0
+    meta = json.loads((out / "meta.json").read_text())
+    assert len(meta["shards"]) > 2 and meta["documents"]["train"] + meta["documents"]["val"] == len(docs)
+    assert meta["documents"]["val"] > 0 and meta["source"] == "hf:json"
