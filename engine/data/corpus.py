@@ -49,7 +49,8 @@ def cache_root(cfg: RunConfig) -> Path:
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+    """Little-endian uint16 up to 65,536 pieces, else uint32 (the cache's and the shards' ids)."""
+    return np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:

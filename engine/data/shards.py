@@ -33,13 +33,13 @@ from typing import Any
 
 import numpy as np
 
+from leanlm.engine.data.corpus import token_dtype
 from leanlm.engine.data.sources import (
     BIG_DOCUMENT_CHARS,
-    MAX_PIECE_CHARS,
-    MIN_PIECE_CHARS,
-    PIECES_PER_DOCUMENT,
     FileSource,
-    cut_at_lines,
+    Piece,
+    document_parts,
+    framed_pieces,
     is_validation,
 )
 from leanlm.engine.data.tokenizer import Tokenizer
@@ -51,10 +51,6 @@ VERSION = 1
 UNIT_BYTES = 256 << 20  # text per shard: ~2^26 tokens, 128 MiB of uint16
 
 
-def token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
-
-
 @dataclass(frozen=True)
 class Unit:
     """One shard's share of the source: files (a file source) or documents (a stream)."""
@@ -64,18 +60,15 @@ class Unit:
     documents: tuple[tuple[str, str], ...] = ()
 
 
-def _pieces(key: str, text: str, fraction: float, split_all: bool) -> Iterator[tuple[str, bool, bool, bool]]:
-    """(text, held out, starts a document, ends it) for one document."""
+def _pieces(key: str, text: str, fraction: float, split_all: bool) -> Iterator[Piece]:
+    """One document as split units; a cut document holds out its own evenly spaced pieces (the
+    count restarts per document, so a shard's split does not depend on the shards before it)."""
     if not split_all and len(text) <= BIG_DOCUMENT_CHARS:
-        yield text, is_validation(key, fraction), True, True
+        yield Piece(key, text, is_validation(key, fraction))
         return
-    size = min(MAX_PIECE_CHARS, max(MIN_PIECE_CHARS, len(text) // PIECES_PER_DOCUMENT))
-    parts = cut_at_lines(text, size)
+    parts = document_parts(text)
     held = [math.ceil((j + 1) * fraction) > math.ceil(j * fraction) for j in range(len(parts))]
-    for i, part in enumerate(parts):
-        bos = i == 0 or held[i - 1] != held[i]
-        eos = i == len(parts) - 1 or held[i + 1] != held[i]
-        yield part, held[i], bos, eos
+    yield from framed_pieces(key, parts, held)
 
 
 def _unit_documents(unit: Unit, root: str, text_field: str) -> Iterator[tuple[str, str]]:
@@ -95,17 +88,17 @@ def _write_unit(job: dict[str, Any]) -> dict[str, Any]:
     ids: dict[str, list[np.ndarray]] = {"train": [], "val": []}
     starts: dict[str, list[int]] = {"train": [], "val": []}
     size = {"train": 0, "val": 0}
-    batch: list[tuple[str, bool, bool, bool]] = []
+    batch: list[Piece] = []
 
     def flush() -> None:
-        encoded = tok.encode_documents([b[0] for b in batch], num_threads=job["threads"])
-        for (_, held, bos, eos), framed in zip(batch, encoded, strict=True):
-            split = "val" if held else "train"
-            if not bos and framed[:1] == [tok.bos_id]:
+        encoded = tok.encode_documents([piece.text for piece in batch], num_threads=job["threads"])
+        for piece, framed in zip(batch, encoded, strict=True):
+            split = "val" if piece.held_out else "train"
+            if not piece.bos and framed[:1] == [tok.bos_id]:
                 framed = framed[1:]
-            if not eos and framed[-1:] == [tok.eos_id]:
+            if not piece.eos and framed[-1:] == [tok.eos_id]:
                 framed = framed[:-1]
-            if bos:
+            if piece.bos:
                 starts[split].append(size[split])
             ids[split].append(np.asarray(framed, dtype=dtype))
             size[split] += len(framed)

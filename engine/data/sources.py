@@ -127,16 +127,12 @@ class FileSource:
             if not ranges and len(text) <= BIG_DOCUMENT_CHARS:
                 yield Piece(key, text, is_validation(key, fraction))
                 continue
-            size = min(MAX_PIECE_CHARS, max(MIN_PIECE_CHARS, len(text) // PIECES_PER_DOCUMENT))
-            parts = cut_at_lines(text, size)
+            parts = document_parts(text)
             held = []
             for _ in parts:  # piece j is held out when j·f crosses an integer: ceil(n·f) of n
                 held.append(math.ceil((j + 1) * fraction) > math.ceil(j * fraction))
                 j += 1
-            for i, part in enumerate(parts):
-                bos = i == 0 or held[i - 1] != held[i]
-                eos = i == len(parts) - 1 or held[i + 1] != held[i]
-                yield Piece(f"{key}@{i}", part, held[i], bos=bos, eos=eos)
+            yield from framed_pieces(key, parts, held)
 
     def _skip(self, why: str) -> None:
         self.skipped[why] = self.skipped.get(why, 0) + 1
@@ -179,6 +175,20 @@ class FileSource:
         if self.skipped:
             parts = ", ".join(f"{n} {why}" for why, n in sorted(self.skipped.items()))
             warnings.warn(f"data: skipped documents under {self.root}: {parts}", stacklevel=2)
+
+
+def document_parts(text: str) -> list[str]:
+    """A document cut at line ends into pieces of about 1/256 of it (within the size bounds)."""
+    size = min(MAX_PIECE_CHARS, max(MIN_PIECE_CHARS, len(text) // PIECES_PER_DOCUMENT))
+    return cut_at_lines(text, size)
+
+
+def framed_pieces(key: str, parts: list[str], held: list[bool]) -> Iterator[Piece]:
+    """A cut document's pieces: BOS where a stretch of one split begins, EOS where it ends."""
+    for i, part in enumerate(parts):
+        bos = i == 0 or held[i - 1] != held[i]
+        eos = i == len(parts) - 1 or held[i + 1] != held[i]
+        yield Piece(f"{key}@{i}", part, held[i], bos=bos, eos=eos)
 
 
 def stdlib_source() -> FileSource:
