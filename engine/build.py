@@ -21,7 +21,8 @@ from leanlm.engine.model import LLaMA, count_parameters
 from leanlm.optim import PrecisionHooks, StepInBackward, build_optimizer
 from leanlm.optim.factory import optimizer_kwargs
 from leanlm.optim.lost import ConversionReport, LayerFactory, LOSTLinear, convert, lost_targets
-from leanlm.optim.precision import hooks_of
+from leanlm.optim.precision import STATE_8BIT, hooks_of
+from leanlm.optim.quantized import Int8Linear, quantize_linears
 
 
 def pick_device(spec: str) -> torch.device:
@@ -44,7 +45,8 @@ def build_model(
     cfg: RunConfig, tokenizer_vocab: int, device: torch.device | str = "cpu", restoring: bool = False
 ) -> LLaMA:
     """The config's LLaMA on ``device`` (``meta`` for shape-only use), LOST-converted when
-    ``model.lost.enabled``, in ``train.param_dtype``.
+    ``model.lost.enabled``, in ``train.param_dtype`` (int8: the blocks' projections as
+    ``Int8Linear``, quantized from their float32 init; everything else bf16).
 
     The init is drawn in float32 and cast. When the float32 model would not fit in free memory but
     the ``param_dtype`` one does (a 7B model in bf16 on a 24 GiB machine), it is built on the meta
@@ -56,7 +58,7 @@ def build_model(
         raise ConfigError(
             f"model.vocab_size={vocab} is smaller than the tokenizer's {tokenizer_vocab}; raise it or set 0"
         )
-    dtype = torch.bfloat16 if cfg.train.param_dtype == "bf16" else torch.float32
+    dtype = torch.float32 if cfg.train.param_dtype == "fp32" else torch.bfloat16
     device = torch.device(device)
     if device.type != "meta" and (restoring or not check_weights_fit(cfg, vocab, device, dtype)):
         model = _build_in_place(cfg, vocab, device, dtype, draw=not restoring)
@@ -65,10 +67,18 @@ def build_model(
             model = LLaMA(cfg.model, vocab, cfg.train.seq_len)
         if cfg.model.lost.enabled:
             apply_lost(model, cfg)
+        if cfg.train.param_dtype == "int8":  # from the float32 init, before the cast
+            quantize_linears(model, int8_targets(model), cfg.train.int8_group)
         model = model.to(dtype)
     if device.type == "cpu":
         release_free_memory()  # the float32 init's freed pages, back to the kernel
     return model
+
+
+def int8_targets(model: torch.nn.Module) -> list[str]:
+    """Names of the modules ``train.param_dtype=int8`` stores in int8: the blocks' seven
+    projections (embedding, head and norms stay bf16)."""
+    return [name for name, module in lost_targets(model) if isinstance(module, torch.nn.Linear)]
 
 
 def check_weights_fit(cfg: RunConfig, vocab: int, device: torch.device, dtype: torch.dtype = torch.float32) -> bool:
@@ -82,6 +92,8 @@ def check_weights_fit(cfg: RunConfig, vocab: int, device: torch.device, dtype: t
     if free is None or n * 4 <= free:
         return True
     need = n * dtype.itemsize
+    if cfg.train.param_dtype == "int8":
+        need = sum(p.numel() * (1 if int8 else dtype.itemsize) for p, int8 in _int8_split(dense))
     if cfg.model.lost.enabled:  # the converted model, plus one dense layer's float32 SVD workspace
         need = count_parameters(build_model(cfg, vocab, "meta")) * dtype.itemsize + LOST_SVD_WORKSPACE * max(
             m.weight.numel() * 4 for _, m in lost_targets(dense) if isinstance(m, torch.nn.Linear)
@@ -92,6 +104,12 @@ def check_weights_fit(cfg: RunConfig, vocab: int, device: torch.device, dtype: t
             f"{free / 2**30:.2f} GiB free; shrink model.* (see `leanlm memory`) or use a larger device"
         )
     return False
+
+
+def _int8_split(model: torch.nn.Module) -> list[tuple[torch.Tensor, bool]]:
+    """Each parameter of a (meta) dense model and whether ``param_dtype=int8`` stores it in int8."""
+    targets = {id(m.weight) for _, m in lost_targets(model) if isinstance(m, torch.nn.Linear)}
+    return [(p, id(p) in targets) for p in model.parameters()]
 
 
 # A dense layer's SVD holds W, U, Vh and W_comp in float32 at once: about 4 copies of W (plus one).
@@ -107,8 +125,16 @@ def _build_in_place(cfg: RunConfig, vocab: int, device: torch.device, dtype: tor
         model = LLaMA(cfg.model, vocab, cfg.train.seq_len)
     if cfg.model.lost.enabled:
         apply_lost(model, cfg, make_layer=_layer_on_device(cfg, device=device, dtype=dtype, draw=draw))
+    if cfg.train.param_dtype == "int8":  # int8 layers made on device below, each from its float32 draw
+        quantize_linears(model, int8_targets(model), cfg.train.int8_group)
     for module in model.modules():
         if isinstance(module, LOSTLinear):
+            continue
+        if isinstance(module, Int8Linear):
+            module.to_empty(device=device)
+            if draw:
+                draw_f32 = torch.empty(module.weight.shape, dtype=torch.float32, device=device)
+                module.load_float_(draw_f32.normal_(mean=0.0, std=cfg.model.init_std))
             continue
         for name, t in list(module.named_parameters(recurse=False)):
             real = torch.empty(t.shape, dtype=dtype if t.is_floating_point() else t.dtype, device=device)
@@ -180,10 +206,12 @@ def make_optimizer(cfg: RunConfig, named_params: Iterable[tuple[str, torch.nn.Pa
     rounded back (``leanlm.optim.PrecisionHooks``)."""
     name = cfg.optim.name
     opt = build_optimizer(name, named_params, **optimizer_kwargs(name, dataclasses.asdict(cfg.optim), cfg.train.seed))
-    bf16 = cfg.train.param_dtype == "bf16"
+    bf16 = cfg.train.param_dtype in ("bf16", "int8")  # int8: the rest of the model is bf16
     # fp32 moments beside bf16 weights are named explicitly: a resume must restore them as float32
     fp32 = torch.float32 if bf16 else None
-    state = {"param": torch.bfloat16 if bf16 else None, "fp32": fp32, "bf16": torch.bfloat16}[cfg.optim.state_dtype]
+    state = {"param": torch.bfloat16 if bf16 else None, "fp32": fp32, "bf16": torch.bfloat16, "int8": STATE_8BIT}[
+        cfg.optim.state_dtype
+    ]
     if bf16 or state is not None:
         PrecisionHooks(opt, rounding=cfg.train.bf16_rounding, state_dtype=state, seed=cfg.train.seed)
     return opt
@@ -225,6 +253,11 @@ def parallelize(
     instead of autocast.
     """
     train, world = cfg.train, dist.world_size()
+    if train.param_dtype == "int8" and backend != "none":
+        raise ConfigError(
+            f"train.param_dtype=int8 runs in one process ({backend} cannot hold int8 weights yet); "
+            "launch one process, or use train.param_dtype=bf16 to shard"
+        )
     autocast = autocast_for(train.precision, device)
     gpu_bf16 = autocast is not None and device.type == "cuda"
     if backend == "fsdp2":

@@ -30,11 +30,14 @@ optimizer state (``sr_count``), so runs and resumes are reproducible.
 from __future__ import annotations
 
 import hashlib
+import math
 import weakref
 from typing import Any, cast
 
 import torch
 
+from leanlm.optim import state8
+from leanlm.optim.quantized import dequantize, int8_module_of, requantize_
 from leanlm.optim.sharding import is_dtensor
 
 ROUNDINGS = ("nearest", "stochastic")
@@ -47,6 +50,39 @@ def hooks_of(optimizer: torch.optim.Optimizer) -> PrecisionHooks | None:
 
 
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
+# state_dtype for blockwise 8-bit moments (leanlm.optim.state8): uint8 codes under the moment's own
+# key, float32 block absmax under "<key>_absmax"
+STATE_8BIT = torch.uint8
+ABSMAX = "_absmax"
+
+
+def _signed(key: str) -> bool:
+    return key == "exp_avg"  # the second moment is never negative: the unsigned map
+
+
+def moment_to_float(st: dict[str, Any], key: str) -> None:
+    """The moment ``st[key]`` in float32 for a step, whatever it is stored in."""
+    v = st.get(key)
+    if not torch.is_tensor(v):
+        return
+    if v.dtype == STATE_8BIT:
+        st[key] = state8.decode(v, st.pop(key + ABSMAX), _signed(key))
+    elif v.is_floating_point() and v.dtype != torch.float32:
+        st[key] = v.float()
+
+
+def store_moment(st: dict[str, Any], key: str, dtype: torch.dtype) -> None:
+    """Store the float moment ``st[key]`` in ``dtype`` between steps (``STATE_8BIT``: blockwise
+    8-bit when its shape is big enough, else float32)."""
+    v = st.get(key)
+    if not torch.is_tensor(v) or not v.is_floating_point():
+        return
+    if dtype != STATE_8BIT:
+        st[key] = v.to(dtype)
+    elif state8.quantizable(v.shape) and not is_dtensor(v):
+        st[key], st[key + ABSMAX] = state8.encode(v, _signed(key))
+    else:
+        st[key] = v.float()
 # torch optimizers whose update of each element depends only on that element's state.
 ELEMENTWISE_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
 CHUNK_BYTES = 64 << 20  # float32 bytes per slice of a chunked step (weight; as much again per moment)
@@ -142,8 +178,30 @@ class PrecisionHooks:
                     continue
                 if key == "sr_count":
                     st[key] = value.to(dtype=torch.int64, copy=True)
-                elif key in MOMENT_KEYS and value.is_floating_point():  # None: as saved (as the optimizer made them)
-                    st[key] = value.to(device=p.device, dtype=self.state_dtype or value.dtype, copy=True)
+                elif key.endswith(ABSMAX):
+                    st[key] = value.to(device=p.device, dtype=torch.float32, copy=True)
+                elif key in MOMENT_KEYS:
+                    self._restore_moment(st, key, value, entry, p.device)
+
+    def _restore_moment(
+        self, st: dict[str, Any], key: str, value: torch.Tensor, entry: dict[str, Any], device: torch.device
+    ) -> None:
+        """A saved moment into this run's ``state_dtype``: 8-bit codes kept as saved or decoded
+        (exactly) into a float dtype; a float one re-encoded in 8 bits (what the next step would
+        store anyway) or cast; None: as saved (as the optimizer made it)."""
+        if value.dtype == STATE_8BIT:
+            if self.state_dtype == STATE_8BIT:
+                st[key] = value.to(device=device, copy=True)
+                return
+            st.pop(key + ABSMAX, None)
+            value = state8.decode(value, entry[key + ABSMAX].float(), _signed(key))
+        elif not value.is_floating_point():
+            return
+        if self.state_dtype == STATE_8BIT:
+            st[key] = value.to(device=device, dtype=torch.float32, copy=True)
+            store_moment(st, key, STATE_8BIT)
+        else:
+            st[key] = value.to(device=device, dtype=self.state_dtype or value.dtype, copy=True)
 
     def step(self) -> None:
         """``optimizer.step()`` one tensor at a time, each gradient freed after its update: the
@@ -163,7 +221,7 @@ class PrecisionHooks:
 
     def _chunked(self, p: torch.Tensor) -> bool:
         return (
-            p.dtype == torch.bfloat16
+            (p.dtype == torch.bfloat16 or int8_module_of(p) is not None)
             and p.device.type != "meta"
             and not is_dtensor(p)
             and chunk_rows(p, self.chunk_bytes) > 0
@@ -182,9 +240,13 @@ class PrecisionHooks:
                 continue
             st = optimizer.state[p]
             for key in MOMENT_KEYS:  # compute in float32 whatever they are stored in
-                if key in st and st[key].dtype != torch.float32 and st[key].is_floating_point():
-                    st[key] = st[key].float()
-            if p.dtype == torch.bfloat16 and not is_dtensor(p):  # FSDP2 shards step in bf16 as before
+                moment_to_float(st, key)
+            module = int8_module_of(p)
+            if module is not None:  # int8 weight: its float32 value from the codes
+                self._low[id(p)] = (p.data, grad)
+                p.data = module.dequantized() if p.device.type != "meta" else torch.empty_like(p, dtype=torch.float32)
+                p.grad = grad.float()
+            elif p.dtype == torch.bfloat16 and not is_dtensor(p):  # FSDP2 shards step in bf16 as before
                 self._low[id(p)] = (p.data, grad)
                 p.data = p.data.float()
                 p.grad = grad.float()
@@ -196,19 +258,19 @@ class PrecisionHooks:
         for p in [p for g in optimizer.param_groups for p in g["params"] if id(p) in self._low]:
             low, grad = self._low.pop(id(p))
             st = optimizer.state[p]
-            if self.rounding == "stochastic" and p.device.type != "meta":  # meta: shapes only (leanlm memory)
+            int8 = int8_module_of(p) is not None
+            if (self.rounding == "stochastic" or int8) and p.device.type != "meta":  # meta: shapes only
                 count = int(st.get("sr_count", 0))
-                self._round(low, p.data, p, count=count)
+                self._write(p, low, slice(None), p.data, count=count)
                 st["sr_count"] = torch.tensor(count + 1, dtype=torch.int64)
-            else:
+            elif not int8:
                 low.copy_(p.data)
             p.data, p.grad = low, grad
         if self.state_dtype is not None:
             for p in self._stepped():
                 st = optimizer.state[p]
                 for key in MOMENT_KEYS:
-                    if key in st and st[key].is_floating_point():
-                        st[key] = st[key].to(self.state_dtype)
+                    store_moment(st, key, self.state_dtype)
         if self._deferred:
             deferred, self._deferred = self._deferred, []
             others = [p for p in self._stepped()]  # already stepped: hide their gradients meanwhile
@@ -224,53 +286,108 @@ class PrecisionHooks:
                 for p, g in zip(others, grads, strict=True):
                     p.grad = g
 
-    def _round(self, low: torch.Tensor, x: torch.Tensor, p: torch.Tensor, *, count: int, piece: int = -1) -> None:
-        """Round float32 ``x`` into bf16 ``low`` (stochastically: noise seeded by parameter, update
-        count and slice)."""
-        if self.rounding == "stochastic":
-            index = self._index[id(p)] if piece < 0 else f"{self._index[id(p)]}.{piece}"
-            stochastic_round_(low, x, _generator(self.seed, index, count, p.device))
+    def _read(self, p: torch.Tensor, low: torch.Tensor, part: slice) -> torch.Tensor:
+        """Rows ``part`` of ``p``'s stored value in float32 (bf16 ``low`` or its int8 codes)."""
+        module = int8_module_of(p)
+        if module is None:
+            return low[part].float()
+        return dequantize(module.weight_codes[part], module.weight_scale[part])
+
+    def _write(
+        self, p: torch.Tensor, low: torch.Tensor, part: slice, x: torch.Tensor, *, count: int, piece: int = -1
+    ) -> None:
+        """Round float32 ``x``, the updated rows ``part`` of ``p``, back into its storage: bf16
+        ``low`` (to nearest or stochastically) or its int8 codes (always stochastically); the
+        noise is seeded by parameter, update count and slice."""
+        index = self._index[id(p)] if piece < 0 else f"{self._index[id(p)]}.{piece}"
+        module = int8_module_of(p)
+        if module is not None:
+            generator = _generator(self.seed, index, count, p.device)
+            requantize_(module.weight_codes[part], module.weight_scale[part], x, generator)
+        elif self.rounding == "stochastic":
+            stochastic_round_(low[part], x, _generator(self.seed, index, count, p.device))
         else:
-            low.copy_(x)
+            low[part].copy_(x)
 
     def _step_in_slices(self, p: torch.Tensor, grad: torch.Tensor) -> None:
-        """One update of bf16 ``p`` by the optimizer, ``chunk_rows`` rows at a time in float32.
-        The state before the step is restored before each slice (per-element tensors sliced,
-        scalars such as ``step`` as they were), so every slice takes the same, single step."""
+        """One update of ``p`` (bf16 or int8) by the optimizer, ``chunk_rows`` rows at a time in
+        float32. The state before the step is restored before each slice (per-element tensors
+        sliced, scalars such as ``step`` as they were), so every slice takes the same, single step.
+        8-bit moments are decoded and encoded a slice at a time (slices start on a block)."""
         st = self.optimizer.state[p]
         count = int(st.pop("sr_count", 0))
         whole = {k: v for k, v in st.items() if torch.is_tensor(v) and v.shape == p.shape}
-        before = {k: v.clone() if torch.is_tensor(v) else v for k, v in st.items() if k not in whole}
+        absmax = {k: st[k] for k in list(st) if k.endswith(ABSMAX)}
+        before = {k: v.clone() if torch.is_tensor(v) else v for k, v in st.items() if k not in whole and k not in absmax}
         had = set(whole)  # state that existed before this step (none on the first)
         after: dict[str, Any] = {}
-        low, rows = p.data, chunk_rows(p, self.chunk_bytes)
+        low, rows = p.data, self._slice_rows(p)
+        cols = p.numel() // p.shape[0]
         try:
             for piece, start in enumerate(range(0, p.shape[0], rows)):
                 part = slice(start, start + rows)
+                blocks = slice(start * cols // state8.BLOCK, state8.blocks_of(min(start + rows, p.shape[0]) * cols))
                 st.clear()
                 st.update({k: v.clone() if torch.is_tensor(v) else v for k, v in before.items()})
-                st.update(
-                    {k: v[part] if v.dtype == torch.float32 else v[part].float() for k, v in whole.items() if k in had}
-                )
-                p.data, p.grad = low[part].float(), grad[part].float()
+                st.update({k: self._slice_in(k, v, part, absmax, blocks) for k, v in whole.items() if k in had})
+                p.data, p.grad = self._read(p, low, part), grad[part].float()
                 self.optimizer.step()
                 for k, v in st.items():
                     if torch.is_tensor(v) and v.shape == p.data.shape:
-                        if k not in whole:  # created by this first step: the whole tensor, stored
-                            dtype = self.state_dtype if (self.state_dtype and k in MOMENT_KEYS) else v.dtype
-                            whole[k] = torch.zeros(low.shape, dtype=dtype, device=low.device)
-                        if whole[k][part].data_ptr() != v.data_ptr():
-                            whole[k][part].copy_(v)
+                        self._slice_out(k, v, low, part, (whole, absmax), blocks)
                     else:
                         after[k] = v
-                self._round(low[part], p.data, p, count=count, piece=piece)
+                self._write(p, low, part, p.data, count=count, piece=piece)
         finally:
             p.data, p.grad = low, grad
         st.clear()
         st.update(after)
         st.update(whole)
-        if self.rounding == "stochastic":
+        st.update(absmax)
+        if self.rounding == "stochastic" or int8_module_of(p) is not None:
             st["sr_count"] = torch.tensor(count + 1, dtype=torch.int64)
+
+    def _slice_rows(self, p: torch.Tensor) -> int:
+        """Rows per slice; with 8-bit moments a multiple that starts every slice on a block."""
+        rows = chunk_rows(p, self.chunk_bytes)
+        if self.state_dtype != STATE_8BIT:
+            return rows
+        align = state8.BLOCK // math.gcd(p.numel() // p.shape[0], state8.BLOCK)
+        return max(align, rows // align * align)
+
+    @staticmethod
+    def _slice_in(k: str, v: torch.Tensor, part: slice, absmax: dict[str, torch.Tensor], blocks: slice) -> torch.Tensor:
+        """Rows ``part`` of the stored per-element state ``v`` in float32 (a view when it is float32)."""
+        if v.dtype == STATE_8BIT:
+            return state8.decode(v[part], absmax[k + ABSMAX][blocks], _signed(k))
+        return v[part] if v.dtype == torch.float32 else v[part].float()
+
+    def _slice_out(
+        self,
+        k: str,
+        v: torch.Tensor,
+        low: torch.Tensor,
+        part: slice,
+        stored: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]],
+        blocks: slice,
+    ) -> None:
+        """Store a slice's updated per-element state ``v`` into the whole tensor (created on the
+        first step in the stored dtype: ``state_dtype`` for the moments)."""
+        whole, absmax = stored
+        if k not in whole:  # created by this first step: the whole tensor, stored
+            if self.state_dtype == STATE_8BIT and k in MOMENT_KEYS and state8.quantizable(low.shape):
+                whole[k] = torch.zeros(low.shape, dtype=STATE_8BIT, device=low.device)
+                absmax[k + ABSMAX] = torch.zeros(state8.blocks_of(low.numel()), device=low.device)
+            else:
+                float_state = self.state_dtype if self.state_dtype != STATE_8BIT else torch.float32
+                dtype = float_state if (self.state_dtype and k in MOMENT_KEYS) else v.dtype
+                whole[k] = torch.zeros(low.shape, dtype=dtype, device=low.device)
+        if whole[k].dtype == STATE_8BIT:
+            codes, am = state8.encode(v, _signed(k))
+            whole[k][part].copy_(codes)
+            absmax[k + ABSMAX][blocks].copy_(am)
+        elif whole[k][part].data_ptr() != v.data_ptr():
+            whole[k][part].copy_(v)
 
     def remove(self) -> None:
         for handle in self._handles:

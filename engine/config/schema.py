@@ -216,8 +216,9 @@ class OptimConfig:
     )
     state_dtype: str = _f(
         "param",
-        "Adam moments between steps: param (the weights' dtype), fp32 or bf16 (computed in float32 either way)",
-        choices=("param", "fp32", "bf16"),
+        "Adam moments between steps: param (the weights' dtype; bf16 with int8 weights), fp32, bf16 or int8 "
+        "(blockwise 8-bit, bitsandbytes' format; computed in float32 either way)",
+        choices=("param", "fp32", "bf16", "int8"),
     )
     step_in_backward: bool = _f(
         False,
@@ -261,12 +262,20 @@ class TrainConfig:
     precision: str = _f("auto", "auto (bf16 autocast on CUDA) | fp32 | bf16", choices=("auto", "fp32", "bf16"))
     param_dtype: str = _f(
         "fp32",
-        "weights, gradients and optimizer state: fp32 (bf16 autocast on GPU) or bf16 (pure bf16, as FRUGAL's 7B run)",
-        choices=("fp32", "bf16"),
+        "weights, gradients and optimizer state: fp32 (bf16 autocast on GPU), bf16 (pure bf16, as FRUGAL's 7B run) "
+        "or int8 (the blocks' seven projections as int8 codes + float32 scales, updated with stochastic rounding; "
+        "the rest bf16; one process)",
+        choices=("fp32", "bf16", "int8"),
+    )
+    int8_group: int = _f(
+        0,
+        "with param_dtype=int8: consecutive elements of a row that share a scale; 0 = one scale per output row",
+        ge=0,
     )
     bf16_rounding: str = _f(
         "stochastic",
-        "with param_dtype=bf16: updates computed in float32, rounded back stochastically (unbiased) or to nearest",
+        "with param_dtype=bf16: updates computed in float32, rounded back stochastically (unbiased) or to nearest "
+        "(int8 weights always round stochastically)",
         choices=("stochastic", "nearest"),
     )
     threads: int = _f(0, "torch CPU threads; 0 = torch's default", ge=0)

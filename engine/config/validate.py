@@ -68,7 +68,7 @@ def validate(cfg: RunConfig) -> list[str]:
             f"model.rope_high_freq_factor={m.rope_high_freq_factor} must be above model.rope_low_freq_factor="
             f"{m.rope_low_freq_factor} (llama3 RoPE scaling interpolates between them)"
         )
-    p += _log_and_profile_problems(cfg) + _mix_problems(cfg)
+    p += _log_and_profile_problems(cfg) + _mix_problems(cfg) + _int8_problems(cfg)
     if t.micro_batch_size and t.batch_size % t.micro_batch_size:
         p.append(f"train.batch_size={t.batch_size} is not a multiple of train.micro_batch_size={t.micro_batch_size}")
     if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
@@ -149,6 +149,26 @@ def _log_and_profile_problems(cfg: RunConfig) -> list[str]:
         p.append(f"profile.steps={shown(steps)}: give [first, last] optimizer steps with 1 <= first <= last")
     elif steps and steps[1] > total:
         p.append(f"profile.steps={shown(steps)}: the run has train.steps={total}; profile steps within it")
+    return p
+
+
+def _int8_problems(cfg: RunConfig) -> list[str]:
+    """train.param_dtype=int8: a group that divides every projection's rows, one process."""
+    m, t, backend = cfg.model, cfg.train, cfg.distributed.backend
+    if t.param_dtype != "int8":
+        return ["train.int8_group is set but train.param_dtype is not int8"] if t.int8_group else []
+    p = []
+    widths = {m.d_model, m.ffn_dim}
+    if t.int8_group and any(w % t.int8_group for w in widths):
+        p.append(
+            f"train.int8_group={t.int8_group} must divide model.d_model={m.d_model} and model.ffn_dim={m.ffn_dim} "
+            "(each group lies within a row); use 0 (one scale per row) or a common divisor such as 128"
+        )
+    if backend in ("ddp", "fsdp2", "deepspeed"):
+        p.append(
+            f"train.param_dtype=int8 runs in one process (distributed.backend={backend} cannot hold int8 weights "
+            "yet); use distributed.backend=none, or train.param_dtype=bf16 to shard"
+        )
     return p
 
 

@@ -1,0 +1,291 @@
+"""Int8 weights that learn: a weight stored as int8 codes with float32 scales, trained through a
+placeholder parameter that carries its gradient.
+
+Storage (per quantized weight, shape (rows, cols)): ``codes`` int8 (rows, cols) in [-127, 127]
+and ``scale`` float32 (rows, cols / group), symmetric: ``w = code * scale``. ``group`` is the
+number of consecutive elements of a row that share a scale (``group == cols``: one scale per
+output row, torchao's layout; 128: Q-APOLLO's granularity, finer where rows carry outliers).
+
+Forward and backward dequantize one layer at a time (``Int8Linear``): nothing keeps a float copy
+of the weight between matmuls. The optimizer sees an ordinary ``nn.Parameter`` of the weight's
+shape (bf16, stride 0: two bytes for the whole tensor) that receives a dense bf16 gradient; during
+the step ``PrecisionHooks`` swaps in the float32 dequantized weight, lets the optimizer update it
+with its own math, and rounds the result back onto the grid with ``requantize_``:
+
+- the scale is kept while the updated values fit it; a row or group whose values leave
+  [-127, 127] grid steps (or whose scale is zero) is refitted to its new absmax, and only that one;
+- the new code is ``code + delta / scale`` rounded stochastically (up with probability equal to
+  the fraction), so a zero update leaves every code bit-identical and E[code] * scale equals the
+  float32 result; the noise comes from the caller's generator, seeded by (seed, parameter index,
+  update count), so runs and resumes are bitwise.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+INT8_MAX = 127
+_OWNER = "_leanlm_int8"  # attribute of a placeholder parameter: a weak reference to its Int8Linear
+
+
+def check_group(cols: int, group: int) -> int:
+    """The group size for rows of ``cols`` elements (0: the whole row); a one-line error when
+    ``group`` does not divide the row."""
+    group = group or cols
+    if group <= 0 or cols % group:
+        raise ValueError(f"int8 group {group} must divide the row length {cols}; use 0 (one scale per row) or a divisor")
+    return group
+
+
+def _grouped(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    # x: (rows, cols) -> (rows, cols / group, group), matching scale: (rows, cols / group)
+    return x.reshape(*scale.shape, -1)
+
+
+def fit_scale(x: torch.Tensor, group: int) -> torch.Tensor:
+    """The absmax / 127 scale of each row group of float ``x`` (rows, cols): (rows, cols / group)."""
+    rows, cols = x.shape
+    return x.float().reshape(rows, cols // group, group).abs().amax(dim=-1).div_(INT8_MAX)
+
+
+def quantize(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest int8 codes and float32 scales of ``x`` (rows, cols); used once, at init or
+    when a float checkpoint is loaded into an int8 model (training rounds stochastically)."""
+    scale = fit_scale(x, check_group(x.shape[1], group))
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = _grouped(x.float(), scale).div(safe[..., None]).round_().clamp_(-INT8_MAX, INT8_MAX)
+    return codes.to(torch.int8).view(x.shape), scale
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``codes * scale`` (rows, cols), computed in float32 and cast to ``dtype`` (so a bf16 weight is
+    the nearest bf16 value of the float32 one, not a product of two rounded factors)."""
+    w = _grouped(codes.float(), scale).mul_(scale[..., None]).view(codes.shape)
+    return w if dtype == torch.float32 else w.to(dtype)
+
+
+ROUND_CHUNK = 1 << 24  # elements requantized at once: a few float32 temporaries of 64 MiB at most
+
+
+@torch.no_grad()
+def requantize_(
+    codes: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Round float32 ``x`` (rows, cols), the updated weight, back into ``codes`` and ``scale`` in
+    place, stochastically, ``ROUND_CHUNK`` elements of rows at a time. Returns the boolean
+    (rows, cols / group) map of refitted scales.
+
+    The new code is ``code + (x - code * scale) / scale``: exactly ``code`` when ``x`` is the
+    dequantized weight itself, so a zero update changes nothing. Groups whose values leave the
+    grid (or have no scale yet) get the scale ``absmax(x) / 127`` and are rounded afresh."""
+    rows = max(1, ROUND_CHUNK // max(1, codes.shape[1]))
+    refits = [
+        _requantize_rows(codes[i : i + rows], scale[i : i + rows], x[i : i + rows], generator)
+        for i in range(0, codes.shape[0], rows)
+    ]
+    return torch.cat(refits) if refits else torch.zeros_like(scale, dtype=torch.bool)
+
+
+def _requantize_rows(
+    codes: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, generator: torch.Generator | None
+) -> torch.Tensor:
+    old = _grouped(codes.float(), scale)  # (rows, groups, group)
+    xs = _grouped(x.float(), scale)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))[..., None]
+    y = xs.sub(old * scale[..., None]).div_(safe).add_(old)  # the new value, in grid steps
+    refit = (scale <= 0) | (y.abs().amax(dim=-1) > INT8_MAX)
+    if bool(refit.any()):
+        fresh = xs.abs().amax(dim=-1).div_(INT8_MAX)
+        scale.copy_(torch.where(refit, fresh, scale))
+        fresh_safe = torch.where(fresh > 0, fresh, torch.ones_like(fresh))[..., None]
+        y = torch.where(refit[..., None], xs / fresh_safe, y)
+    low = y.floor()
+    # up with probability equal to the fraction: uniform noise on a 2^-24 grid (exact in float32)
+    noise = torch.randint(0, 1 << 24, y.shape, generator=generator, device=y.device, dtype=torch.int32)
+    up = noise.float().mul_(2.0**-24).lt_(y.sub_(low))
+    codes.copy_(low.add_(up).clamp_(-INT8_MAX, INT8_MAX).view(codes.shape))
+    return refit
+
+
+class _Int8Matmul(torch.autograd.Function):
+    """y = x @ W^T with W dequantized from int8 in forward and again in backward: only ``x`` and
+    the codes are saved, so no float copy of W outlives the matmul. The weight's gradient goes to
+    the placeholder parameter (bf16, the weight's shape)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, holder: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor):
+        # x: (..., cols), codes: (rows, cols) -> (..., rows)
+        ctx.save_for_backward(x, codes, scale)
+        ctx.holder_dtype = holder.dtype
+        return F.linear(x, dequantize(codes, scale, x.dtype))
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):
+        x, codes, scale = ctx.saved_tensors
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad @ dequantize(codes, scale, grad.dtype)  # (..., cols)
+        if ctx.needs_input_grad[1]:
+            g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1]).to(grad.dtype)
+            grad_w = (g2.T @ x2).to(ctx.holder_dtype)  # (rows, cols)
+        return grad_x, grad_w, None, None
+
+
+def placeholder(shape: torch.Size | tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """A tensor of ``shape`` that holds one element (stride 0): the parameter the optimizer sees."""
+    return torch.zeros((), dtype=dtype, device=device).expand(*shape)
+
+
+class Int8Linear(nn.Module):
+    """``nn.Linear`` (no bias) whose weight is stored as int8 codes and float32 scales.
+
+    ``weight`` is the placeholder parameter (the optimizer's handle, bf16, no storage);
+    ``weight_codes`` int8 (out, in) and ``weight_scale`` float32 (out, in / group) are the weight,
+    saved in checkpoints instead of ``weight``. Loading a float ``weight`` quantizes it (an HF or
+    bf16 source); ``.to(dtype)`` leaves codes and scales as they are."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        group: int = 0,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.group = check_group(in_features, group)
+        device = torch.device(device or "cpu")
+        self.weight = nn.Parameter(placeholder((out_features, in_features), dtype, device))
+        self.register_buffer("weight_codes", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        groups = in_features // self.group
+        self.register_buffer("weight_scale", torch.zeros(out_features, groups, dtype=torch.float32, device=device))
+        setattr(self.weight, _OWNER, weakref.ref(self))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group: int = 0, dtype: torch.dtype = torch.bfloat16) -> Int8Linear:
+        """The int8 version of ``linear`` (its weight rounded to nearest; storage only on meta)."""
+        if linear.bias is not None:
+            raise ValueError("int8 weights: linear layers with a bias are not supported (LLaMA has none)")
+        w = linear.weight
+        layer = cls(linear.in_features, linear.out_features, group, dtype, w.device)
+        if w.device.type != "meta":
+            layer.load_float_(w.detach())
+        return layer
+
+    @torch.no_grad()
+    def load_float_(self, w: torch.Tensor) -> None:
+        """Quantize the float weight ``w`` (out, in) into this layer (round to nearest)."""
+        codes, scale = quantize(w.to(self.weight_codes.device), self.group)
+        self.weight_codes.copy_(codes)
+        self.weight_scale.copy_(scale)
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize(self.weight_codes, self.weight_scale, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _Int8Matmul.apply(x, self.weight, self.weight_codes, self.weight_scale)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Int8Linear:
+        """Moves follow ``fn``'s device; codes stay int8 and scales float32 whatever dtype ``fn``
+        casts to, and the placeholder stays a placeholder (a plain ``.to`` would materialise it)."""
+        holder, scale = self._parameters.pop("weight"), self._buffers.pop("weight_scale")
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            probe = fn(torch.empty(0, dtype=holder.dtype, device=holder.device))
+            moved = placeholder(holder.shape, probe.dtype, probe.device)
+            if holder.device.type == probe.device.type:
+                holder.data = moved
+            else:  # meta -> a real device: a tensor of another kind, so a new parameter
+                holder = nn.Parameter(moved, requires_grad=holder.requires_grad)
+                setattr(holder, _OWNER, weakref.ref(self))
+            self._parameters["weight"] = holder
+            keeps_dtype = fn(torch.empty(0, dtype=scale.dtype, device=scale.device)).dtype == scale.dtype
+            self._buffers["weight_scale"] = fn(scale) if keeps_dtype else scale.to(device=probe.device)
+        return self
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        for name in ("weight_codes", "weight_scale"):
+            t = self._buffers[name]
+            destination[prefix + name] = t if keep_vars else t.detach()
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict,
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing_keys: list,
+        unexpected_keys: list,
+        error_msgs: list,
+    ) -> None:
+        float_weight = state_dict.get(prefix + "weight")
+        if float_weight is not None:  # a float source (bf16 run, HF import): quantize it
+            self.load_float_(float_weight)
+            return
+        assign = bool(local_metadata.get("assign_to_params_buffers", False))
+        for name in ("weight_codes", "weight_scale"):
+            key, own = prefix + name, self._buffers[name]
+            if key not in state_dict:
+                missing_keys.append(key)
+                continue
+            value = state_dict[key]
+            if value.shape != own.shape or value.dtype != own.dtype:
+                error_msgs.append(f"{key}: {tuple(value.shape)} {value.dtype} vs {tuple(own.shape)} {own.dtype}")
+            elif assign:
+                self._buffers[name] = value
+            else:
+                with torch.no_grad():
+                    own.copy_(value)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8, group={self.group}"
+
+
+def int8_module_of(p: torch.Tensor) -> Int8Linear | None:
+    """The ``Int8Linear`` whose placeholder ``p`` is, if any."""
+    owner = getattr(p, _OWNER, None)
+    return owner() if owner is not None else None
+
+
+def quantize_linears(model: nn.Module, names: list[str], group: int, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Replace the ``nn.Linear`` modules named ``names`` in ``model`` by ``Int8Linear`` (each weight
+    rounded to nearest once); returns how many."""
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        setattr(owner, child, Int8Linear.from_linear(getattr(owner, child), group, dtype))
+    return len(names)
+
+
+def int8_bytes(model: nn.Module) -> int:
+    """Bytes of the int8 weights' codes and scales in ``model`` (meta tensors count by shape)."""
+    return sum(
+        m.weight_codes.numel() + m.weight_scale.numel() * 4 for m in model.modules() if isinstance(m, Int8Linear)
+    )
+
+
+def dequantize_state(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A state dict with every int8 weight (``X.weight_codes`` + ``X.weight_scale``) replaced by the
+    float ``X.weight`` in ``dtype``; other tensors as they are. What export and float runs read."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key.endswith(".weight_scale") and key[: -len("_scale")] + "_codes" in state:
+            continue
+        if key.endswith(".weight_codes"):
+            base = key[: -len("_codes")]
+            out[base] = dequantize(value, state[base + "_scale"], dtype)
+        else:
+            out[key] = value
+    return out
+
+
+def has_int8(state: dict[str, Any]) -> bool:
+    """Whether a model state dict holds int8 weights."""
+    return any(k.endswith(".weight_codes") for k in state)
