@@ -18,10 +18,11 @@ from leanlm.engine.build import IN_BACKWARD_BUCKET, LOST_SVD_WORKSPACE, build_mo
 from leanlm.engine.config import RunConfig
 from leanlm.engine.host import available_memory_bytes
 from leanlm.engine.model import LLaMA
-from leanlm.optim import state_bytes
+from leanlm.optim import state8, state_bytes
 from leanlm.optim.groups import is_projectable_name
 from leanlm.optim.lost import lost_targets
 from leanlm.optim.precision import CHUNK_BYTES, SR_CHUNK, chunk_rows, is_elementwise
+from leanlm.optim.quantized import ROUND_CHUNK, int8_bytes, int8_module_of
 from leanlm.optim.registry import REGISTRY
 
 GIB = 2**30
@@ -128,8 +129,9 @@ def activation_bytes(cfg: RunConfig, vocab: int, act_bytes: int, param_dtype_byt
 
 
 def memory_report(cfg: RunConfig, vocab: int, on_gpu: bool = True) -> MemoryReport:
-    """Measure parameter, gradient and optimizer-state bytes on the meta device; estimate activations."""
-    dtype = torch.bfloat16 if cfg.train.param_dtype == "bf16" else torch.float32
+    """Measure parameter, gradient and optimizer-state bytes on the meta device; estimate activations.
+    Int8 weights count their codes and scales; 8-bit moments their codes and block absmax."""
+    dtype = torch.float32 if cfg.train.param_dtype == "fp32" else torch.bfloat16
 
     model = build_model(cfg, vocab, "meta").to(dtype)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -137,8 +139,8 @@ def memory_report(cfg: RunConfig, vocab: int, on_gpu: bool = True) -> MemoryRepo
         p.grad = torch.empty_like(p)
     opt = make_optimizer(cfg, model.named_parameters())
     if cfg.optim.name == "adamw":  # torch's AdamW allocates lazily and cannot step on meta tensors
-        moment = {"param": None, "fp32": 4, "bf16": 2}[cfg.optim.state_dtype]
-        optim = sum(2 * p.numel() * (moment or p.element_size()) + 4 for p in params)
+        moment = {"param": None, "fp32": 4, "bf16": 2, "int8": 1 + 4 / 256}[cfg.optim.state_dtype]
+        optim = int(sum(2 * p.numel() * (moment or p.element_size()) + 4 for p in params))
     else:
         opt.step()
         optim = state_bytes(opt)
@@ -155,7 +157,7 @@ def memory_report(cfg: RunConfig, vocab: int, on_gpu: bool = True) -> MemoryRepo
     tokens = cfg.train.micro_batch(1) * cfg.train.seq_len
     return MemoryReport(
         parameters=n,
-        param_bytes=n * elt,
+        param_bytes=int8_bytes(model) + sum(p.numel() * elt for p in params if int8_module_of(p) is None),
         grad_bytes=grads,
         optim_bytes=optim,
         activation_bytes=act,
@@ -203,19 +205,40 @@ MMAP_THRESHOLD = 32 << 20  # glibc's largest dynamic mmap threshold on 64-bit Li
 CPU_RUNTIME_BYTES = int(0.27 * GIB)
 
 
+# float32-sized temporaries of one requantization (old codes, new value, its floor, the noise and
+# its float form) and of one 8-bit encoding (padded copy, normalised values, int64 bucket indices)
+REQUANT_TEMPS, ENCODE_BYTES = 5, 12
+
+
+def _one_step_bytes(p: torch.Tensor, moments: list[tuple[int, int]], rows: int, int8: bool) -> int:
+    """Transient bytes of stepping ``p`` alone: float32 copies of the weight, gradient and moments
+    (``rows`` of them when stepped in slices), plus requantization and 8-bit encoding scratch."""
+    cols = p.numel() // p.shape[0] if p.ndim else 1
+    span = rows * cols if rows else p.numel()  # elements stepped at once
+    # a slice's weight, gradient and moments in float32; or the whole tensor and gradient in
+    # float32, the moments converted to float32
+    one = span * 4 * (2 + 2) if rows else p.numel() * 4 * 2 + sum(n * (4 - size) for n, size in moments)
+    if int8:
+        one += min(span, ROUND_CHUNK) * 4 * REQUANT_TEMPS
+    if any(size == 1 for _, size in moments):
+        one += min(span, state8.CHUNK) * ENCODE_BYTES
+    return one
+
+
 def step_transient_bytes(cfg: RunConfig, model: torch.nn.Module, opt: torch.optim.Optimizer, dtype: torch.dtype) -> int:
     """Memory alive only during the optimizer step. With bf16 weights (or moments stored in another
     dtype) ``PrecisionHooks`` steps a float32 copy of each stepped tensor, its gradient and its
     moments, one tensor at a time (the engine steps through ``PrecisionHooks.step`` or inside
     backward, whose bucket of small tensors steps together); an elementwise update of a big bf16
     tensor (the embedding, the head) goes a slice of rows at a time. FRUGAL's state-free step keeps
-    a reusable scratch buffer per projectable weight shape."""
+    a reusable scratch buffer per projectable weight shape. Int8 weights add the requantization's
+    float32 temporaries, a ``ROUND_CHUNK`` of rows at a time; 8-bit moments their encoding's."""
     params = [p for p in model.parameters() if p.requires_grad]
-    hooked = dtype == torch.bfloat16 or cfg.optim.state_dtype == "bf16"  # as engine.build.make_optimizer
+    hooked = dtype == torch.bfloat16 or cfg.optim.state_dtype in ("bf16", "int8")  # as build.make_optimizer
     elt = torch.tensor([], dtype=dtype).element_size()
     copies = 0
     if hooked:
-        adam_moment = {"param": elt, "fp32": 4, "bf16": 2}[cfg.optim.state_dtype]
+        adam_moment = {"param": elt, "fp32": 4, "bf16": 2, "int8": 1}[cfg.optim.state_dtype]
         for p in params:
             if cfg.optim.name == "adamw":  # torch's AdamW: two moments, not stepped on meta
                 moments = [(2 * p.numel(), adam_moment)]
@@ -223,14 +246,10 @@ def step_transient_bytes(cfg: RunConfig, model: torch.nn.Module, opt: torch.opti
                 moments = [
                     (t.numel(), t.element_size())
                     for t in opt.state[p].values()
-                    if torch.is_tensor(t) and t.is_floating_point() and t.ndim > 0
+                    if torch.is_tensor(t) and (t.is_floating_point() or t.dtype == torch.uint8) and t.ndim > 0
                 ]
             rows = chunk_rows(p, CHUNK_BYTES) if dtype == torch.bfloat16 and is_elementwise(opt, p) else 0
-            if rows:  # a slice's weight, gradient and moments in float32
-                one = rows * (p.numel() // p.shape[0]) * 4 * (2 + 2)
-            else:  # the whole tensor and gradient in float32, moments converted to float32
-                one = p.numel() * 4 * 2 + sum(n * (4 - size) for n, size in moments)
-            copies = max(copies, one)
+            copies = max(copies, _one_step_bytes(p, moments, rows, int8_module_of(p) is not None))
         if cfg.optim.step_in_backward:  # the bucket of small tensors that steps with the last one
             copies += IN_BACKWARD_BUCKET // elt * 4 * 2
         copies += SR_CHUNK * 4  # the rounding noise (int32), a slice at a time

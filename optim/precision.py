@@ -83,6 +83,8 @@ def store_moment(st: dict[str, Any], key: str, dtype: torch.dtype) -> None:
         st[key], st[key + ABSMAX] = state8.encode(v, _signed(key))
     else:
         st[key] = v.float()
+
+
 # torch optimizers whose update of each element depends only on that element's state.
 ELEMENTWISE_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
 CHUNK_BYTES = 64 << 20  # float32 bytes per slice of a chunked step (weight; as much again per moment)
@@ -318,7 +320,9 @@ class PrecisionHooks:
         count = int(st.pop("sr_count", 0))
         whole = {k: v for k, v in st.items() if torch.is_tensor(v) and v.shape == p.shape}
         absmax = {k: st[k] for k in list(st) if k.endswith(ABSMAX)}
-        before = {k: v.clone() if torch.is_tensor(v) else v for k, v in st.items() if k not in whole and k not in absmax}
+        before = {
+            k: v.clone() if torch.is_tensor(v) else v for k, v in st.items() if k not in whole and k not in absmax
+        }
         had = set(whole)  # state that existed before this step (none on the first)
         after: dict[str, Any] = {}
         low, rows = p.data, self._slice_rows(p)

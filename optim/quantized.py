@@ -38,7 +38,9 @@ def check_group(cols: int, group: int) -> int:
     ``group`` does not divide the row."""
     group = group or cols
     if group <= 0 or cols % group:
-        raise ValueError(f"int8 group {group} must divide the row length {cols}; use 0 (one scale per row) or a divisor")
+        raise ValueError(
+            f"int8 group {group} must divide the row length {cols}; use 0 (one scale per row) or a divisor"
+        )
     return group
 
 
@@ -69,7 +71,7 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = to
     return w if dtype == torch.float32 else w.to(dtype)
 
 
-ROUND_CHUNK = 1 << 24  # elements requantized at once: a few float32 temporaries of 64 MiB at most
+ROUND_CHUNK = 1 << 22  # elements requantized at once: a few float32 temporaries of 16 MiB each
 
 
 @torch.no_grad()
@@ -261,6 +263,20 @@ def quantize_linears(model: nn.Module, names: list[str], group: int, dtype: torc
         parent, _, child = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
         setattr(owner, child, Int8Linear.from_linear(getattr(owner, child), group, dtype))
+    return len(names)
+
+
+def dequantize_linears(model: nn.Module, dtype: torch.dtype) -> int:
+    """Replace every ``Int8Linear`` in ``model`` by an ``nn.Linear`` holding its dequantized weight
+    in ``dtype`` (what an export writes); returns how many."""
+    names = [name for name, m in model.named_modules() if isinstance(m, Int8Linear)]
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        q = getattr(owner, child)
+        linear = nn.Linear(q.in_features, q.out_features, bias=False, device="meta")
+        linear.weight = nn.Parameter(q.dequantized(dtype), requires_grad=q.weight.requires_grad)
+        setattr(owner, child, linear)
     return len(names)
 
 

@@ -23,7 +23,7 @@ MIN_NUMEL = 4096
 DECADES = 7  # the map spans 10^-6 .. 1
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _dynamic_map_values(signed: bool) -> tuple[float, ...]:
     """The 256 map values, sorted: per decade 10^(d-6) (d = 0..6), the midpoints of an even split
     of [0.1, 1] into 2^d parts (signed, mirrored) or 2^(d+1) parts (unsigned); then 0 and 1."""
@@ -54,25 +54,39 @@ def blocks_of(numel: int) -> int:
     return -(-numel // BLOCK)
 
 
+CHUNK = 1 << 22  # elements coded at once (a multiple of BLOCK): bounds the temporaries to ~64 MiB
+
+
 def encode(x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``x`` (any shape, float) -> (uint8 codes of the same shape, float32 absmax per block)."""
-    flat = x.detach().reshape(-1).float()
+    flat = x.detach().reshape(-1)
     n = flat.numel()
-    pad = blocks_of(n) * BLOCK - n
-    blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, BLOCK)  # (blocks, BLOCK)
-    absmax = blocks.abs().amax(dim=1)
-    normed = blocks / torch.where(absmax > 0, absmax, torch.ones_like(absmax))[:, None]
+    codes = torch.empty(n, dtype=torch.uint8, device=x.device)
+    absmax = torch.empty(blocks_of(n), dtype=torch.float32, device=x.device)
     table = dynamic_map(signed, x.device)
-    # nearest entry: bucketize against the midpoints between consecutive entries
-    codes = torch.bucketize(normed, (table[1:] + table[:-1]) / 2)
-    return codes.view(-1)[:n].to(torch.uint8).view(x.shape), absmax
+    bounds = (table[1:] + table[:-1]) / 2  # nearest entry: bucketize against the midpoints
+    for start in range(0, n, CHUNK):
+        part = flat[start : start + CHUNK].float()
+        pad = blocks_of(part.numel()) * BLOCK - part.numel()
+        blocks = torch.nn.functional.pad(part, (0, pad)).view(-1, BLOCK)  # (blocks, BLOCK)
+        peak = blocks.abs().amax(dim=1)
+        absmax[start // BLOCK : start // BLOCK + peak.numel()] = peak
+        blocks /= torch.where(peak > 0, peak, torch.ones_like(peak))[:, None]
+        index = torch.bucketize(blocks, bounds, out_int32=True)
+        codes[start : start + part.numel()] = index.view(-1)[: part.numel()]
+    return codes.view(x.shape), absmax
 
 
 def decode(codes: torch.Tensor, absmax: torch.Tensor, signed: bool) -> torch.Tensor:
     """(uint8 codes, absmax per block) -> float32 tensor of the codes' shape."""
-    n = codes.numel()
+    flat = codes.reshape(-1)
+    n = flat.numel()
+    out = torch.empty(n, dtype=torch.float32, device=codes.device)
     table = dynamic_map(signed, codes.device)
-    values = table[codes.reshape(-1).long()]
-    pad = absmax.numel() * BLOCK - n
-    values = torch.nn.functional.pad(values, (0, pad)).view(-1, BLOCK).mul_(absmax[:, None])
-    return values.view(-1)[:n].view(codes.shape)
+    for start in range(0, n, CHUNK):
+        part = table[flat[start : start + CHUNK].int()]
+        pad = blocks_of(part.numel()) * BLOCK - part.numel()
+        peak = absmax[start // BLOCK : start // BLOCK + blocks_of(part.numel())]
+        values = torch.nn.functional.pad(part, (0, pad)).view(-1, BLOCK).mul_(peak[:, None])
+        out[start : start + part.numel()] = values.view(-1)[: part.numel()]
+    return out.view(codes.shape)

@@ -33,6 +33,7 @@ from leanlm.engine import distributed as dist
 from leanlm.engine.checkpoint.safe_load import scan_torch_files, torch_load
 from leanlm.engine.errors import CheckpointError
 from leanlm.engine.integrity import fsync_file, sha256_file
+from leanlm.optim.quantized import Int8Linear, dequantize_state, has_int8
 
 FORMAT_VERSION = 1
 STEP_RE = re.compile(r"^step-(\d{8})$")
@@ -311,8 +312,17 @@ def load_file(path: str | Path, name: str, map_location: str | torch.device = "c
 
 def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str, assign: bool = False) -> None:
     """``load_state_dict`` with a one-line error naming the first mismatched tensor. ``assign``:
-    the module takes the loaded tensors themselves (memory-mapped ones: no second copy at all)."""
-    own = model.state_dict()
+    the module takes the loaded tensors themselves (memory-mapped ones: no second copy at all).
+    Int8 weights convert where a run starts from another run's weights (``train.init_from``): int8
+    codes load into float layers dequantized, float weights into int8 layers quantized."""
+    own = {k: v.shape for k, v in model.state_dict().items()}
+    if has_int8(state) and not has_int8(own):
+        state = dequantize_state(state, next(p.dtype for p in model.parameters() if p.is_floating_point()))
+    elif has_int8(own) and not has_int8(state):  # float weights for int8 layers: Int8Linear quantizes
+        for name, module in model.named_modules():
+            if isinstance(module, Int8Linear):
+                own.pop(f"{name}.weight_codes"), own.pop(f"{name}.weight_scale")
+                own[f"{name}.weight"] = module.weight.shape
     missing = sorted(set(own) - set(state))
     extra = sorted(set(state) - set(own))
     if missing or extra:
@@ -321,9 +331,9 @@ def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], whe
             "use the config the checkpoint was trained with"
         )
     for k, v in state.items():
-        if own[k].shape != v.shape:
+        if own[k] != v.shape:
             raise CheckpointError(
-                f"{where}: {k} has shape {tuple(v.shape)} in the checkpoint but {tuple(own[k].shape)} in the model; "
+                f"{where}: {k} has shape {tuple(v.shape)} in the checkpoint but {tuple(own[k])} in the model; "
                 "use the config the checkpoint was trained with"
             )
     model.load_state_dict(state, assign=assign)

@@ -32,6 +32,7 @@ from leanlm.engine.hf.tokenizer_files import tokenizer_files
 from leanlm.engine.hf.weights import exported_tensors, from_hf, to_hf
 from leanlm.engine.host import drop_mapped_pages, file_mappings
 from leanlm.engine.model import LLaMA, count_parameters
+from leanlm.optim.quantized import dequantize_linears
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
@@ -131,7 +132,8 @@ def export_hf(
 ) -> ExportReport:
     """Export the checkpoint (or a run's newest) ``source`` to the new folder ``out_dir``.
 
-    ``dtype``: fp32 or bf16; default the run's ``train.param_dtype``. Every checkpoint format loads
+    ``dtype``: fp32 or bf16; default the run's ``train.param_dtype`` (bf16 for int8 weights,
+    dequantized). Every checkpoint format loads
     (model.pt, FSDP2's dcp/, DeepSpeed ZeRO 0-3), on one process. Raises ConfigError /
     CheckpointError with one line on bad input; nothing is left at ``out_dir`` on failure."""
     from leanlm.engine.trained import load_trained
@@ -143,8 +145,10 @@ def export_hf(
         raise ConfigError(f"--dtype {dtype}: choose fp32 or bf16")
     trained = load_trained(source, device="cpu", mapped=True)
     cfg, model, tok = trained.cfg, trained.model, trained.tokenizer
+    # int8 weights leave as bf16 (their dequantized values; fp32 with --dtype fp32)
+    target = DTYPES[dtype or ("bf16" if cfg.train.param_dtype == "int8" else cfg.train.param_dtype)]
+    dequantize_linears(model, target)
     kind, lost, folded = _prepare(model, cfg)
-    target = DTYPES[dtype or cfg.train.param_dtype]
     special = Special(bos=tok.bos_id if tok.bos_id >= 0 else None, eos=tok.eos_id if tok.eos_id >= 0 else None)
     config = hf_config(
         cfg.model,

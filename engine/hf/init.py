@@ -24,6 +24,7 @@ from leanlm.engine.hf.files import is_hf_folder, iter_tensors, read_json
 from leanlm.engine.hf.mapping import SHAPE_KEYS, model_keys_from_hf
 from leanlm.engine.hf.weights import from_hf
 from leanlm.engine.model import LLaMA
+from leanlm.optim.quantized import Int8Linear
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
@@ -123,6 +124,10 @@ def load_initial_weights(model: LLaMA, source: InitSource, device: torch.device)
         load_weights(source.path, model, device)
         return
     params = dict(model.state_dict(keep_vars=True))
+    int8 = {f"{n}.weight": mod for n, mod in model.named_modules() if isinstance(mod, Int8Linear)}
+    for name, mod in int8.items():  # int8 layers take the float weight and quantize it
+        params.pop(name + "_codes"), params.pop(name + "_scale")
+        params[name] = mod.weight
     m = model.cfg
     filled: set[str] = set()
     for hf_name, tensor in iter_tensors(source.path):
@@ -145,7 +150,10 @@ def load_initial_weights(model: LLaMA, source: InitSource, device: torch.device)
                 f"{source.path}: {hf_name} has shape {tuple(value.shape)}, the model built from config.json "
                 f"expects {tuple(dest.shape)}; the folder's config.json and weights disagree"
             )
-        dest.copy_(value)  # cast to the run's dtype one tensor at a time
+        if name in int8:
+            int8[name].load_float_(value)
+        else:
+            dest.copy_(value)  # cast to the run's dtype one tensor at a time
         filled.add(name)
     expected = {n for n in params if not (m.tie_embeddings and n == "lm_head.weight")}
     missing = sorted(expected - filled)
