@@ -184,6 +184,9 @@ class PrecisionHooks:
                     st[key] = value.to(device=p.device, dtype=torch.float32, copy=True)
                 elif key in MOMENT_KEYS:
                     self._restore_moment(st, key, value, entry, p.device)
+            for key in MOMENT_KEYS:  # a block absmax stays only beside 8-bit codes
+                if not (torch.is_tensor(st.get(key)) and st[key].dtype == STATE_8BIT):
+                    st.pop(key + ABSMAX, None)
 
     def _restore_moment(
         self, st: dict[str, Any], key: str, value: torch.Tensor, entry: dict[str, Any], device: torch.device
@@ -281,11 +284,11 @@ class PrecisionHooks:
                 p.grad = None
             self._inner = True
             try:
-                for p, grad in deferred:
+                for p, grad in deferred:  # each leaves its gradient hidden, or the next would step it again
                     self._step_in_slices(p, grad)
             finally:
                 self._inner = False
-                for p, g in zip(others, grads, strict=True):
+                for p, g in [*zip(others, grads, strict=True), *deferred]:
                     p.grad = g
 
     def _read(self, p: torch.Tensor, low: torch.Tensor, part: slice) -> torch.Tensor:
@@ -330,7 +333,8 @@ class PrecisionHooks:
         try:
             for piece, start in enumerate(range(0, p.shape[0], rows)):
                 part = slice(start, start + rows)
-                blocks = slice(start * cols // state8.BLOCK, state8.blocks_of(min(start + rows, p.shape[0]) * cols))
+                end = min(start + rows, low.shape[0])  # (p.shape is the slice's inside the loop)
+                blocks = slice(start * cols // state8.BLOCK, state8.blocks_of(end * cols))
                 st.clear()
                 st.update({k: v.clone() if torch.is_tensor(v) else v for k, v in before.items()})
                 st.update({k: self._slice_in(k, v, part, absmax, blocks) for k, v in whole.items() if k in had})
@@ -343,7 +347,7 @@ class PrecisionHooks:
                         after[k] = v
                 self._write(p, low, part, p.data, count=count, piece=piece)
         finally:
-            p.data, p.grad = low, grad
+            p.data, p.grad = low, None  # the caller gives the gradient back once every slice is done
         st.clear()
         st.update(after)
         st.update(whole)

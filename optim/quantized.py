@@ -292,9 +292,9 @@ def dequantize_state(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict
     float ``X.weight`` in ``dtype``; other tensors as they are. What export and float runs read."""
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
-        if key.endswith(".weight_scale") and key[: -len("_scale")] + "_codes" in state:
+        if key.endswith("weight_scale") and key[: -len("_scale")] + "_codes" in state:
             continue
-        if key.endswith(".weight_codes"):
+        if key.endswith("weight_codes"):
             base = key[: -len("_codes")]
             out[base] = dequantize(value, state[base + "_scale"], dtype)
         else:
@@ -304,4 +304,4 @@ def dequantize_state(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict
 
 def has_int8(state: dict[str, Any]) -> bool:
     """Whether a model state dict holds int8 weights."""
-    return any(k.endswith(".weight_codes") for k in state)
+    return any(k.endswith("weight_codes") for k in state)
