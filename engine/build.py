@@ -21,6 +21,7 @@ from leanlm.engine.model import LLaMA, count_parameters
 from leanlm.optim import PrecisionHooks, StepInBackward, build_optimizer
 from leanlm.optim.factory import optimizer_kwargs
 from leanlm.optim.lost import ConversionReport, LayerFactory, LOSTLinear, convert, lost_targets
+from leanlm.optim.lost_int8 import Int8LOSTLinear, quantize_lost
 from leanlm.optim.precision import STATE_8BIT, hooks_of
 from leanlm.optim.quantized import Int8Linear, quantize_linears
 
@@ -69,6 +70,7 @@ def build_model(
             apply_lost(model, cfg)
         if cfg.train.param_dtype == "int8":  # from the float32 init, before the cast
             quantize_linears(model, int8_targets(model), cfg.train.int8_group)
+            quantize_lost(model)
         model = model.to(dtype)
     if device.type == "cpu":
         release_free_memory()  # the float32 init's freed pages, back to the kernel
@@ -95,7 +97,8 @@ def check_weights_fit(cfg: RunConfig, vocab: int, device: torch.device, dtype: t
     if cfg.train.param_dtype == "int8":
         need = sum(p.numel() * (1 if int8 else dtype.itemsize) for p, int8 in _int8_split(dense))
     if cfg.model.lost.enabled:  # the converted model, plus one dense layer's float32 SVD workspace
-        need = count_parameters(build_model(cfg, vocab, "meta")) * dtype.itemsize + LOST_SVD_WORKSPACE * max(
+        per_param = 1 if cfg.train.param_dtype == "int8" else dtype.itemsize  # LOST factors in int8
+        need = count_parameters(build_model(cfg, vocab, "meta")) * per_param + LOST_SVD_WORKSPACE * max(
             m.weight.numel() * 4 for _, m in lost_targets(dense) if isinstance(m, torch.nn.Linear)
         )
     if need > free:
@@ -160,14 +163,17 @@ def _layer_on_device(cfg: RunConfig, *, device: torch.device, dtype: torch.dtype
 
     def make_layer(dense: torch.nn.Linear, seed: int) -> LOSTLinear:
         rank, options = lc.rank_for(cfg.model.d_model), lost_layer_options(cfg)
+        int8 = cfg.train.param_dtype == "int8"
         if not draw:
             layer = LOSTLinear.from_dense(dense, rank, lc.channel_density, seed=seed, **options)
+            layer = Int8LOSTLinear.from_lost(layer) if int8 else layer
             return layer.to_empty(device=device).to(dtype)
         real = dense.to_empty(device=device).float()
         real.weight.normal_(mean=0.0, std=init_std)
         if real.bias is not None:
             real.bias.zero_()
-        layer = LOSTLinear.from_dense(real, rank, lc.channel_density, seed=seed, **options).to(dtype)
+        layer = LOSTLinear.from_dense(real, rank, lc.channel_density, seed=seed, **options)
+        layer = (Int8LOSTLinear.from_lost(layer) if int8 else layer).to(dtype)  # int8: from the float32 factors
         del real
         if device.type == "cpu":
             release_free_memory()  # this layer's float32 SVD and factors: freed pages back now

@@ -22,7 +22,7 @@ from leanlm.optim import state8, state_bytes
 from leanlm.optim.groups import is_projectable_name
 from leanlm.optim.lost import lost_targets
 from leanlm.optim.precision import CHUNK_BYTES, SR_CHUNK, chunk_rows, is_elementwise
-from leanlm.optim.quantized import ROUND_CHUNK, int8_bytes, int8_module_of
+from leanlm.optim.quantized import ROUND_CHUNK, int8_bytes, int8_storage
 from leanlm.optim.registry import REGISTRY
 
 GIB = 2**30
@@ -157,7 +157,7 @@ def memory_report(cfg: RunConfig, vocab: int, on_gpu: bool = True) -> MemoryRepo
     tokens = cfg.train.micro_batch(1) * cfg.train.seq_len
     return MemoryReport(
         parameters=n,
-        param_bytes=int8_bytes(model) + sum(p.numel() * elt for p in params if int8_module_of(p) is None),
+        param_bytes=int8_bytes(model) + sum(p.numel() * elt for p in params if int8_storage(p) is None),
         grad_bytes=grads,
         optim_bytes=optim,
         activation_bytes=act,
@@ -249,7 +249,7 @@ def step_transient_bytes(cfg: RunConfig, model: torch.nn.Module, opt: torch.opti
                     if torch.is_tensor(t) and (t.is_floating_point() or t.dtype == torch.uint8) and t.ndim > 0
                 ]
             rows = chunk_rows(p, CHUNK_BYTES) if dtype == torch.bfloat16 and is_elementwise(opt, p) else 0
-            copies = max(copies, _one_step_bytes(p, moments, rows, int8_module_of(p) is not None))
+            copies = max(copies, _one_step_bytes(p, moments, rows, int8_storage(p) is not None))
         if cfg.optim.step_in_backward:  # the bucket of small tensors that steps with the last one
             copies += IN_BACKWARD_BUCKET // elt * 4 * 2
         copies += SR_CHUNK * 4  # the rounding noise (int32), a slice at a time

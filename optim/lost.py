@@ -106,6 +106,10 @@ class LOSTLinear(nn.Module):
                 picks = torch.randperm(size, generator=generator)[: self.index.numel()].sort().values
                 self.index.copy_(picks)
 
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(A, B, W_s) as the forward uses them (an int8 layer dequantizes them here)."""
+        return self.lowrank_in, self.lowrank_out, self.sparse
+
     @property
     def dtype(self) -> torch.dtype:
         """The parameters' dtype (what dtype probes of a linear layer ask for)."""
@@ -156,7 +160,7 @@ class LOSTLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (..., n) -> (..., m)
         if self.support == "channels":
-            y = lost_linear(x, self.lowrank_in, self.lowrank_out, self.sparse, self.index, self.gamma, self.phi)
+            y = lost_linear(x, *self.factors(), self.index, self.gamma, self.phi)
         else:
             dense = torch.zeros(
                 self.out_features * self.in_features,

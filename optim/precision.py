@@ -37,7 +37,7 @@ from typing import Any, cast
 import torch
 
 from leanlm.optim import state8
-from leanlm.optim.quantized import dequantize, int8_module_of, requantize_
+from leanlm.optim.quantized import dequantize, int8_storage, requantize_
 from leanlm.optim.sharding import is_dtensor
 
 ROUNDINGS = ("nearest", "stochastic")
@@ -226,7 +226,7 @@ class PrecisionHooks:
 
     def _chunked(self, p: torch.Tensor) -> bool:
         return (
-            (p.dtype == torch.bfloat16 or int8_module_of(p) is not None)
+            (p.dtype == torch.bfloat16 or int8_storage(p) is not None)
             and p.device.type != "meta"
             and not is_dtensor(p)
             and chunk_rows(p, self.chunk_bytes) > 0
@@ -246,10 +246,10 @@ class PrecisionHooks:
             st = optimizer.state[p]
             for key in MOMENT_KEYS:  # compute in float32 whatever they are stored in
                 moment_to_float(st, key)
-            module = int8_module_of(p)
-            if module is not None:  # int8 weight: its float32 value from the codes
+            stored = int8_storage(p)
+            if stored is not None:  # int8 weight: its float32 value from the codes
                 self._low[id(p)] = (p.data, grad)
-                p.data = module.dequantized() if p.device.type != "meta" else torch.empty_like(p, dtype=torch.float32)
+                p.data = dequantize(*stored) if p.device.type != "meta" else torch.empty_like(p, dtype=torch.float32)
                 p.grad = grad.float()
             elif p.dtype == torch.bfloat16 and not is_dtensor(p):  # FSDP2 shards step in bf16 as before
                 self._low[id(p)] = (p.data, grad)
@@ -263,7 +263,7 @@ class PrecisionHooks:
         for p in [p for g in optimizer.param_groups for p in g["params"] if id(p) in self._low]:
             low, grad = self._low.pop(id(p))
             st = optimizer.state[p]
-            int8 = int8_module_of(p) is not None
+            int8 = int8_storage(p) is not None
             if (self.rounding == "stochastic" or int8) and p.device.type != "meta":  # meta: shapes only
                 count = int(st.get("sr_count", 0))
                 self._write(p, low, slice(None), p.data, count=count)
@@ -293,10 +293,10 @@ class PrecisionHooks:
 
     def _read(self, p: torch.Tensor, low: torch.Tensor, part: slice) -> torch.Tensor:
         """Rows ``part`` of ``p``'s stored value in float32 (bf16 ``low`` or its int8 codes)."""
-        module = int8_module_of(p)
-        if module is None:
+        stored = int8_storage(p)
+        if stored is None:
             return low[part].float()
-        return dequantize(module.weight_codes[part], module.weight_scale[part])
+        return dequantize(stored[0][part], stored[1][part])
 
     def _write(
         self, p: torch.Tensor, low: torch.Tensor, part: slice, x: torch.Tensor, *, count: int, piece: int = -1
@@ -305,10 +305,10 @@ class PrecisionHooks:
         ``low`` (to nearest or stochastically) or its int8 codes (always stochastically); the
         noise is seeded by parameter, update count and slice."""
         index = self._index[id(p)] if piece < 0 else f"{self._index[id(p)]}.{piece}"
-        module = int8_module_of(p)
-        if module is not None:
+        stored = int8_storage(p)
+        if stored is not None:
             generator = _generator(self.seed, index, count, p.device)
-            requantize_(module.weight_codes[part], module.weight_scale[part], x, generator)
+            requantize_(stored[0][part], stored[1][part], x, generator)
         elif self.rounding == "stochastic":
             stochastic_round_(low[part], x, _generator(self.seed, index, count, p.device))
         else:
@@ -352,7 +352,7 @@ class PrecisionHooks:
         st.update(after)
         st.update(whole)
         st.update(absmax)
-        if self.rounding == "stochastic" or int8_module_of(p) is not None:
+        if self.rounding == "stochastic" or int8_storage(p) is not None:
             st["sr_count"] = torch.tensor(count + 1, dtype=torch.int64)
 
     def _slice_rows(self, p: torch.Tensor) -> int:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 INT8_MAX = 127
-_OWNER = "_leanlm_int8"  # attribute of a placeholder parameter: a weak reference to its Int8Linear
+_OWNER = "_leanlm_int8"  # attribute of a placeholder parameter: (weak reference to its module, name)
 
 
 def check_group(cols: int, group: int) -> int:
@@ -138,18 +138,155 @@ class _Int8Matmul(torch.autograd.Function):
         return grad_x, grad_w, None, None
 
 
+class _Dequantize(torch.autograd.Function):
+    """The dequantized tensor as a differentiable function of the placeholder: its gradient is the
+    placeholder's. For layers whose own kernels take the weight (LOST): the copy lives as long as
+    those kernels keep it for backward (one block at a time under activation checkpointing)."""
+
+    @staticmethod
+    def forward(ctx: Any, holder: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        ctx.holder_dtype = holder.dtype
+        return dequantize(codes, scale, holder.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):
+        return grad.to(ctx.holder_dtype), None, None
+
+
 def placeholder(shape: torch.Size | tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
     """A tensor of ``shape`` that holds one element (stride 0): the parameter the optimizer sees."""
     return torch.zeros((), dtype=dtype, device=device).expand(*shape)
 
 
-class Int8Linear(nn.Module):
-    """``nn.Linear`` (no bias) whose weight is stored as int8 codes and float32 scales.
+class Int8Storage(nn.Module):
+    """Base of modules whose 2-D parameters named in ``int8_names`` are stored as int8.
 
-    ``weight`` is the placeholder parameter (the optimizer's handle, bf16, no storage);
-    ``weight_codes`` int8 (out, in) and ``weight_scale`` float32 (out, in / group) are the weight,
-    saved in checkpoints instead of ``weight``. Loading a float ``weight`` quantizes it (an HF or
-    bf16 source); ``.to(dtype)`` leaves codes and scales as they are."""
+    Each such parameter ``name`` is a placeholder (bf16, no storage: the optimizer's handle and
+    the gradient's home) beside the buffers ``name_codes`` int8 (rows, cols) and ``name_scale``
+    float32 (rows, cols / group), which are what checkpoints hold. Loading a float ``name``
+    quantizes it (an HF or bf16 source); ``.to(dtype)`` leaves codes and scales as they are."""
+
+    int8_names: tuple[str, ...] = ()
+    int8_group: int = 0
+
+    def _make_int8(self, name: str, shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> None:
+        group = check_group(shape[1], self.int8_group)
+        holder = nn.Parameter(placeholder(shape, dtype, device))
+        setattr(holder, _OWNER, (weakref.ref(self), name))
+        self._parameters[name] = holder
+        self._buffers[name + "_codes"] = torch.zeros(shape, dtype=torch.int8, device=device)
+        self._buffers[name + "_scale"] = torch.zeros(shape[0], shape[1] // group, dtype=torch.float32, device=device)
+
+    def storage(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes, scale) of the int8 parameter ``name``: the live buffers."""
+        return self._buffers[name + "_codes"], self._buffers[name + "_scale"]  # type: ignore[return-value]
+
+    def dequantized(self, dtype: torch.dtype = torch.float32, name: str = "weight") -> torch.Tensor:
+        return dequantize(*self.storage(name), dtype)
+
+    def differentiable(self, name: str) -> torch.Tensor:
+        """The dequantized ``name`` in the placeholder's dtype, with the gradient flowing to it."""
+        return _Dequantize.apply(self._parameters[name], *self.storage(name))
+
+    @torch.no_grad()
+    def load_float_(self, w: torch.Tensor, name: str = "weight") -> None:
+        """Quantize the float tensor ``w`` into the int8 parameter ``name`` (round to nearest)."""
+        codes, scale = self.storage(name)
+        new_codes, new_scale = quantize(w.to(codes.device), self.int8_group)
+        codes.copy_(new_codes)
+        scale.copy_(new_scale)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Int8Storage:
+        """Moves follow ``fn``'s device; codes stay int8 and scales float32 whatever dtype ``fn``
+        casts to, and placeholders stay placeholders (a plain ``.to`` would materialise them)."""
+        holders = {n: self._parameters.pop(n) for n in self.int8_names}
+        scales = {n: self._buffers.pop(n + "_scale") for n in self.int8_names}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, holder in holders.items():
+                assert holder is not None and scales[name] is not None
+                self._parameters[name] = self._moved_holder(fn, name, holder)
+                scale = scales[name]
+                keeps_dtype = fn(torch.empty(0, dtype=scale.dtype, device=scale.device)).dtype == scale.dtype
+                probe = fn(torch.empty(0, dtype=scale.dtype, device=scale.device))
+                self._buffers[name + "_scale"] = fn(scale) if keeps_dtype else scale.to(device=probe.device)
+        return self
+
+    def _moved_holder(self, fn: Any, name: str, holder: nn.Parameter) -> nn.Parameter:
+        probe = fn(torch.empty(0, dtype=holder.dtype, device=holder.device))
+        moved = placeholder(holder.shape, probe.dtype, probe.device)
+        if holder.device.type == probe.device.type:
+            holder.data = moved
+            return holder
+        fresh = nn.Parameter(moved, requires_grad=holder.requires_grad)  # meta -> a device: another kind
+        setattr(fresh, _OWNER, (weakref.ref(self), name))
+        return fresh
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name in self.int8_names:  # the codes and scales are the weight
+            destination.pop(prefix + name, None)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict,
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing_keys: list,
+        unexpected_keys: list,
+        error_msgs: list,
+    ) -> None:
+        assign = bool(local_metadata.get("assign_to_params_buffers", False))
+        keys = [n + suffix for n in self.int8_names for suffix in ("_codes", "_scale")]
+        holders = {n: self._parameters.pop(n) for n in self.int8_names}
+        hidden = {k: self._buffers.pop(k) for k in keys}  # the base class must not see these
+        try:
+            for name in self.int8_names:
+                self._load_int8(state_dict, prefix, name, hidden, assign, (missing_keys, error_msgs))
+            skip = {prefix + k for k in [*keys, *self.int8_names]}
+            rest = {k: v for k, v in state_dict.items() if k not in skip}
+            super()._load_from_state_dict(
+                rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+            )
+        finally:
+            self._parameters.update(holders)
+            self._buffers.update(hidden)
+
+    @torch.no_grad()
+    def _load_int8(
+        self, state: dict, prefix: str, name: str, hidden: dict, assign: bool, problems: tuple[list, list]
+    ) -> None:
+        """Fill the int8 parameter ``name``'s codes and scale (in ``hidden``) from ``state``: its
+        saved codes and scale, or a float ``name`` quantized."""
+        missing_keys, error_msgs = problems
+        float_weight = state.get(prefix + name)
+        if float_weight is not None:  # a float source: quantize it
+            codes, scale = quantize(float_weight.to(hidden[name + "_codes"].device), self.int8_group)
+            hidden[name + "_codes"].copy_(codes)
+            hidden[name + "_scale"].copy_(scale)
+            return
+        for key in (name + "_codes", name + "_scale"):
+            own = hidden[key]
+            if prefix + key not in state:
+                missing_keys.append(prefix + key)
+                continue
+            value = state[prefix + key]
+            if value.shape != own.shape or value.dtype != own.dtype:
+                error_msgs.append(
+                    f"{prefix + key}: {tuple(value.shape)} {value.dtype} vs {tuple(own.shape)} {own.dtype}"
+                )
+            elif assign:
+                hidden[key] = value
+            else:
+                own.copy_(value)
+
+
+class Int8Linear(Int8Storage):
+    """``nn.Linear`` (no bias) whose weight is int8 codes and float32 scales (``Int8Storage``)."""
+
+    int8_names = ("weight",)
 
     def __init__(
         self,
@@ -161,13 +298,12 @@ class Int8Linear(nn.Module):
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.group = check_group(in_features, group)
-        device = torch.device(device or "cpu")
-        self.weight = nn.Parameter(placeholder((out_features, in_features), dtype, device))
-        self.register_buffer("weight_codes", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
-        groups = in_features // self.group
-        self.register_buffer("weight_scale", torch.zeros(out_features, groups, dtype=torch.float32, device=device))
-        setattr(self.weight, _OWNER, weakref.ref(self))
+        self.int8_group = check_group(in_features, group)
+        self._make_int8("weight", (out_features, in_features), dtype, torch.device(device or "cpu"))
+
+    @property
+    def group(self) -> int:
+        return self.int8_group
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group: int = 0, dtype: torch.dtype = torch.bfloat16) -> Int8Linear:
@@ -180,80 +316,24 @@ class Int8Linear(nn.Module):
             layer.load_float_(w.detach())
         return layer
 
-    @torch.no_grad()
-    def load_float_(self, w: torch.Tensor) -> None:
-        """Quantize the float weight ``w`` (out, in) into this layer (round to nearest)."""
-        codes, scale = quantize(w.to(self.weight_codes.device), self.group)
-        self.weight_codes.copy_(codes)
-        self.weight_scale.copy_(scale)
-
-    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize(self.weight_codes, self.weight_scale, dtype)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _Int8Matmul.apply(x, self.weight, self.weight_codes, self.weight_scale)
-
-    def _apply(self, fn: Any, recurse: bool = True) -> Int8Linear:
-        """Moves follow ``fn``'s device; codes stay int8 and scales float32 whatever dtype ``fn``
-        casts to, and the placeholder stays a placeholder (a plain ``.to`` would materialise it)."""
-        holder, scale = self._parameters.pop("weight"), self._buffers.pop("weight_scale")
-        try:
-            super()._apply(fn, recurse)
-        finally:
-            probe = fn(torch.empty(0, dtype=holder.dtype, device=holder.device))
-            moved = placeholder(holder.shape, probe.dtype, probe.device)
-            if holder.device.type == probe.device.type:
-                holder.data = moved
-            else:  # meta -> a real device: a tensor of another kind, so a new parameter
-                holder = nn.Parameter(moved, requires_grad=holder.requires_grad)
-                setattr(holder, _OWNER, weakref.ref(self))
-            self._parameters["weight"] = holder
-            keeps_dtype = fn(torch.empty(0, dtype=scale.dtype, device=scale.device)).dtype == scale.dtype
-            self._buffers["weight_scale"] = fn(scale) if keeps_dtype else scale.to(device=probe.device)
-        return self
-
-    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
-        for name in ("weight_codes", "weight_scale"):
-            t = self._buffers[name]
-            destination[prefix + name] = t if keep_vars else t.detach()
-
-    def _load_from_state_dict(
-        self,
-        state_dict: dict,
-        prefix: str,
-        local_metadata: dict,
-        strict: bool,
-        missing_keys: list,
-        unexpected_keys: list,
-        error_msgs: list,
-    ) -> None:
-        float_weight = state_dict.get(prefix + "weight")
-        if float_weight is not None:  # a float source (bf16 run, HF import): quantize it
-            self.load_float_(float_weight)
-            return
-        assign = bool(local_metadata.get("assign_to_params_buffers", False))
-        for name in ("weight_codes", "weight_scale"):
-            key, own = prefix + name, self._buffers[name]
-            if key not in state_dict:
-                missing_keys.append(key)
-                continue
-            value = state_dict[key]
-            if value.shape != own.shape or value.dtype != own.dtype:
-                error_msgs.append(f"{key}: {tuple(value.shape)} {value.dtype} vs {tuple(own.shape)} {own.dtype}")
-            elif assign:
-                self._buffers[name] = value
-            else:
-                with torch.no_grad():
-                    own.copy_(value)
+        return _Int8Matmul.apply(x, self.weight, *self.storage("weight"))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8, group={self.group}"
 
 
-def int8_module_of(p: torch.Tensor) -> Int8Linear | None:
-    """The ``Int8Linear`` whose placeholder ``p`` is, if any."""
+def int8_storage(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(codes, scale) behind the placeholder parameter ``p``, or None for an ordinary tensor."""
     owner = getattr(p, _OWNER, None)
-    return owner() if owner is not None else None
+    if owner is None:
+        return None
+    module, name = owner[0](), owner[1]
+    return module.storage(name) if module is not None else None
+
+
+def int8_modules(model: nn.Module) -> list[tuple[str, Int8Storage]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, Int8Storage)]
 
 
 def quantize_linears(model: nn.Module, names: list[str], group: int, dtype: torch.dtype = torch.bfloat16) -> int:
@@ -267,34 +347,41 @@ def quantize_linears(model: nn.Module, names: list[str], group: int, dtype: torc
 
 
 def dequantize_linears(model: nn.Module, dtype: torch.dtype) -> int:
-    """Replace every ``Int8Linear`` in ``model`` by an ``nn.Linear`` holding its dequantized weight
-    in ``dtype`` (what an export writes); returns how many."""
-    names = [name for name, m in model.named_modules() if isinstance(m, Int8Linear)]
-    for name in names:
+    """Replace every int8 module in ``model`` by its float counterpart holding the dequantized
+    weights in ``dtype`` (what an export writes); returns how many."""
+    names = int8_modules(model)
+    for name, q in names:
         parent, _, child = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
-        q = getattr(owner, child)
-        linear = nn.Linear(q.in_features, q.out_features, bias=False, device="meta")
-        linear.weight = nn.Parameter(q.dequantized(dtype), requires_grad=q.weight.requires_grad)
-        setattr(owner, child, linear)
+        setattr(owner, child, q.to_float(dtype) if hasattr(q, "to_float") else _float_linear(q, dtype))
     return len(names)
+
+
+def _float_linear(q: Int8Storage, dtype: torch.dtype) -> nn.Linear:
+    w = q.dequantized(dtype)
+    linear = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+    linear.weight = nn.Parameter(w, requires_grad=q.weight.requires_grad)
+    return linear
 
 
 def int8_bytes(model: nn.Module) -> int:
     """Bytes of the int8 weights' codes and scales in ``model`` (meta tensors count by shape)."""
-    return sum(
-        m.weight_codes.numel() + m.weight_scale.numel() * 4 for m in model.modules() if isinstance(m, Int8Linear)
-    )
+    total = 0
+    for _, module in int8_modules(model):
+        for name in module.int8_names:
+            codes, scale = module.storage(name)
+            total += codes.numel() + scale.numel() * 4
+    return total
 
 
 def dequantize_state(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """A state dict with every int8 weight (``X.weight_codes`` + ``X.weight_scale``) replaced by the
-    float ``X.weight`` in ``dtype``; other tensors as they are. What export and float runs read."""
+    """A state dict with every int8 tensor (``X_codes`` + ``X_scale``) replaced by the float ``X``
+    in ``dtype``; other tensors as they are. What export and float runs read."""
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
-        if key.endswith("weight_scale") and key[: -len("_scale")] + "_codes" in state:
+        if key.endswith("_scale") and key[: -len("_scale")] + "_codes" in state:
             continue
-        if key.endswith("weight_codes"):
+        if key.endswith("_codes") and value.dtype == torch.int8:
             base = key[: -len("_codes")]
             out[base] = dequantize(value, state[base + "_scale"], dtype)
         else:
@@ -304,4 +391,4 @@ def dequantize_state(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict
 
 def has_int8(state: dict[str, Any]) -> bool:
     """Whether a model state dict holds int8 weights."""
-    return any(k.endswith("weight_codes") for k in state)
+    return any(k.endswith("_codes") for k in state)

@@ -33,7 +33,7 @@ from leanlm.engine import distributed as dist
 from leanlm.engine.checkpoint.safe_load import scan_torch_files, torch_load
 from leanlm.engine.errors import CheckpointError
 from leanlm.engine.integrity import fsync_file, sha256_file
-from leanlm.optim.quantized import Int8Linear, dequantize_state, has_int8
+from leanlm.optim.quantized import dequantize_state, has_int8, int8_modules
 
 FORMAT_VERSION = 1
 STEP_RE = re.compile(r"^step-(\d{8})$")
@@ -319,10 +319,11 @@ def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], whe
     if has_int8(state) and not has_int8(own):
         state = dequantize_state(state, next(p.dtype for p in model.parameters() if p.is_floating_point()))
     elif has_int8(own) and not has_int8(state):  # float weights for int8 layers: Int8Linear quantizes
-        for name, module in model.named_modules():
-            if isinstance(module, Int8Linear):
-                own.pop(f"{name}.weight_codes"), own.pop(f"{name}.weight_scale")
-                own[f"{name}.weight"] = module.weight.shape
+        for name, module in int8_modules(model):
+            for tensor in module.int8_names:
+                key = f"{name}.{tensor}"
+                own.pop(f"{key}_codes"), own.pop(f"{key}_scale")
+                own[key] = module.storage(tensor)[0].shape
     missing = sorted(set(own) - set(state))
     extra = sorted(set(state) - set(own))
     if missing or extra:

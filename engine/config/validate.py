@@ -164,6 +164,11 @@ def _int8_problems(cfg: RunConfig) -> list[str]:
             f"train.int8_group={t.int8_group} must divide model.d_model={m.d_model} and model.ffn_dim={m.ffn_dim} "
             "(each group lies within a row); use 0 (one scale per row) or a common divisor such as 128"
         )
+    if m.lost.enabled and (m.lost.support != "channels" or not m.activation_checkpointing):
+        p.append(
+            "train.param_dtype=int8 with LOST layers needs model.lost.support=channels and "
+            "model.activation_checkpointing=true (LOST's kernels keep the dequantized factors for backward)"
+        )
     if backend in ("ddp", "fsdp2", "deepspeed"):
         p.append(
             f"train.param_dtype=int8 runs in one process (distributed.backend={backend} cannot hold int8 weights "

@@ -169,7 +169,7 @@ def export_hf(
         for name, data in tok_files.items():
             (tmp / name).write_bytes(data)
         state = model.state_dict()
-        tensors = (to_hf(name, state[name].to(target), cfg.model) for name in exported_tensors(model, cfg.model))
+        tensors = (to_hf(name, _cast(state[name], target), cfg.model) for name in exported_tensors(model, cfg.model))
         # a model.pt checkpoint stays mapped: each shard's pages of it leave the process once written
         mappings = file_mappings(trained.path)
         files = write_tensors(tmp, tensors, max_shard_bytes, written=functools.partial(_drop_all, mappings=mappings))
@@ -203,6 +203,12 @@ def export_hf(
     )
 
 
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A weight in the export dtype; integer tensors (LOST's channel index) as they are: a bf16 index
+    above 256 would name the wrong channel."""
+    return t.to(dtype) if t.is_floating_point() else t
+
+
 def _drop_all(tensors: list[torch.Tensor], *, mappings: list[tuple[int, int]] | None) -> None:
     for t in tensors:
         drop_mapped_pages(t, mappings)
@@ -217,7 +223,7 @@ def _check_round_trip(folder: Path, model: LLaMA, m, dtype: torch.dtype) -> None
         if mapped is None:
             continue
         name, ours = mapped
-        if not torch.equal(ours, state[name].to(dtype)):
+        if not torch.equal(ours, _cast(state[name], dtype)):
             raise CheckpointError(f"export validation failed: {hf_name} does not read back as {name}")
         seen.add(name)
     missing = set(exported_tensors(model, m)) - seen

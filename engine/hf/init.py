@@ -24,7 +24,8 @@ from leanlm.engine.hf.files import is_hf_folder, iter_tensors, read_json
 from leanlm.engine.hf.mapping import SHAPE_KEYS, model_keys_from_hf
 from leanlm.engine.hf.weights import from_hf
 from leanlm.engine.model import LLaMA
-from leanlm.optim.quantized import Int8Linear
+from leanlm.optim.lost_int8 import quantize_lost
+from leanlm.optim.quantized import int8_modules
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
@@ -124,7 +125,7 @@ def load_initial_weights(model: LLaMA, source: InitSource, device: torch.device)
         load_weights(source.path, model, device)
         return
     params = dict(model.state_dict(keep_vars=True))
-    int8 = {f"{n}.weight": mod for n, mod in model.named_modules() if isinstance(mod, Int8Linear)}
+    int8 = {f"{n}.weight": mod for n, mod in int8_modules(model)}  # dense: only Int8Linear
     for name, mod in int8.items():  # int8 layers take the float weight and quantize it
         params.pop(name + "_codes"), params.pop(name + "_scale")
         params[name] = mod.weight
@@ -176,9 +177,13 @@ def build_initialised(cfg: RunConfig, source: InitSource, vocab: int, device: to
     from leanlm.engine.build import apply_lost, build_model
 
     dense = dataclasses.replace(cfg.model, lost=dataclasses.replace(cfg.model.lost, enabled=False))
-    model = build_model(dataclasses.replace(cfg, model=dense), vocab, device, restoring=True)
+    lost_int8 = cfg.model.lost.enabled and cfg.train.param_dtype == "int8"
+    train = dataclasses.replace(cfg.train, param_dtype="bf16", int8_group=0) if lost_int8 else cfg.train
+    model = build_model(dataclasses.replace(cfg, model=dense, train=train), vocab, device, restoring=True)
     load_initial_weights(model, source, device)
     if cfg.model.lost.enabled:
         model.cfg = cfg.model
-        apply_lost(model, cfg)
+        apply_lost(model, cfg)  # from the bf16 weights; an int8 LOST run quantizes the factors after
+        if lost_int8:
+            quantize_lost(model)
     return model
