@@ -139,8 +139,7 @@ def memory_report(cfg: RunConfig, vocab: int, on_gpu: bool = True) -> MemoryRepo
         p.grad = torch.empty_like(p)
     opt = make_optimizer(cfg, model.named_parameters())
     if cfg.optim.name == "adamw":  # torch's AdamW allocates lazily and cannot step on meta tensors
-        moment = {"param": None, "fp32": 4, "bf16": 2, "int8": 1 + 4 / 256}[cfg.optim.state_dtype]
-        optim = int(sum(2 * p.numel() * (moment or p.element_size()) + 4 for p in params))
+        optim = sum(adamw_moment_bytes(p, cfg.optim.state_dtype) + 4 for p in params)  # + its step count
     else:
         opt.step()
         optim = state_bytes(opt)
@@ -168,6 +167,15 @@ def memory_report(cfg: RunConfig, vocab: int, on_gpu: bool = True) -> MemoryRepo
         runtime_bytes=0 if on_gpu else CPU_RUNTIME_BYTES,
         init_bytes=0 if on_gpu else init_residue_bytes(cfg, vocab, dtype),
     )
+
+
+def adamw_moment_bytes(p: torch.Tensor, state_dtype: str) -> int:
+    """torch's AdamW's two moments of ``p`` as stored between steps: ``optim.state_dtype=int8``
+    codes plus a float32 absmax per 256 values (float32 below 4096 values), else their dtype's."""
+    if state_dtype == "int8" and state8.quantizable(p.shape):
+        return 2 * (p.numel() + state8.blocks_of(p.numel()) * 4)
+    size = {"param": p.element_size(), "fp32": 4, "bf16": 2, "int8": 4}[state_dtype]
+    return 2 * p.numel() * size
 
 
 def init_residue_bytes(cfg: RunConfig, vocab: int, dtype: torch.dtype) -> int:

@@ -8,7 +8,8 @@ more seeds at that learning rate.
         model.d_model=384 model.n_heads=6 model.n_layers=6 model.ffn_dim=1024
 
 Every run is cached as JSON under --out (rerunning skips finished ones). Prints a Markdown table:
-held-out loss per lr at seed 0, the best lr, the loss at each seed there, the mean, and the gap to
+held-out loss per lr at seed 0 (a best lr at the sweep's edge adds the next lr past it), the
+best lr, the loss at each seed there, the mean, and the gap to
 the reference (int8 weights against bf16; 8-bit moments against float32 moments). Variants keep
 float32 moments unless they test the moments, so each comparison changes one thing.
 """
@@ -83,6 +84,10 @@ def main() -> None:
     for label in args.variants:
         sweep = {lr: run_one(args, label, lr, 0)["loss"] for lr in args.lrs}
         lr = min(sweep, key=lambda k: sweep[k])
+        while lr in (min(sweep), max(sweep)) and len(sweep) < len(args.lrs) + 2:  # best at an edge: go past it
+            nxt = lr / 2 if lr == min(sweep) else lr * 2
+            sweep[nxt] = run_one(args, label, nxt, 0)["loss"]
+            lr = min(sweep, key=lambda k: sweep[k])
         runs = [run_one(args, label, lr, seed) for seed in range(args.seeds)]
         best[label] = (lr, runs, sweep)
     lrs = " / ".join(f"{lr:g}" for lr in args.lrs)
@@ -95,7 +100,7 @@ def main() -> None:
     for label, (lr, runs, sweep) in best.items():
         ref = VARIANTS[label][1]
         gap = f"{100 * (mean[label] / mean[ref] - 1):+.2f}% vs {ref}" if ref in mean else ""
-        cells = " / ".join(f"{sweep[x]:.4f}" for x in args.lrs)
+        cells = " / ".join(f"{sweep[x]:.4f} ({x:g})" for x in sorted(sweep))
         seeds = " / ".join(f"{r['loss']:.4f}" for r in runs)
         print(f"| {label} | {cells} | {lr:g} | {seeds} | {mean[label]:.4f} | {gap} |")
 
