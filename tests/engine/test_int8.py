@@ -36,9 +36,8 @@ def same(a: dict, b: dict) -> bool:
         if torch.is_tensor(a[k]):
             if not torch.equal(a[k], b[k]):
                 return False
-        elif isinstance(a[k], dict):
-            if not same(a[k], b[k]):
-                return False
+        elif isinstance(a[k], dict) and not same(a[k], b[k]):
+            return False
     return True
 
 
