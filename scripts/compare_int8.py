@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -42,6 +43,7 @@ def run_one(args: argparse.Namespace, label: str, lr: float, seed: int) -> dict:
     if cache.exists():
         return json.loads(cache.read_text())
     run = Path(args.out) / name
+    shutil.rmtree(run, ignore_errors=True)  # an interrupted attempt: start it again
     over = [
         f"train.steps={args.steps}",
         f"optim.name={args.optim}",
