@@ -30,6 +30,21 @@ VARIANTS = {
     ],
     "lost + frugal": ["optim.name=frugal", "model.lost.enabled=true"],
     "adamw + bf16": ["optim.name=adamw", "train.param_dtype=bf16"],  # opt-in (--variants): dense baseline in bf16
+    # opt-in (--variants): int8 weights and 8-bit moments (issue 26)
+    "frugal + step in backward + int8": [
+        "optim.name=frugal",
+        "optim.step_in_backward=true",
+        "train.param_dtype=int8",
+        "optim.state_dtype=int8",
+    ],
+    "lost + frugal + step in backward + int8": [
+        "optim.name=frugal",
+        "optim.step_in_backward=true",
+        "model.lost.enabled=true",
+        "model.activation_checkpointing=true",
+        "train.param_dtype=int8",
+        "optim.state_dtype=int8",
+    ],
 }
 DEFAULT_VARIANTS = list(VARIANTS)[:5]
 
