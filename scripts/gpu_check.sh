@@ -16,6 +16,8 @@ LOG="${OUT:-/tmp}/gpu_check.txt"
   date -u
   # Parity at 1B shapes, then the timing table: the numbers BENCHMARKS.md needs, first.
   python scripts/bench_kernels.py "$@" || echo "bench_kernels.py FAILED (above)"
+  # Int8 weights against bf16 on the device: one 7B MLP layer's matmuls and update (issue 26).
+  python scripts/bench_int8.py --layer --tokens 4096 || echo "bench_int8.py FAILED (above)"
   if python -c "import pytest" 2>/dev/null; then
     # The kernel tests on the real device (no interpreter): small ragged shapes, every φ, plus
     # the gpu-marked ones. --confcutdir keeps the engine's conftest (yaml, datasets) out.
