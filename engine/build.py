@@ -136,7 +136,8 @@ def _build_in_place(cfg: RunConfig, vocab: int, device: torch.device, dtype: tor
         if isinstance(module, Int8Linear):
             module.to_empty(device=device)
             if draw:
-                draw_f32 = torch.empty(module.weight.shape, dtype=torch.float32, device=device)
+                shape = module.storage("weight")[0].shape
+                draw_f32 = torch.empty(shape, dtype=torch.float32, device=device)
                 module.load_float_(draw_f32.normal_(mean=0.0, std=cfg.model.init_std))
             continue
         for name, t in list(module.named_parameters(recurse=False)):

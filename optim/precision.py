@@ -183,13 +183,13 @@ class PrecisionHooks:
                 elif key.endswith(ABSMAX):
                     st[key] = value.to(device=p.device, dtype=torch.float32, copy=True)
                 elif key in MOMENT_KEYS:
-                    self._restore_moment(st, key, value, entry, p.device)
+                    self._restore_moment(st, key, value, saved=entry, device=p.device)
             for key in MOMENT_KEYS:  # a block absmax stays only beside 8-bit codes
                 if not (torch.is_tensor(st.get(key)) and st[key].dtype == STATE_8BIT):
                     st.pop(key + ABSMAX, None)
 
     def _restore_moment(
-        self, st: dict[str, Any], key: str, value: torch.Tensor, entry: dict[str, Any], device: torch.device
+        self, st: dict[str, Any], key: str, value: torch.Tensor, *, saved: dict[str, Any], device: torch.device
     ) -> None:
         """A saved moment into this run's ``state_dtype``: 8-bit codes kept as saved or decoded
         (exactly) into a float dtype; a float one re-encoded in 8 bits (what the next step would
@@ -199,7 +199,7 @@ class PrecisionHooks:
                 st[key] = value.to(device=device, copy=True)
                 return
             st.pop(key + ABSMAX, None)
-            value = state8.decode(value, entry[key + ABSMAX].float(), _signed(key))
+            value = state8.decode(value, saved[key + ABSMAX].float(), _signed(key))
         elif not value.is_floating_point():
             return
         if self.state_dtype == STATE_8BIT:
@@ -337,12 +337,14 @@ class PrecisionHooks:
                 blocks = slice(start * cols // state8.BLOCK, state8.blocks_of(end * cols))
                 st.clear()
                 st.update({k: v.clone() if torch.is_tensor(v) else v for k, v in before.items()})
-                st.update({k: self._slice_in(k, v, part, absmax, blocks) for k, v in whole.items() if k in had})
+                st.update(
+                    {k: self._slice_in(k, v, part, absmax=absmax, blocks=blocks) for k, v in whole.items() if k in had}
+                )
                 p.data, p.grad = self._read(p, low, part), grad[part].float()
                 self.optimizer.step()
                 for k, v in st.items():
                     if torch.is_tensor(v) and v.shape == p.data.shape:
-                        self._slice_out(k, v, low, part, (whole, absmax), blocks)
+                        self._slice_out(k, v, low, part=part, stored=(whole, absmax), blocks=blocks)
                     else:
                         after[k] = v
                 self._write(p, low, part, p.data, count=count, piece=piece)
@@ -364,7 +366,9 @@ class PrecisionHooks:
         return max(align, rows // align * align)
 
     @staticmethod
-    def _slice_in(k: str, v: torch.Tensor, part: slice, absmax: dict[str, torch.Tensor], blocks: slice) -> torch.Tensor:
+    def _slice_in(
+        k: str, v: torch.Tensor, part: slice, *, absmax: dict[str, torch.Tensor], blocks: slice
+    ) -> torch.Tensor:
         """Rows ``part`` of the stored per-element state ``v`` in float32 (a view when it is float32)."""
         if v.dtype == STATE_8BIT:
             return state8.decode(v[part], absmax[k + ABSMAX][blocks], _signed(k))
@@ -375,6 +379,7 @@ class PrecisionHooks:
         k: str,
         v: torch.Tensor,
         low: torch.Tensor,
+        *,
         part: slice,
         stored: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]],
         blocks: slice,

@@ -205,12 +205,12 @@ class Int8Storage(nn.Module):
             super()._apply(fn, recurse)
         finally:
             for name, holder in holders.items():
-                assert holder is not None and scales[name] is not None
-                self._parameters[name] = self._moved_holder(fn, name, holder)
                 scale = scales[name]
-                keeps_dtype = fn(torch.empty(0, dtype=scale.dtype, device=scale.device)).dtype == scale.dtype
+                assert holder is not None and scale is not None
+                self._parameters[name] = self._moved_holder(fn, name, holder)
                 probe = fn(torch.empty(0, dtype=scale.dtype, device=scale.device))
-                self._buffers[name + "_scale"] = fn(scale) if keeps_dtype else scale.to(device=probe.device)
+                # a move (or to_empty) applies; a cast to another dtype does not
+                self._buffers[name + "_scale"] = fn(scale) if probe.dtype == scale.dtype else scale.to(probe.device)
         return self
 
     def _moved_holder(self, fn: Any, name: str, holder: nn.Parameter) -> nn.Parameter:
@@ -244,11 +244,18 @@ class Int8Storage(nn.Module):
         hidden = {k: self._buffers.pop(k) for k in keys}  # the base class must not see these
         try:
             for name in self.int8_names:
-                self._load_int8(state_dict, prefix, name, hidden, assign, (missing_keys, error_msgs))
+                self._load_int8(
+                    state_dict, prefix, name, hidden=hidden, assign=assign, problems=(missing_keys, error_msgs)
+                )
             skip = {prefix + k for k in [*keys, *self.int8_names]}
-            rest = {k: v for k, v in state_dict.items() if k not in skip}
             super()._load_from_state_dict(
-                rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+                state_dict={k: v for k, v in state_dict.items() if k not in skip},
+                prefix=prefix,
+                local_metadata=local_metadata,
+                strict=strict,
+                missing_keys=missing_keys,
+                unexpected_keys=unexpected_keys,
+                error_msgs=error_msgs,
             )
         finally:
             self._parameters.update(holders)
@@ -256,7 +263,7 @@ class Int8Storage(nn.Module):
 
     @torch.no_grad()
     def _load_int8(
-        self, state: dict, prefix: str, name: str, hidden: dict, assign: bool, problems: tuple[list, list]
+        self, state: dict, prefix: str, name: str, *, hidden: dict, assign: bool, problems: tuple[list, list]
     ) -> None:
         """Fill the int8 parameter ``name``'s codes and scale (in ``hidden``) from ``state``: its
         saved codes and scale, or a float ``name`` quantized."""
@@ -274,13 +281,15 @@ class Int8Storage(nn.Module):
                 continue
             value = state[prefix + key]
             if value.shape != own.shape or value.dtype != own.dtype:
-                error_msgs.append(
-                    f"{prefix + key}: {tuple(value.shape)} {value.dtype} vs {tuple(own.shape)} {own.dtype}"
-                )
+                error_msgs.append(f"{prefix + key}: {tuple(value.shape)} {value.dtype} vs {tuple(own.shape)}")
             elif assign:
                 hidden[key] = value
             else:
                 own.copy_(value)
+
+    def to_float(self, dtype: torch.dtype) -> nn.Module:
+        """The float module this one stands for, with the dequantized weights in ``dtype``."""
+        raise NotImplementedError
 
 
 class Int8Linear(Int8Storage):
@@ -319,6 +328,11 @@ class Int8Linear(Int8Storage):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _Int8Matmul.apply(x, self.weight, *self.storage("weight"))
 
+    def to_float(self, dtype: torch.dtype) -> nn.Linear:
+        linear = nn.Linear(self.in_features, self.out_features, bias=False, device="meta")
+        linear.weight = nn.Parameter(self.dequantized(dtype))
+        return linear
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8, group={self.group}"
 
@@ -353,15 +367,8 @@ def dequantize_linears(model: nn.Module, dtype: torch.dtype) -> int:
     for name, q in names:
         parent, _, child = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
-        setattr(owner, child, q.to_float(dtype) if hasattr(q, "to_float") else _float_linear(q, dtype))
+        setattr(owner, child, q.to_float(dtype))
     return len(names)
-
-
-def _float_linear(q: Int8Storage, dtype: torch.dtype) -> nn.Linear:
-    w = q.dequantized(dtype)
-    linear = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
-    linear.weight = nn.Parameter(w, requires_grad=q.weight.requires_grad)
-    return linear
 
 
 def int8_bytes(model: nn.Module) -> int:
