@@ -63,6 +63,7 @@ FIXED_KEYS = (
     "train.seq_len",
     "train.seed",
     "train.param_dtype",
+    "train.int8_group",  # the scales' shape
 )
 
 EXPECTED_FORMAT = {"fsdp2": "dcp", "deepspeed": "deepspeed", "ddp": "torch", "none": "torch"}
