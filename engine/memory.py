@@ -184,8 +184,8 @@ def init_residue_bytes(cfg: RunConfig, vocab: int, dtype: torch.dtype) -> int:
     process's resident set (measured: scripts/validate_memory.py), except where ``build_model``
     returns them to the kernel (glibc: a bf16 model's float32 init; a LOST conversion's peak, the
     dense float32 model beside its factors, still counts). A model whose float32 init does
-    not fit is built in place instead: only its largest tensor's float32 copy then (for LOST, the
-    SVD workspace of its largest dense layer)."""
+    not fit, and every int8 model, is built in place instead: only its largest tensor's float32
+    copy then (for LOST, the SVD workspace of its largest dense layer)."""
     if dtype != torch.bfloat16 and not cfg.model.lost.enabled:
         return 0
     if not cfg.model.lost.enabled and sys.platform.startswith("linux"):
@@ -195,7 +195,8 @@ def init_residue_bytes(cfg: RunConfig, vocab: int, dtype: torch.dtype) -> int:
     sizes = [p.numel() for p in dense.parameters()]
     targets = [m.weight.numel() for _, m in lost_targets(dense) if isinstance(m, torch.nn.Linear)]
     free = available_memory_bytes(torch.device("cpu"))
-    if free is not None and sum(sizes) * 4 > free:
+    in_place = cfg.train.param_dtype == "int8"  # int8 models are always built tensor by tensor
+    if in_place or (free is not None and sum(sizes) * 4 > free):
         if cfg.model.lost.enabled:
             return max(targets) * 4 * LOST_SVD_WORKSPACE
         return max(sizes) * 4
