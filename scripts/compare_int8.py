@@ -42,6 +42,8 @@ def run_one(args: argparse.Namespace, label: str, lr: float, seed: int) -> dict:
     cache = Path(args.out) / f"{name}.json"
     if cache.exists():
         return json.loads(cache.read_text())
+    if args.cached:  # report only: a run not made yet counts as missing
+        return {"label": label, "lr": lr, "seed": seed, "loss": float("nan")}
     run = Path(args.out) / name
     shutil.rmtree(run, ignore_errors=True)  # an interrupted attempt: start it again
     over = [
@@ -79,30 +81,34 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=2, help="seeds at each variant's best lr (the sweep uses seed 0)")
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS), help="labels to run (default: all)")
     ap.add_argument("--out", default="runs/compare_int8")
+    ap.add_argument("--cached", action="store_true", help="print the table from finished runs only")
     ap.add_argument("overrides", nargs="*", help="extra dotted overrides for every run")
     args = ap.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     best: dict[str, tuple[float, list[dict], dict[float, float]]] = {}
     for label in args.variants:
         sweep = {lr: run_one(args, label, lr, 0)["loss"] for lr in args.lrs}
+        sweep = {k: v for k, v in sweep.items() if v == v} or sweep  # (NaN: not run, with --cached)
         lr = min(sweep, key=lambda k: sweep[k])
         while lr in (min(sweep), max(sweep)) and len(sweep) < len(args.lrs) + 2:  # best at an edge: go past it
             nxt = lr / 2 if lr == min(sweep) else lr * 2
-            sweep[nxt] = run_one(args, label, nxt, 0)["loss"]
+            loss = run_one(args, label, nxt, 0)["loss"]
+            if loss != loss:  # not run (--cached)
+                break
+            sweep[nxt] = loss
             lr = min(sweep, key=lambda k: sweep[k])
-        runs = [run_one(args, label, lr, seed) for seed in range(args.seeds)]
+        runs = [r for seed in range(args.seeds) if (r := run_one(args, label, lr, seed))["loss"] == r["loss"]]
         best[label] = (lr, runs, sweep)
-    lrs = " / ".join(f"{lr:g}" for lr in args.lrs)
-    print(
-        f"\n| variant ({args.preset}, {args.optim}, {args.steps} steps) | seed-0 loss at lr {lrs} | best lr | ", end=""
-    )
-    print("loss per seed | mean | vs reference |")
+    head = f"variant ({args.preset}, {args.optim}, {args.steps} steps)"
+    print(f"\n| {head} | seed-0 loss (lr) | best lr | loss per seed | mean | vs reference |")
     print("|---|---|---|---|---|---|")
-    mean = {k: sum(r["loss"] for r in runs) / len(runs) for k, (_, runs, _) in best.items()}
+    mean = {k: sum(r["loss"] for r in runs) / len(runs) for k, (_, runs, _) in best.items() if runs}
     for label, (lr, runs, sweep) in best.items():
+        if not runs:
+            continue  # nothing finished yet (--cached)
         ref = VARIANTS[label][1]
         gap = f"{100 * (mean[label] / mean[ref] - 1):+.2f}% vs {ref}" if ref in mean else ""
-        cells = " / ".join(f"{sweep[x]:.4f} ({x:g})" for x in sorted(sweep))
+        cells = " / ".join(f"{sweep[x]:.4f} ({x:g})" for x in sorted(sweep) if sweep[x] == sweep[x])
         seeds = " / ".join(f"{r['loss']:.4f}" for r in runs)
         print(f"| {label} | {cells} | {lr:g} | {seeds} | {mean[label]:.4f} | {gap} |")
 
