@@ -8,7 +8,7 @@ steps, on the CPU or a GPU.
 forward + backward (dequantizing the weight in each), and the optimizer update (dequantize,
 update, stochastic requantization) against the bf16 one (float32 copy, update, stochastic
 rounding). Needs only torch and leanlm.optim (runs from scripts/gpu_check.sh). --train runs
-``leanlm train`` in this process for each variant (bf16, int8 per row, int8 per 128-group, int8 +
+``leanlm train`` in this process for each variant (bf16, int8 per row, int8 +
 8-bit moments; FRUGAL, step in backward) and reports the median tokens/s after warm-up.
 """
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -29,7 +30,6 @@ from leanlm.optim.quantized import Int8Linear
 TRAIN_VARIANTS = {
     "bf16 + SR": ["train.param_dtype=bf16"],
     "int8 row": ["train.param_dtype=int8"],
-    "int8 g128": ["train.param_dtype=int8", "train.int8_group=128"],
     "int8 row + 8-bit moments": ["train.param_dtype=int8", "optim.state_dtype=int8"],
 }
 
@@ -90,6 +90,7 @@ def bench_train(config: str, steps: int, overrides: list[str], out: str) -> None
     print("|---|---|")
     for label, extra in TRAIN_VARIANTS.items():
         run = Path(out) / label.replace(" ", "_").replace("+", "p")
+        shutil.rmtree(run, ignore_errors=True)  # a fresh run each time
         over = [
             f"train.steps={steps}",
             "optim.name=frugal",
