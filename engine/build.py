@@ -62,8 +62,8 @@ def build_model(
     dtype = torch.float32 if cfg.train.param_dtype == "fp32" else torch.bfloat16
     device = torch.device(device)
     # int8: always tensor by tensor, so no float32 copy of the whole model ever exists (its peak)
-    in_place = restoring or cfg.train.param_dtype == "int8" or not check_weights_fit(cfg, vocab, device, dtype)
-    if device.type != "meta" and in_place:
+    real = device.type != "meta"
+    if real and (restoring or cfg.train.param_dtype == "int8" or not check_weights_fit(cfg, vocab, device, dtype)):
         model = _build_in_place(cfg, vocab, device, dtype, draw=not restoring)
     else:
         with device:
