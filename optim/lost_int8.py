@@ -8,11 +8,13 @@ under activation checkpointing (required with int8 LOST layers), the whole model
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from leanlm.optim.lost import LOSTLinear
-from leanlm.optim.quantized import Int8Storage
+from leanlm.optim.quantized import Int8Storage, replace_module
 
 FACTORS = ("lowrank_in", "lowrank_out", "sparse")
 
@@ -27,13 +29,7 @@ class Int8LOSTLinear(Int8Storage, LOSTLinear):
         """The int8 version of ``layer`` (factors rounded to nearest; storage only on meta)."""
         if layer.support != "channels":
             raise ValueError("int8 LOST layers need model.lost.support=channels (random support is 1-D)")
-        q = cls.__new__(cls)
-        nn.Module.__init__(q)
-        kept = {k: v for k, v in layer.__dict__.items() if k not in ("_parameters", "_buffers", "_modules")}
-        q.__dict__.update(kept)
-        q._parameters.update({k: v for k, v in layer._parameters.items() if k not in FACTORS})
-        q._buffers.update(layer._buffers)
-        q._non_persistent_buffers_set = set(layer._non_persistent_buffers_set)
+        q = _shell(cls, layer, skip_buffers=set())
         for name in FACTORS:
             value = layer._parameters[name]
             assert value is not None
@@ -52,23 +48,27 @@ class Int8LOSTLinear(Int8Storage, LOSTLinear):
 
     def to_float(self, dtype: torch.dtype) -> LOSTLinear:
         """The plain ``LOSTLinear`` with the dequantized factors in ``dtype`` (what export writes)."""
-        out = LOSTLinear.__new__(LOSTLinear)
-        nn.Module.__init__(out)
-        kept = {k: v for k, v in self.__dict__.items() if k not in ("_parameters", "_buffers", "_modules")}
-        out.__dict__.update(kept)
-        out._parameters.update({k: v for k, v in self._parameters.items() if k not in FACTORS})
-        codes = {n + suffix for n in FACTORS for suffix in ("_codes", "_scale")}
-        out._buffers.update({k: v for k, v in self._buffers.items() if k not in codes})
+        out = _shell(LOSTLinear, self, skip_buffers={n + suffix for n in FACTORS for suffix in ("_codes", "_scale")})
         for name in FACTORS:
             out._parameters[name] = nn.Parameter(self.dequantized(dtype, name))
         return out
+
+
+def _shell(cls: type[LOSTLinear], src: LOSTLinear, *, skip_buffers: set[str]) -> Any:
+    """A ``cls`` sharing ``src``'s settings, buffers (but ``skip_buffers``) and parameters other
+    than the factors, which the caller adds in its own storage."""
+    out = cls.__new__(cls)
+    nn.Module.__init__(out)
+    out.__dict__.update({k: v for k, v in src.__dict__.items() if k not in ("_parameters", "_buffers", "_modules")})
+    out._parameters.update({k: v for k, v in src._parameters.items() if k not in FACTORS})
+    out._buffers.update({k: v for k, v in src._buffers.items() if k not in skip_buffers})
+    out._non_persistent_buffers_set = set(src._non_persistent_buffers_set)
+    return out
 
 
 def quantize_lost(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:
     """Replace every ``LOSTLinear`` in ``model`` by its ``Int8LOSTLinear``; returns how many."""
     names = [n for n, m in model.named_modules() if type(m) is LOSTLinear]
     for name in names:
-        parent, _, child = name.rpartition(".")
-        owner = model.get_submodule(parent) if parent else model
-        setattr(owner, child, Int8LOSTLinear.from_lost(getattr(owner, child), dtype))
+        replace_module(model, name, Int8LOSTLinear.from_lost(model.get_submodule(name), dtype))  # type: ignore[arg-type]
     return len(names)

@@ -350,13 +350,19 @@ def int8_modules(model: nn.Module) -> list[tuple[str, Int8Storage]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, Int8Storage)]
 
 
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where the submodule ``name`` of ``model`` is."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
 def quantize_linears(model: nn.Module, names: list[str], group: int, dtype: torch.dtype = torch.bfloat16) -> int:
     """Replace the ``nn.Linear`` modules named ``names`` in ``model`` by ``Int8Linear`` (each weight
     rounded to nearest once); returns how many."""
     for name in names:
-        parent, _, child = name.rpartition(".")
-        owner = model.get_submodule(parent) if parent else model
-        setattr(owner, child, Int8Linear.from_linear(getattr(owner, child), group, dtype))
+        linear = model.get_submodule(name)
+        assert isinstance(linear, nn.Linear)
+        replace_module(model, name, Int8Linear.from_linear(linear, group, dtype))
     return len(names)
 
 
@@ -365,9 +371,7 @@ def dequantize_linears(model: nn.Module, dtype: torch.dtype) -> int:
     weights in ``dtype`` (what an export writes); returns how many."""
     names = int8_modules(model)
     for name, q in names:
-        parent, _, child = name.rpartition(".")
-        owner = model.get_submodule(parent) if parent else model
-        setattr(owner, child, q.to_float(dtype))
+        replace_module(model, name, q.to_float(dtype))
     return len(names)
 
 
